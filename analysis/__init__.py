@@ -1,0 +1,1 @@
+"""analysis: figures and reports regenerated from a study's Parquet records."""

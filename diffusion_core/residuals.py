@@ -1,0 +1,46 @@
+"""Per-timestep residual, thesis eq. (130):
+
+    Residual(t) = E_{x0, eps} ||eps - eps_theta(x_t, t)||^2 / d
+
+on a fixed batch x0 with fixed eps (one draw per image, shared by every t), so curves of
+different checkpoints and trials differ only through the network.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .losses import per_example_mse
+from .schedules import NoiseSchedule
+
+
+def default_t_grid(T: int, n: int = 40) -> torch.Tensor:
+    """Timesteps covering 1..T: half log-spaced (the error sits at small t), half linear."""
+    if n < 2:
+        raise ValueError(f"t-grid size n={n} must be >= 2")
+    log = torch.logspace(0, torch.log10(torch.tensor(float(T))), n // 2, dtype=torch.float64)
+    lin = torch.linspace(1, T, n - n // 2, dtype=torch.float64)
+    return torch.unique(torch.cat([log, lin]).round().long().clamp(1, T))
+
+
+@torch.no_grad()
+def residual_curve(eps_model: Callable, schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor,
+                   t_grid: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Residual(t) for each t in t_grid (float64, shape (len(t_grid),)).
+
+    x0 and eps are fixed tensors of equal shape; the same eps is used at every t.
+    """
+    if x0.shape != eps.shape:
+        raise ValueError(f"x0 {tuple(x0.shape)} and eps {tuple(eps.shape)} must have the same shape")
+    schedule.check_t(t_grid)
+    out = torch.empty(len(t_grid), dtype=torch.float64)
+    n = x0.shape[0]
+    for i, t in enumerate(t_grid.tolist()):
+        total = 0.0
+        for lo in range(0, n, batch_size):
+            xb, eb = x0[lo:lo + batch_size], eps[lo:lo + batch_size]
+            tt = torch.full((xb.shape[0],), t, dtype=torch.long, device=xb.device)
+            total += float(per_example_mse(eb, eps_model(schedule.q_sample(xb, tt, eb), tt)).sum())
+        out[i] = total / n
+    return out

@@ -1,0 +1,320 @@
+"""The training loop: one function, plain PyTorch, single process or DDP.
+
+`train()` runs the thesis configuration by default (TrainConfig() + UNetConfig() +
+DiffusionConfig() + DataConfig()). It works in a notebook as is; under
+`torch.distributed` (the Ray Train worker in orchestrator/ calls this same function)
+it wraps the model in DDP, shards each epoch across ranks and all-reduces the logged
+losses. Everything around the loop — writing records, evaluating samples, checkpoints —
+arrives through `hooks`, so this file knows nothing of Ray or MLflow.
+
+Randomness: the training seed drives initialisation, data order and training noise;
+validation t and eps come from `eval_seed`, identical for every trial (DESIGN.md).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .data import DataConfig, ImageSet, epoch_batches, load_splits, steps_per_epoch
+from .ema import EMA
+from .losses import LOSSES, diffusion_loss, per_example_mse
+from .schedules import NoiseSchedule, ScheduleConfig
+from .unet import UNet, UNetConfig, count_parameters
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # thesis: linear 1e-4..0.02, T=1000
+    reverse_variance: str = "beta"   # sigma_t^2 for sampling and the ELBO weight: beta | beta_tilde
+    loss: str = "simple"             # simple (eq. 72, thesis) | elbo (eq. 70)
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; allowed: {', '.join(LOSSES)}")
+        if self.reverse_variance not in ("beta", "beta_tilde"):
+            raise ValueError(f"unknown reverse_variance {self.reverse_variance!r}; allowed: beta, beta_tilde")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 25                 # thesis: 25 (3,000 updates each at batch 16)
+    batch_size: int = 16             # global batch; each of N DDP ranks takes batch_size / N
+    lr: float = 2e-4                 # Adam, constant (thesis Table 1)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    ema_decay: float = 0.9999        # thesis: 0.9999
+    seed: int = 0                    # initialisation, data order, training noise
+    max_steps: int | None = None     # stop after this many optimizer steps (tests, short runs)
+    grad_clip: float | None = None   # None = no clipping (thesis)
+    log_every_first: int = 1000      # log every step's loss for the first N steps (Fig. 26b) ...
+    log_every: int = 100             # ... then every N steps
+    eval_every: int = 2000           # call hooks.on_eval every N steps ...
+    eval_start: int = 8000           # ... from this step on (and always at the last step)
+    val_every_epoch: bool = True     # validation loss (EMA weights, fixed t/eps) at each epoch end
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "log_every", "eval_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig.{name}={v!r} must be an integer >= 1")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"TrainConfig.lr={self.lr!r} must be a positive number")
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite: the run cannot continue."""
+
+
+@dataclass
+class TrainContext:
+    """What hooks see: the live objects of the run (read them, don't replace them)."""
+    step: int
+    epoch: float
+    model: nn.Module                 # raw weights (unwrapped from DDP)
+    ema_model: nn.Module             # EMA weights, eval mode
+    schedule: NoiseSchedule
+    splits: Any                      # data.Splits (train subset + validation)
+    device: torch.device
+    rank: int
+    world_size: int
+    steps_per_epoch: int
+    total_steps: int
+    state: "TrainState"
+
+
+class TrainHooks(Protocol):  # every method optional; called on rank 0 only unless noted
+    def on_start(self, ctx: TrainContext) -> None: ...
+    def on_step(self, ctx: TrainContext, loss: float) -> None: ...
+    def on_epoch(self, ctx: TrainContext, epoch: int, train_loss: float, val_loss: float | None) -> None: ...
+    def on_eval(self, ctx: TrainContext) -> None: ...
+    def on_end(self, ctx: TrainContext) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume bit-for-bit: state_dicts and RNG states, no pickled modules."""
+    model: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+    epoch_loss_sum: float | torch.Tensor = 0.0   # this rank's sum of step losses in the current epoch
+    epoch_loss_count: int = 0
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(),
+                "epoch_loss_sum": float(self.epoch_loss_sum), "epoch_loss_count": self.epoch_loss_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu") else state["generator"])
+        torch.set_rng_state(state["cpu_rng"])
+        self.epoch_loss_sum = float(state["epoch_loss_sum"])
+        self.epoch_loss_count = int(state["epoch_loss_count"])
+
+
+@dataclass
+class TrainResult:
+    step: int
+    epochs: int
+    train_losses: list[tuple[int, float]]           # (step, loss) as logged
+    epoch_losses: list[tuple[int, float, float | None]]  # (epoch, train, val)
+    model: nn.Module
+    ema_model: nn.Module
+    schedule: NoiseSchedule
+    parameters: int
+    wall_seconds: float
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_mean(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    if world_size > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world_size
+    return values
+
+
+@torch.no_grad()
+def validation_loss(eps_model, schedule: NoiseSchedule, val: ImageSet, t: torch.Tensor, eps: torch.Tensor,
+                    batch_size: int = 256, rank: int = 0, world_size: int = 1) -> float:
+    """L_simple over the validation split with fixed (t, eps) draws — comparable across epochs."""
+    device = val.images.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    idx_all = torch.arange(len(val), device=device)[rank::world_size]
+    for lo in range(0, len(idx_all), batch_size):
+        idx = idx_all[lo:lo + batch_size]
+        x0 = val.batch(idx)
+        tt, ee = t[idx], eps[idx]
+        err = per_example_mse(ee, eps_model(schedule.q_sample(x0, tt, ee), tt))
+        total[0] += err.sum().double()
+        total[1] += err.numel()
+    if world_size > 1:
+        dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def fixed_validation_draws(val: ImageSet, schedule: NoiseSchedule, eval_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(eval_seed)
+    t = schedule.sample_timesteps(len(val), generator=g)
+    eps = torch.randn((len(val), *val.shape), generator=g)
+    return t.to(val.images.device), eps.to(val.images.device)
+
+
+def build_model(model_cfg: UNetConfig, seed: int, device: torch.device) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(model_cfg).to(device)
+
+
+def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
+          diffusion: DiffusionConfig = DiffusionConfig(), training: TrainConfig = TrainConfig(),
+          eval_seed: int = 0, hooks: TrainHooks | None = None, resume_state: dict | None = None,
+          splits=None, device: str | torch.device | None = None, progress: bool = False) -> TrainResult:
+    """Train a DDPM noise predictor. Returns losses and the raw and EMA models.
+
+    data/model/diffusion/training: typed configs (defaults = the thesis, Table 1).
+    eval_seed:    seed of every evaluation draw (validation t/eps), shared by all trials.
+    hooks:        optional callbacks (TrainHooks) for records, evaluation and checkpoints.
+    resume_state: a TrainState.state_dict() to continue from (same configs).
+    splits:       pre-loaded data.Splits (else loaded from `data`).
+    """
+    t_start = time.time()
+    rank, world = _dist()
+    device = pick_device(device)
+    schedule = NoiseSchedule.from_config(diffusion.schedule)
+
+    if splits is None:
+        splits = load_splits(data)
+    if data.on_device:
+        splits.train, splits.val = splits.train.to(device), splits.val.to(device)
+    n_train = len(splits.train)
+    if training.batch_size > n_train:
+        raise ValueError(f"batch_size={training.batch_size} is larger than the training set ({n_train} images)")
+    spe = steps_per_epoch(n_train, training.batch_size, world)
+    total_steps = training.epochs * spe
+    if training.max_steps is not None:
+        total_steps = min(total_steps, training.max_steps)
+
+    net = build_model(model, training.seed, device)
+    ema = EMA(net, training.ema_decay)
+    ddp_net = net
+    if world > 1:
+        ddp_net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(net.parameters(), lr=training.lr, betas=training.adam_betas,
+                                 eps=training.adam_eps)
+    # Per-rank training noise (t, eps); on the CPU so the stream is identical on any device.
+    generator = torch.Generator().manual_seed(training.seed * 1_000_003 + rank)
+    state = TrainState(net, ema, optimizer, generator)
+    if resume_state is not None:
+        state.load_state_dict(resume_state)
+
+    val_t, val_eps = fixed_validation_draws(splits.val, schedule, eval_seed)
+    ctx = TrainContext(state.step, state.step / spe, net, ema.module, schedule, splits, device, rank, world,
+                       spe, total_steps, state)
+    is_main = rank == 0
+
+    def call(name, *args):
+        fn = getattr(hooks, name, None) if hooks is not None else None
+        if fn is not None and is_main:
+            fn(ctx, *args)
+
+    def should_eval(step: int) -> bool:
+        return step == total_steps or (step >= training.eval_start and step % training.eval_every == 0)
+
+    train_losses: list[tuple[int, float]] = []
+    epoch_losses: list[tuple[int, float, float | None]] = []
+    call("on_start")
+    bar = None
+    if progress and is_main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
+
+    net.train()
+    while state.step < total_steps:
+        epoch = state.step // spe
+        batches = epoch_batches(n_train, training.batch_size, epoch, training.seed, rank=rank, world_size=world,
+                                device=splits.train.images.device)
+        for idx in batches[state.step - epoch * spe:]:
+            x0 = splits.train.batch(idx).to(device, non_blocking=True)
+            t = schedule.sample_timesteps(x0.shape[0], generator=generator).to(device)
+            eps = torch.randn(x0.shape, generator=generator).to(device)
+            loss = diffusion_loss(ddp_net, schedule, x0, kind=diffusion.loss,
+                                  reverse_variance=diffusion.reverse_variance, t=t, eps=eps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if training.grad_clip is not None:
+                nn.utils.clip_grad_norm_(net.parameters(), training.grad_clip)
+            optimizer.step()
+            ema.update(net)
+            state.step += 1
+            ctx.step, ctx.epoch = state.step, state.step / spe
+
+            log_now = state.step <= training.log_every_first or state.step % training.log_every == 0
+            end_of_epoch = state.step % spe == 0 or state.step == total_steps
+            # Losses accumulate on the device; they are fetched (a sync) only when logged.
+            state.epoch_loss_sum = state.epoch_loss_sum + loss.detach().double()
+            state.epoch_loss_count += 1
+            if log_now:
+                value = float(_all_mean(loss.detach(), world))
+                if not math.isfinite(value):
+                    raise DivergedError(f"training loss became {value} at step {state.step} "
+                                        f"(epoch {state.step / spe:.2f}); lower the learning rate or check the data")
+                train_losses.append((state.step, value))
+                call("on_step", value)
+            if bar is not None:
+                bar.update(1)
+                if log_now:
+                    bar.set_postfix(loss=f"{train_losses[-1][1]:.4f}", epoch=f"{ctx.epoch:.2f}")
+            if end_of_epoch:
+                train_loss = float(_all_mean(torch.as_tensor(state.epoch_loss_sum, dtype=torch.float64,
+                                                             device=device), world)) / max(state.epoch_loss_count, 1)
+                if not math.isfinite(train_loss):
+                    raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1} "
+                                        f"(step {state.step}); lower the learning rate or check the data")
+                val_loss = None
+                if training.val_every_epoch:
+                    val_loss = validation_loss(ema.module, schedule, splits.val, val_t, val_eps,
+                                               rank=rank, world_size=world)
+                completed = math.ceil(state.step / spe)
+                epoch_losses.append((completed, train_loss, val_loss))
+                call("on_epoch", completed, train_loss, val_loss)
+                state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+            if should_eval(state.step):
+                call("on_eval")
+                net.train()
+            if state.step >= total_steps:
+                break
+    if bar is not None:
+        bar.close()
+    call("on_end")
+    return TrainResult(state.step, math.ceil(state.step / spe), train_losses, epoch_losses, net, ema.module,
+                       schedule, count_parameters(net), time.time() - t_start)
+
+
+def config_dict(**configs) -> dict:
+    """Plain-dict form of dataclass configs (for checkpoints and records)."""
+    return {k: asdict(v) for k, v in configs.items()}

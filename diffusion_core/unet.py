@@ -1,0 +1,206 @@
+"""The thesis's noise-prediction U-Net (section 2.5.1, Figures 20-21), with capacity knobs.
+
+Thesis configuration (UNetConfig() defaults), for 28x28x1:
+
+    conv3x3 1 -> 32
+    level 0 (28x28, 32 ch):  2 x ResBlock  -> skip0 ; conv3x3 stride 2, 32 -> 64
+    level 1 (14x14, 64 ch):  2 x ResBlock  -> skip1 ; conv3x3 stride 2, 64 -> 128
+    level 2 ( 7x7, 128 ch):  2 x ResBlock
+    bottleneck (7x7):        2 x ResBlock  (optional self-attention between them)
+    up:   convT4x4 stride 2, 128 -> 64 (14x14), concat skip1, 2 x ResBlock
+    up:   convT4x4 stride 2,  64 -> 32 (28x28), concat skip0, 2 x ResBlock
+    GroupNorm(4) -> Swish -> conv3x3 32 -> 1
+
+ResBlock: GN(16) -> Swish -> conv3x3 -> + Linear(temb) -> GN(16) -> Swish -> Dropout -> conv3x3,
+plus an identity or 1x1-conv skip. The time embedding is sinusoidal followed by an MLP
+and feeds every ResBlock.
+
+GroupNorm needs channels divisible by the group count; for narrow sweeps (base width 8)
+we use gcd(groups, channels) groups so every width in the study builds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 1                       # 1 for MNIST, 3 for CIFAR-10
+    image_size: int = 28                       # must halve len(channel_mult) - 1 times
+    base_width: int = 32                       # thesis: 32
+    channel_mult: tuple[int, ...] = (1, 2, 4)  # thesis: widths 32 * (1, 2, 4)
+    blocks_per_level: int = 2                  # thesis: 2 residual blocks per level
+    bottleneck_blocks: int = 2                 # residual blocks at the lowest resolution
+    dropout: float = 0.1                       # thesis: 0.1
+    attention: bool = False                    # self-attention in the bottleneck (lowest res)
+    attention_heads: int = 4
+    norm_groups: int = 16                      # thesis: GroupNorm(16) ...
+    final_norm_groups: int = 4                 # ... and GroupNorm(4) before the output conv
+
+    def __post_init__(self):
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(field_name, value, allowed):
+            raise ValueError(f"UNetConfig.{field_name}={value!r} is invalid; allowed: {allowed}")
+        if self.in_channels < 1:
+            bad("in_channels", self.in_channels, "an integer >= 1")
+        if not isinstance(self.base_width, int) or self.base_width < 1:
+            bad("base_width", self.base_width, "an integer >= 1 (thesis: 32)")
+        if len(self.channel_mult) < 1 or any((not isinstance(m, int)) or m < 1 for m in self.channel_mult):
+            bad("channel_mult", self.channel_mult, "a non-empty tuple of integers >= 1 (thesis: (1, 2, 4))")
+        if self.blocks_per_level < 1:
+            bad("blocks_per_level", self.blocks_per_level, "an integer >= 1 (thesis: 2)")
+        if self.bottleneck_blocks < 0:
+            bad("bottleneck_blocks", self.bottleneck_blocks, "an integer >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", self.dropout, "a float in [0, 1)")
+        if self.norm_groups < 1 or self.final_norm_groups < 1:
+            bad("norm_groups", (self.norm_groups, self.final_norm_groups), "integers >= 1")
+        size = self.image_size
+        if size < 1:
+            bad("image_size", size, "a positive integer")
+        for level in range(len(self.channel_mult) - 1):
+            if size % 2:
+                raise ValueError(
+                    f"UNetConfig.image_size={self.image_size} cannot be halved {len(self.channel_mult) - 1} "
+                    f"times (odd size {size} at level {level}); allowed: sizes divisible by "
+                    f"2**{len(self.channel_mult) - 1}={2 ** (len(self.channel_mult) - 1)}, e.g. 28 or 32 "
+                    f"for 3 levels, or fewer levels in channel_mult")
+            size //= 2
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.base_width * m for m in self.channel_mult)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mult"] = list(self.channel_mult)
+        return d
+
+
+def _groups(groups: int, channels: int) -> int:
+    return math.gcd(groups, channels)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Transformer positional encoding of the timestep (Vaswani et al. 2017; Ho et al. 2020)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, temb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(groups, in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.temb_proj = nn.Linear(temb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(_groups(groups, out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(temb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over spatial positions, pre-norm, residual."""
+
+    def __init__(self, ch: int, heads: int, groups: int):
+        super().__init__()
+        if ch % heads:
+            heads = math.gcd(ch, heads)
+        self.heads = heads
+        self.norm = nn.GroupNorm(_groups(groups, ch), ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t): predicts the noise in x_t. `t` is the 1-indexed timestep."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = cfg = config
+        widths = cfg.widths
+        w0 = cfg.base_width
+        temb_dim = 4 * w0
+        self.time_mlp = nn.Sequential(nn.Linear(w0, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        g = cfg.norm_groups
+
+        # Every level's blocks are width -> width: conv_in lifts to the first width and each
+        # stride-2 downsample both halves the resolution and raises the width to the next level's.
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        for level, width in enumerate(widths):
+            self.down_blocks.append(nn.ModuleList(
+                ResBlock(width, width, temb_dim, cfg.dropout, g) for _ in range(cfg.blocks_per_level)))
+            if level < len(widths) - 1:
+                self.downsamples.append(nn.Conv2d(width, widths[level + 1], 3, stride=2, padding=1))
+
+        wb = widths[-1]
+        self.mid_blocks = nn.ModuleList(ResBlock(wb, wb, temb_dim, cfg.dropout, g)
+                                        for _ in range(cfg.bottleneck_blocks))
+        self.mid_attn = SelfAttention(wb, cfg.attention_heads, g) if cfg.attention else None
+
+        self.upsamples = nn.ModuleList()
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(len(widths) - 1)):
+            width = widths[level]
+            self.upsamples.append(nn.ConvTranspose2d(widths[level + 1], width, 4, stride=2, padding=1))
+            self.up_blocks.append(nn.ModuleList(
+                ResBlock(2 * width if i == 0 else width, width, temb_dim, cfg.dropout, g)
+                for i in range(cfg.blocks_per_level)))
+
+        self.norm_out = nn.GroupNorm(_groups(cfg.final_norm_groups, widths[0]), widths[0])
+        self.conv_out = nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        temb = self.time_mlp(sinusoidal_embedding(t, self.config.base_width))
+        h = self.conv_in(x)
+        skips = []
+        for level, blocks in enumerate(self.down_blocks):
+            for block in blocks:
+                h = block(h, temb)
+            if level < len(self.downsamples):
+                skips.append(h)
+                h = self.downsamples[level](h)
+        for i, block in enumerate(self.mid_blocks):
+            h = block(h, temb)
+            if i == 0 and self.mid_attn is not None:  # attention between the bottleneck blocks
+                h = self.mid_attn(h)
+        if self.mid_attn is not None and not len(self.mid_blocks):
+            h = self.mid_attn(h)
+        for upsample, blocks in zip(self.upsamples, self.up_blocks):
+            h = torch.cat([upsample(h), skips.pop()], dim=1)
+            for block in blocks:
+                h = block(h, temb)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
