@@ -12,6 +12,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _main() -> None:
+    """Systematic bias-variance studies of diffusion models (DDPMs) on Ray."""
+
+
 @app.command()
 def version() -> None:
     """Print the versions of studyctl and of the libraries it runs on."""
