@@ -94,6 +94,8 @@ class TrainHooks(Protocol):  # every method optional; called on rank 0 only unle
     def on_step(self, ctx: TrainContext, loss: float) -> None: ...
     def on_epoch(self, ctx: TrainContext, epoch: int, train_loss: float, val_loss: float | None) -> None: ...
     def on_eval(self, ctx: TrainContext) -> None: ...
+    def on_eval_all_ranks(self, ctx: TrainContext) -> None: ...  # every rank, after on_eval (collectives
+    #   such as a checkpoint that each DDP rank must report, e.g. ray.train.report, belong here)
     def on_end(self, ctx: TrainContext) -> None: ...
 
 
@@ -237,9 +239,9 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                        spe, total_steps, state)
     is_main = rank == 0
 
-    def call(name, *args):
+    def call(name, *args, all_ranks: bool = False):
         fn = getattr(hooks, name, None) if hooks is not None else None
-        if fn is not None and is_main:
+        if fn is not None and (is_main or all_ranks):
             fn(ctx, *args)
 
     def should_eval(step: int) -> bool:
@@ -305,6 +307,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                 state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
             if should_eval(state.step):
                 call("on_eval")
+                call("on_eval_all_ranks", all_ranks=True)
                 net.train()
             if state.step >= total_steps:
                 break

@@ -1,0 +1,167 @@
+"""One evaluation of a training run: Residual(t) curves, a sample grid, the metrics record.
+
+Pure PyTorch (no Ray, no MLflow): the orchestrator's worker calls `Evaluator.evaluate`
+at every evaluation step, a notebook can call it on any checkpoint.
+
+Every random draw here comes from the study-level evaluation seed (DESIGN.md,
+"Conventions"): the residual batch and its eps, and the starting noise of the samples
+(the first `grid_images` of which form the sample grid). Two trials — or two
+checkpoints of one trial — evaluated with the same seed therefore differ only through
+their weights, which is what makes their curves comparable and the ensemble
+decomposition possible.
+
+The metrics (FID, IS, precision/recall, memorization) live in `diffusion_core.metrics`,
+built separately; when that module is absent the evaluation still returns residuals and
+the grid, logs one warning and leaves the metric columns out.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .data import ImageSet, from_unit_range
+from .residuals import default_t_grid, residual_curve
+from .samplers import make_sampler
+from .schedules import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+# The flat record of diffusion_core.metrics.evaluate_samples (metrics issue); the columns
+# of the `evals` table. Kept here so records have a fixed schema even without the module.
+METRIC_KEYS = ("fid", "fid_mean_term", "fid_cov_term", "inception_score", "inception_score_std",
+               "h_y", "h_y_given_x", "precision", "recall", "memorized_fraction")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_samples: int = 64              # samples drawn for the metrics (the first grid_images form the grid)
+    grid_images: int = 64            # images in the saved sample grid (Fig. 28)
+    sampler: str = "ddpm"            # ddpm (thesis) | ddim
+    steps: int | None = None         # DDIM steps (None: 50)
+    eta: float = 0.0                 # DDIM eta
+    is_splits: int = 5               # IS averaged over this many splits (thesis: 5)
+    t_grid: int | tuple[int, ...] = 40   # number of residual timesteps covering 1..T, or explicit t's
+    residual_images: int = 256       # fixed validation images for Residual(t)
+    seed: int = 0                    # the study's evaluation seed
+    metrics: bool = True             # compute the metrics record (needs diffusion_core.metrics)
+    batch_size: int = 256            # sampling / residual batch
+
+
+@dataclass
+class EvalResult:
+    t_grid: list[int]
+    residuals: dict[str, list[float]]         # weights ("ema", "raw") -> Residual(t) on t_grid
+    grid: torch.Tensor                         # uint8 (n, C, H, W), the first grid_images samples
+    metrics: dict[str, float] = field(default_factory=dict)  # METRIC_KEYS (empty if unavailable)
+    seconds: float = 0.0
+
+
+def grid_image(images_uint8: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
+    """Tile (n, C, H, W) uint8 images into one (H', W', C) uint8 array (for a PNG)."""
+    n, c, h, w = images_uint8.shape
+    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
+    ncol = int(math.ceil(n / nrow))
+    out = torch.zeros((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad), dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, nrow)
+        out[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = \
+            images_uint8[i]
+    return out.permute(1, 2, 0).contiguous()
+
+
+_METRICS_WARNED = False
+
+
+def _metrics_module():
+    """diffusion_core.metrics if it is there (imported lazily: it is built separately)."""
+    global _METRICS_WARNED
+    try:
+        from . import metrics  # noqa: F401
+        return metrics
+    except ImportError as e:
+        if not _METRICS_WARNED:
+            log.warning("diffusion_core.metrics is not available (%s): evaluations record residuals and "
+                        "sample grids but no FID/IS/precision/recall columns", e)
+            _METRICS_WARNED = True
+        return None
+
+
+class Evaluator:
+    """Fixed evaluation draws for one run; `evaluate(ema_model, raw_model)` at each evaluation."""
+
+    def __init__(self, schedule: NoiseSchedule, val: ImageSet, cfg: EvalConfig = EvalConfig(),
+                 train_images: ImageSet | None = None, device: torch.device | str = "cpu",
+                 reverse_variance: str = "beta"):
+        self.schedule, self.cfg, self.device = schedule, cfg, torch.device(device)
+        self.val, self.train_images = val, train_images
+        g = torch.Generator().manual_seed(cfg.seed)
+        n_res = min(cfg.residual_images, len(val))
+        self.x0 = val.batch(torch.arange(n_res, device=val.images.device)).to(self.device)
+        self.eps = torch.randn(self.x0.shape, generator=g).to(self.device)
+        if isinstance(cfg.t_grid, int):
+            self.t_grid = default_t_grid(schedule.T, cfg.t_grid)
+        else:
+            self.t_grid = torch.as_tensor(sorted(set(int(t) for t in cfg.t_grid)), dtype=torch.long)
+        n = max(cfg.n_samples, cfg.grid_images)
+        self.x_T = torch.randn((n, *val.shape), generator=g)  # the fixed starting noise (Fig. 28)
+        self.sampler = make_sampler(schedule, cfg.sampler, steps=cfg.steps, eta=cfg.eta,
+                                    reverse_variance=reverse_variance)
+        self._classifier = None
+        self._reference = None
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module) -> torch.Tensor:
+        """uint8 samples from the fixed starting noise, in batches (deterministic for DDIM eta=0)."""
+        out = []
+        g = torch.Generator().manual_seed(self.cfg.seed + 1)  # ancestral noise, also fixed
+        for lo in range(0, self.x_T.shape[0], self.cfg.batch_size):
+            xT = self.x_T[lo:lo + self.cfg.batch_size].to(self.device)
+            if self.device.type == "cpu":
+                x = self.sampler.sample(model, tuple(xT.shape), generator=g, device=self.device, x_T=xT)
+            else:  # a CPU generator cannot draw on the GPU: seed the device stream instead
+                x = self.sampler.sample(model, tuple(xT.shape), generator=None, device=self.device, x_T=xT)
+            out.append(from_unit_range(x).cpu())
+        return torch.cat(out)
+
+    def _metrics(self, samples_uint8: torch.Tensor) -> dict[str, float]:
+        if not self.cfg.metrics:
+            return {}
+        m = _metrics_module()
+        if m is None:
+            return {}
+        try:
+            if self._classifier is None:
+                self._classifier = m.load_classifier(self.device)
+            train = self.train_images.images if self.train_images is not None else None
+            rec = m.evaluate_samples(samples_uint8, self.val.images, self._classifier, train,
+                                     splits=self.cfg.is_splits)
+        except Exception as e:  # a metrics failure must not kill a training run
+            log.warning("metrics failed (%s: %s); this evaluation records no metric columns", type(e).__name__, e)
+            return {}
+        return {k: float(rec[k]) for k in METRIC_KEYS if k in rec}
+
+    @torch.no_grad()
+    def evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None = None) -> EvalResult:
+        t0 = time.time()
+        residuals = {}
+        for name, net in (("ema", ema_model), ("raw", raw_model)):
+            if net is None:
+                continue
+            was_training = net.training
+            net.eval()
+            residuals[name] = residual_curve(net, self.schedule, self.x0, self.eps, self.t_grid.to(self.device),
+                                             batch_size=self.cfg.batch_size).tolist()
+            net.train(was_training)
+        ema_model.eval()
+        samples = self.sample(ema_model)
+        metrics = self._metrics(samples[: self.cfg.n_samples])
+        return EvalResult(self.t_grid.tolist(), residuals, samples[: self.cfg.grid_images], metrics,
+                          time.time() - t0)
+
+
+__all__ = ["EvalConfig", "EvalResult", "Evaluator", "METRIC_KEYS", "grid_image"]
