@@ -41,6 +41,9 @@ class DiffusionConfig:
             raise ValueError(f"unknown reverse_variance {self.reverse_variance!r}; allowed: beta, beta_tilde")
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 25                 # thesis: 25 (3,000 updates each at batch 16)
@@ -57,6 +60,11 @@ class TrainConfig:
     eval_every: int = 2000           # call hooks.on_eval every N steps ...
     eval_start: int = 8000           # ... from this step on (and always at the last step)
     val_every_epoch: bool = True     # validation loss (EMA weights, fixed t/eps) at each epoch end
+    # Fast path (see BENCHMARKS.md); the defaults are the plain fp32 thesis loop.
+    precision: str = "fp32"          # fp32 | bf16 (autocast of the forward pass; loss and Adam in fp32)
+    channels_last: bool = False      # NHWC memory layout for convolutions
+    compile: bool = False            # torch.compile the training forward
+    fused_adam: bool | None = None   # None: fused Adam on CUDA, the reference loop elsewhere
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "log_every", "eval_every"):
@@ -66,6 +74,8 @@ class TrainConfig:
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"TrainConfig.lr={self.lr!r} must be a positive number")
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
 
 
 class DivergedError(RuntimeError):
@@ -221,13 +231,19 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         total_steps = min(total_steps, training.max_steps)
 
     net = build_model(model, training.seed, device)
+    memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
     ema = EMA(net, training.ema_decay)
-    ddp_net = net
+    forward = net
     if world > 1:
-        ddp_net = nn.parallel.DistributedDataParallel(
+        forward = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
+    if training.compile:
+        forward = torch.compile(forward)
+    fused = training.fused_adam if training.fused_adam is not None else device.type == "cuda"
     optimizer = torch.optim.Adam(net.parameters(), lr=training.lr, betas=training.adam_betas,
-                                 eps=training.adam_eps)
+                                 eps=training.adam_eps, fused=fused or None)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.precision == "bf16")
     # Per-rank training noise (t, eps); on the CPU so the stream is identical on any device.
     generator = torch.Generator().manual_seed(training.seed * 1_000_003 + rank)
     state = TrainState(net, ema, optimizer, generator)
@@ -261,11 +277,12 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         batches = epoch_batches(n_train, training.batch_size, epoch, training.seed, rank=rank, world_size=world,
                                 device=splits.train.images.device)
         for idx in batches[state.step - epoch * spe:]:
-            x0 = splits.train.batch(idx).to(device, non_blocking=True)
+            x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
             t = schedule.sample_timesteps(x0.shape[0], generator=generator).to(device)
             eps = torch.randn(x0.shape, generator=generator).to(device)
-            loss = diffusion_loss(ddp_net, schedule, x0, kind=diffusion.loss,
-                                  reverse_variance=diffusion.reverse_variance, t=t, eps=eps)
+            with autocast:
+                loss = diffusion_loss(forward, schedule, x0, kind=diffusion.loss,
+                                      reverse_variance=diffusion.reverse_variance, t=t, eps=eps)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if training.grad_clip is not None:
