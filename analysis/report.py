@@ -1,0 +1,96 @@
+"""`studyctl figures DIR`: every figure from the Parquet records, plus an index.html report."""
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from .figures import CAPTIONS, FigureSet, write_figures
+from .tables import Study, final_evals, load_study
+
+FINAL_COLUMNS = ["fid", "fid_mean_term", "fid_cov_term", "inception_score", "h_y", "h_y_given_x", "precision",
+                 "recall", "memorized_fraction"]
+
+
+def _caption(name: str) -> str:
+    base = name.split("/")[-1]
+    for key, text in CAPTIONS.items():
+        if base.startswith(key):
+            return text
+    return ""
+
+
+def missing_trials(study: Study) -> list[tuple[str, str, str]]:
+    """(trial_id, status, error) of every trial that did not complete."""
+    out = []
+    if "status" in study.trials:
+        for r in study.trials.itertuples():
+            if r.status != "COMPLETED":
+                out.append((r.trial_id, r.status, getattr(r, "error", None) or ""))
+    return out
+
+
+def trial_summary(study: Study) -> pd.DataFrame:
+    cols = ["trial_id", "status"] + [c for c in study.swept if c in study.trials]
+    table = study.trials[cols] if len(study.trials) else pd.DataFrame({"trial_id": study.trial_ids()})
+    fe = final_evals(study)
+    if len(fe):
+        keep = ["trial_id", "epoch"] + [c for c in FINAL_COLUMNS if c in fe]
+        table = table.merge(fe[keep].rename(columns={"epoch": "final_epoch"}), on="trial_id", how="left")
+    if len(study.epochs):
+        last = study.epochs.sort_values("epoch").groupby("trial_id").tail(1)[["trial_id", "train_loss", "val_loss"]]
+        table = table.merge(last, on="trial_id", how="left")
+    return table
+
+
+def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
+    study_file = next((p for p in (study.dir / "study.yaml", study.dir / "study.yml") if p.exists()), None)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(study.name)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f6f6f6;padding:.5em;overflow:auto}"
+             ".warn{color:#a00}</style></head><body>",
+             f"<h1>Study {html.escape(study.name)}</h1>"]
+    missing = missing_trials(study)
+    if missing:
+        parts.append("<h2 class='warn'>Incomplete trials</h2><ul>")
+        for tid, status, err in missing:
+            parts.append(f"<li class='warn'><b>{html.escape(tid)}</b>: {html.escape(status)}"
+                         f"{' — ' + html.escape(str(err)) if err else ''} (its figures show what exists)</li>")
+        parts.append("</ul>")
+    parts.append("<h2>Trials and final metrics</h2>")
+    parts.append(trial_summary(study).to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="—"))
+    study_figs = {k: v for k, v in figs.written.items() if "/" not in k}
+    if study_figs:
+        parts.append("<h2>Study-level figures</h2>")
+        for name, png in study_figs.items():
+            parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(_caption(name))}</p>"
+                         f"<img src='{html.escape(os.path.relpath(png, out))}'>")
+    for trial in study.trial_ids():
+        items = {k: v for k, v in figs.written.items() if k.startswith(trial + "/")}
+        parts.append(f"<h2>Trial {html.escape(trial)} ({html.escape(study.status(trial))})</h2>")
+        for name, png in items.items():
+            parts.append(f"<h3>{html.escape(name.split('/')[-1])}</h3><p>{html.escape(_caption(name))}</p>"
+                         f"<img src='{html.escape(os.path.relpath(png, out))}'>")
+        skipped = [k.split("/")[-1] for k in figs.skipped if k.startswith(trial + "/")]
+        if skipped:
+            parts.append(f"<p class='warn'>Not drawn (no records yet): {html.escape(', '.join(skipped))}</p>")
+    if study_file:
+        parts.append(f"<h2>Study file</h2><pre>{html.escape(study_file.read_text())}</pre>")
+    parts.append("</body></html>")
+    path = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text("\n".join(parts))
+    tmp.replace(path)
+    return path
+
+
+def make_figures(study_dir: str | os.PathLike) -> tuple[FigureSet, Path, list]:
+    """Write every figure and the report; returns (figures, report path, incomplete trials)."""
+    study = load_study(study_dir)
+    out = study.dir / "figures"
+    figs = write_figures(study, out)
+    report = write_report(study, figs, out)
+    return figs, report, missing_trials(study)
