@@ -12,6 +12,7 @@ validation t and eps come from `eval_seed`, identical for every trial (DESIGN.md
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -121,10 +122,12 @@ class TrainState:
     epoch_loss_count: int = 0
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(),
-                "epoch_loss_sum": float(self.epoch_loss_sum), "epoch_loss_count": self.epoch_loss_count}
+        """A snapshot: tensors are copied, so it stays valid while training goes on (a hook may keep it)."""
+        return copy.deepcopy({"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                              "optimizer": self.optimizer.state_dict(), "step": self.step,
+                              "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(),
+                              "epoch_loss_sum": float(self.epoch_loss_sum),
+                              "epoch_loss_count": self.epoch_loss_count})
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

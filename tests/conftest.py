@@ -4,8 +4,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Two threads on a 2-core machine that other processes share: OpenMP's default spin-waiting
+# then costs 10-100x on small ops. Must be set before torch (and its OpenMP runtime) loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Real MNIST in torchvision's layout (<root>/MNIST/raw). An explicit environment wins.
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
