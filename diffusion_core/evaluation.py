@@ -96,8 +96,11 @@ class Evaluator:
 
     def __init__(self, schedule: NoiseSchedule, val: ImageSet, cfg: EvalConfig = EvalConfig(),
                  train_images: ImageSet | None = None, device: torch.device | str = "cpu",
-                 reverse_variance: str = "beta"):
+                 reverse_variance: str = "beta", data_root=None, split_seed: int = 0):
+        """data_root/split_seed name the MNIST validation split whose classifier statistics
+        (cached on disk by diffusion_core.metrics) are the FID / precision-recall reference."""
         self.schedule, self.cfg, self.device = schedule, cfg, torch.device(device)
+        self.data_root, self.split_seed = data_root, split_seed
         self.val, self.train_images = val, train_images
         g = torch.Generator().manual_seed(cfg.seed)
         n_res = min(cfg.residual_images, len(val))
@@ -134,12 +137,19 @@ class Evaluator:
         m = _metrics_module()
         if m is None:
             return {}
+        if tuple(samples_uint8.shape[1:]) != (1, 28, 28):
+            if not getattr(self, "_shape_warned", False):
+                log.warning("metrics need 1x28x28 MNIST samples, not %s: no metric columns", tuple(samples_uint8.shape[1:]))
+                self._shape_warned = True
+            return {}
         try:
             if self._classifier is None:
                 self._classifier = m.load_classifier(self.device)
+                self._reference = m.reference_statistics(self._classifier, "val", data_root=self.data_root,
+                                                         split_seed=self.split_seed)
             train = self.train_images.images if self.train_images is not None else None
-            rec = m.evaluate_samples(samples_uint8, self.val.images, self._classifier, train,
-                                     splits=self.cfg.is_splits)
+            rec = m.evaluate_samples(samples_uint8, self._reference, self._classifier, train,
+                                     splits=min(self.cfg.is_splits, samples_uint8.shape[0]))
         except Exception as e:  # a metrics failure must not kill a training run
             log.warning("metrics failed (%s: %s); this evaluation records no metric columns", type(e).__name__, e)
             return {}

@@ -1,6 +1,9 @@
 """`studyctl`: the command line of the toolkit (a typer app)."""
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(
@@ -31,6 +34,171 @@ def version() -> None:
     typer.echo(f"studyctl {v('studyctl')}")
     for name in ("torch", "torchvision", "ray", "mlflow"):
         typer.echo(f"  {name:<12}{v(name)}")
+
+
+
+# ------------------------------------------------------------------------------ studies
+EXIT_BAD_STUDY = 2
+
+
+def _load(file: str):
+    """Load + validate a study file (a path, or a packaged study's bare name); exit 2 if bad."""
+    from diffusion_core.data import resolve_data_root
+
+    from .spec import StudyError, load_study
+
+    try:
+        spec = load_study(file)
+    except StudyError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+    # Workers may start elsewhere (another node, another working dir): pin the data root.
+    spec.data.root = str(resolve_data_root(spec.data.root).resolve())
+    return spec
+
+
+def _trials_or_exit(spec):
+    from .spec import StudyError, expand
+
+    try:
+        return expand(spec)
+    except StudyError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+
+
+def _print_table(spec, trials) -> None:
+    import pandas as pd
+
+    from .spec import trial_table
+
+    df = pd.DataFrame(trial_table(spec, trials), dtype=object).fillna("-")
+    with pd.option_context("display.max_rows", 500, "display.max_columns", 30, "display.width", 160):
+        typer.echo(df.to_string(index=False))
+    r = spec.resources
+    typer.echo(f"{len(trials)} trial(s); each: {r.workers_per_trial} DDP worker(s) x "
+               f"(CPU {r.cpus_per_worker:g}, GPU {r.gpus_per_worker:g})")
+
+
+@app.command()
+def validate(file: str = typer.Argument(..., help="Study YAML: a path, or a packaged study's name "
+                                                  "(quickstart, bias_variance, thesis).")) -> None:
+    """Check a study file and print the expanded trial table and count.
+
+    Exit status 2 (with a message naming the field, the bad value and what is allowed)
+    if the file is wrong; nothing is started.
+    """
+    spec = _load(file)
+    _print_table(spec, _trials_or_exit(spec))
+    typer.echo(f"study {spec.name!r} is valid; output folder {spec.output_dir()}")
+
+
+@app.command()
+def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packaged study's name."),
+           address: str = typer.Option(None, "--address", help="Join this Ray cluster (e.g. ray://head:10001 or "
+                                       "head:6379); default: the study's ray_address, else a local Ray "
+                                       "sized to this machine."),
+           output: str = typer.Option(None, "--output", "-o", help="Study folder for records, checkpoints and "
+                                      "the MLflow store (default: the study's output, else runs/<name>)."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; start nothing."),
+           ) -> None:
+    """Run a study: a Ray Tune sweep of Ray Train DDP trials, recorded to Parquet + MLflow.
+
+    Each trial trains with N DDP workers, evaluates on the study's schedule (losses,
+    Residual(t), sample grids, metrics) and checkpoints at every evaluation. Exit status
+    0 when every trial finished, 1 when some failed (named at the end), 2 for a bad study
+    file. An interrupted launch is finished with `studyctl resume DIR`.
+    """
+    from .sweep import TrialFailed
+    from .sweep import launch as run_launch
+
+    spec = _load(file)
+    trials = _trials_or_exit(spec)
+    out = spec.output_dir(output)
+    if dry_run:
+        _print_table(spec, trials)
+        typer.echo(f"dry run: would write to {out}; Ray: {address or spec.ray_address or 'local'}")
+        return
+    t0 = time.time()
+    try:
+        code = run_launch(spec, out, address=address, echo=typer.echo)
+    except TrialFailed as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"wall time {time.time() - t0:.0f} s")
+    raise typer.Exit(code)
+
+
+def _study_dir(directory: str) -> Path:
+    d = Path(directory).expanduser().resolve()
+    if not (d / "study.yaml").exists():
+        typer.echo(f"error: {d} is not a study folder (no study.yaml): give the folder `studyctl launch` "
+                   f"wrote (default runs/<study name>)", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+    return d
+
+
+@app.command()
+def resume(directory: str = typer.Argument(..., help="The study folder of an interrupted launch."),
+           address: str = typer.Option(None, "--address", help="Join this Ray cluster instead of a local one.")
+           ) -> None:
+    """Finish what an interrupted launch left: finished trials are not run again, an
+    interrupted trial continues from its last checkpoint (and its MLflow child run)."""
+    import yaml
+
+    from .spec import StudyError, parse_study
+    from .sweep import SNAPSHOT, TrialFailed
+    from .sweep import launch as run_launch
+
+    d = _study_dir(directory)
+    try:
+        spec = parse_study(yaml.safe_load((d / SNAPSHOT).read_text()), str(d / SNAPSHOT))
+    except StudyError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+    t0 = time.time()
+    try:
+        code = run_launch(spec, d, address=address, resuming=True, echo=typer.echo)
+    except TrialFailed as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"wall time {time.time() - t0:.0f} s")
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(directory: str = typer.Argument(..., help="A study folder (written by `studyctl launch`).")) -> None:
+    """Trials with their state, progress and latest metrics (from the Parquet records)."""
+    from .sweep import summary_lines
+
+    d = _study_dir(directory)
+    summary_lines(d, typer.echo)
+
+
+@app.command()
+def ui(directory: str = typer.Argument(..., help="A study folder (written by `studyctl launch`)."),
+       port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+       host: str = typer.Option("127.0.0.1", help="Interface to listen on (127.0.0.1: this machine only).")) -> None:
+    """Start the MLflow UI against the study's store (Ctrl-C stops it)."""
+    import os
+    import sys
+
+    import yaml
+
+    from .tracking import tracking_uri
+
+    d = _study_dir(directory)
+    snap = yaml.safe_load((d / "study.yaml").read_text())
+    uri = tracking_uri((snap.get("tracking") or {}).get("uri"), d)
+    if not uri.startswith("sqlite:") and not uri.startswith("file:"):
+        typer.echo(f"this study logs to {uri}: open that server in a browser instead")
+        raise typer.Exit(0)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--default-artifact-root", (d / "mlartifacts").as_uri(), "--host", host, "--port", str(port)]
+    typer.echo(f"MLflow UI for {d} on http://{host}:{port}  (Ctrl-C stops it)", )
+    sys.stdout.flush()
+    # Become the MLflow UI (exec): signals sent to `studyctl ui` reach MLflow directly.
+    os.execv(sys.executable, cmd)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""Parquet records of a study: one dataset (folder) per kind, part files per trial.
+
+    <study>/trials/<trial_id>.parquet                      one row, rewritten as the status changes
+    <study>/train_steps/<trial_id>--s<step>.parquet        one part per evaluation interval
+    <study>/epochs/..., <study>/residuals/..., <study>/evals/...   (same naming)
+
+Why part files per evaluation interval: rank 0 buffers the rows of an interval and
+writes them right before the checkpoint of that evaluation. When a worker group
+restarts from the checkpoint at step S, the parts of steps > S (written, but whose
+checkpoint never landed) are deleted and their rows produced again — so the records
+have neither holes nor duplicates. Every file is written under a dot-name and renamed
+(`os.replace`, atomic on POSIX): readers never see a torn file, and pyarrow ignores
+dot-files, so `pandas.read_parquet(<study>/<kind>)` always reads a consistent set.
+
+Every row carries `study`, `trial_id` and the swept fields (dotted names such as
+`model.base_width`), so any table can be grouped without a join. Schemas are fixed per
+kind (and per study for the swept columns), so part files of all trials unify.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from diffusion_core.evaluation import METRIC_KEYS
+
+KINDS = ("trials", "train_steps", "epochs", "residuals", "evals")
+STATUSES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "STOPPED")
+
+_BASE = {
+    "trials": [("study", pa.string()), ("trial_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+               ("parameters", pa.int64()), ("wall_seconds", pa.float64()), ("step", pa.int64()),
+               ("total_steps", pa.int64()), ("restarts", pa.int64()), ("mlflow_run_id", pa.string()),
+               ("updated_at", pa.float64())],
+    "train_steps": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()),
+                    ("epoch", pa.float64()), ("loss", pa.float64())],
+    "epochs": [("study", pa.string()), ("trial_id", pa.string()), ("epoch", pa.int64()), ("step", pa.int64()),
+               ("train_loss", pa.float64()), ("val_loss", pa.float64())],
+    "residuals": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
+                  ("t", pa.int64()), ("residual", pa.float64()), ("weights", pa.string())],
+    "evals": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
+              ("eval_seconds", pa.float64()), ("images_per_second", pa.float64()), ("sample_grid", pa.string())]
+             + [(k, pa.float64()) for k in METRIC_KEYS],
+}
+
+
+def arrow_type(values: Iterable[Any]) -> pa.DataType:
+    """One Arrow type for a column's values across all trials (None allowed anywhere)."""
+    vals = [v for v in values if v is not None]
+    if vals and all(isinstance(v, bool) for v in vals):
+        return pa.bool_()
+    if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        return pa.int64()
+    if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        return pa.float64()
+    return pa.string()
+
+
+def param_types(columns: dict[str, list]) -> dict[str, str]:
+    """{column: [values across trials]} -> {column: arrow type name} (JSON-serialisable)."""
+    return {k: str(arrow_type(v)) for k, v in columns.items()}
+
+
+_TYPES = {"bool": pa.bool_(), "int64": pa.int64(), "double": pa.float64(), "string": pa.string()}
+
+
+def schema(kind: str, params: dict[str, str]) -> pa.Schema:
+    """The fixed schema of a kind: base columns + the given param columns {name: arrow type name}."""
+    return pa.schema(_BASE[kind] + [(k, _TYPES[t]) for k, t in params.items()])
+
+
+def _coerce(v, t: pa.DataType):
+    if v is None:
+        return None
+    if t == pa.string() and not isinstance(v, str):
+        return str(v)
+    if t == pa.float64():
+        return float(v)
+    return v
+
+
+def write_atomic_table(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as fh:  # make the bytes durable before the rename makes them visible
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class RecordWriter:
+    """Writes one trial's rows. `params` are the columns every row carries ({name: value})."""
+
+    def __init__(self, study_dir: str | os.PathLike, study: str, trial_id: str, params: dict[str, Any],
+                 types: dict[str, str], trial_params: dict[str, Any] | None = None,
+                 trial_types: dict[str, str] | None = None):
+        self.dir, self.study, self.trial_id = Path(study_dir), study, trial_id
+        self.params, self.types = params, types
+        self.trial_params = trial_params if trial_params is not None else params
+        self.trial_types = trial_types if trial_types is not None else types
+
+    def _table(self, kind: str, rows: list[dict], params: dict, types: dict) -> pa.Table:
+        sch = schema(kind, types)
+        full = [{"study": self.study, "trial_id": self.trial_id, **params, **r} for r in rows]
+        cols = {f.name: [_coerce(r.get(f.name), f.type) for r in full] for f in sch}
+        return pa.Table.from_pydict(cols, schema=sch)
+
+    def write_part(self, kind: str, rows: list[dict], step: int) -> Path | None:
+        if not rows:
+            return None
+        path = self.dir / kind / f"{self.trial_id}--s{step:09d}.parquet"
+        write_atomic_table(path, self._table(kind, rows, self.params, self.types))
+        return path
+
+    def write_trial(self, **row) -> Path:
+        path = self.dir / "trials" / f"{self.trial_id}.parquet"
+        write_atomic_table(path, self._table("trials", [row], self.trial_params, self.trial_types))
+        return path
+
+    def drop_parts_after(self, step: int) -> list[Path]:
+        """Delete this trial's parts of intervals ending after `step` (and stray temp files)."""
+        removed = []
+        pat = re.compile(rf"^{re.escape(self.trial_id)}--s(\d+)\.parquet$")
+        for kind in KINDS[1:]:
+            folder = self.dir / kind
+            if not folder.is_dir():
+                continue
+            for f in folder.iterdir():
+                m = pat.match(f.name)
+                if (m and int(m.group(1)) > step) or (f.name.startswith(".tmp-") and self.trial_id in f.name):
+                    f.unlink(missing_ok=True)
+                    removed.append(f)
+        return removed
+
+
+def read_table(study_dir: str | os.PathLike, kind: str):
+    """The kind's rows as a DataFrame (empty if nothing was written yet)."""
+    import pandas as pd
+
+    folder = Path(study_dir) / kind
+    if not folder.is_dir() or not any(f.suffix == ".parquet" and not f.name.startswith(".") for f in folder.iterdir()):
+        return pd.DataFrame()
+    return pd.read_parquet(folder)

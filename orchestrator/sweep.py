@@ -1,0 +1,342 @@
+"""The sweep: a Ray Tune run whose trials each drive a Ray Train TorchTrainer.
+
+    launch(spec, out)                      (launcher process)
+      -> records + MLflow parent run, PENDING rows for every trial
+      -> tune.Tuner(run_trial, one grid point per trial not yet finished)
+           run_trial(config)               (a Tune trial: a light driver actor, 0 CPU)
+             -> MLflow child run (found again on resume), RUNNING row
+             -> TorchTrainer(train_worker, N DDP workers, FailureConfig(max_failures))
+             -> COMPLETED / FAILED row with the reason, child run ended
+
+We expand the sweep ourselves (spec.expand) instead of letting Tune sample it: trial ids
+are then deterministic, which is what lets `resume` skip finished trials and lets Ray
+Train find the checkpoints of an interrupted trial (same run name, same storage).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from . import tracking
+from .records import RecordWriter, param_types, read_table
+from .spec import StudySpec, expand, flatten, swept_fields
+from .worker import trial_files, train_worker
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT = "study.yaml"
+FINISHED = ("COMPLETED", "FAILED", "STOPPED")
+
+
+class TrialFailed(RuntimeError):
+    pass
+
+
+def snapshot_spec(spec: StudySpec, out: Path) -> dict:
+    d = spec.model_dump(mode="json")
+    d["output"] = str(out)
+    return d
+
+
+def plan(spec: StudySpec, out: Path) -> dict:
+    """Everything the trials need that is common to the study (JSON-serialisable)."""
+    trials = expand(spec)
+    keys = swept_fields(trials)
+    flat = [flatten(t["config"]) for t in trials]
+    row_types = param_types({k: [f[k] for f in flat] for k in keys})
+    trial_types = param_types({k: [f[k] for f in flat] for k in flat[0]})
+    return {"trials": trials, "swept": keys, "row_types": row_types, "trial_types": trial_types, "flat": flat}
+
+
+def trial_writer(out: Path, spec: StudySpec, p: dict, i: int) -> RecordWriter:
+    t, flat = p["trials"][i], p["flat"][i]
+    return RecordWriter(out, spec.name, t["trial_id"], {k: flat[k] for k in p["swept"]}, p["row_types"],
+                        flat, p["trial_types"])
+
+
+def statuses(out: Path) -> dict[str, str]:
+    df = read_table(out, "trials")
+    return {} if df.empty else dict(zip(df["trial_id"], df["status"]))
+
+
+def _read_summary(out: Path, trial_id: str) -> dict:
+    f = trial_files(out, trial_id) / "summary.json"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ------------------------------------------------------------------------ the Tune trial
+def run_trial(config: dict, common: dict) -> None:
+    """One Tune trial: drive a TorchTrainer for one trial config, record its outcome.
+
+    `config` is Tune's (just the trial's index: Tune's tables stay readable); `common` is
+    the study-wide context, bound with tune.with_parameters."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    c = common
+    i = config["index"]
+    spec = StudySpec.model_validate(c["spec"])
+    out = Path(c["out"])
+    p = plan(spec, out)
+    trial = p["trials"][i]
+    tid = trial["trial_id"]
+    writer = trial_writer(out, spec, p, i)
+    uri = c["mlflow_uri"]
+    params = {"trial_id": tid, "study": spec.name, **p["flat"][i]}
+    run_id = tracking.ensure_child_run(uri, c["experiment_id"], c["parent_run_id"], spec.name, tid, params)
+    before = _read_summary(out, tid)
+    wall_before = float(before.get("wall_seconds") or 0.0)
+    writer.write_trial(status="RUNNING", mlflow_run_id=run_id, wall_seconds=wall_before, updated_at=time.time())
+
+    r = spec.resources
+    use_gpu = r.gpus_per_worker > 0
+    per_worker = {"CPU": r.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = r.gpus_per_worker
+    worker_cfg = {"trial": trial, "study": spec.name, "study_dir": str(out), "mlflow_uri": uri,
+                  "mlflow_run_id": run_id, "eval_seed": spec.evaluation.seed,
+                  "row_params": {k: p["flat"][i][k] for k in p["swept"]}, "row_types": p["row_types"],
+                  "trial_params": p["flat"][i], "trial_types": p["trial_types"]}
+    trainer = TorchTrainer(
+        train_worker, train_loop_config=worker_cfg,
+        scaling_config=ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
+                                     resources_per_worker=per_worker,
+                                     placement_strategy=r.placement_strategy),
+        run_config=RunConfig(name=tid, storage_path=str(out / "ray" / "train"),
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=spec.evaluation.keep_checkpoints),
+                             callbacks=[TuneReportCallback()]))
+    t0 = time.time()
+    error = None
+    try:
+        trainer.fit()
+    except Exception as e:  # TrainingFailedError after max_failures restarts, or a setup error
+        error = f"{type(e).__name__}: {e}"
+    s = _read_summary(out, tid)
+    if error is None and s.get("status") == "FAILED":
+        error = s.get("error") or "failed"
+    status = "FAILED" if error else "COMPLETED"
+    wall = wall_before + time.time() - t0
+    s.update(status=status, error=error, wall_seconds=wall)
+    from .worker import write_json_atomic
+    write_json_atomic(trial_files(out, tid) / "summary.json", s)
+    writer.write_trial(status=status, error=error[:4000] if error else None, parameters=s.get("parameters"),
+                       wall_seconds=wall, step=s.get("step"), total_steps=s.get("total_steps"),
+                       restarts=s.get("restarts"), mlflow_run_id=run_id, updated_at=time.time())
+    tracking.set_tags(uri, run_id, {"status": status, **({"error": error} if error else {})})
+    tracking.log_metrics(uri, run_id, [("wall_seconds", wall, int(s.get("step") or 0))])
+    tracking.end_run(uri, run_id, "FAILED" if error else "FINISHED")
+    if error:
+        raise TrialFailed(f"trial {tid} failed: {error}")
+
+
+# ----------------------------------------------------------------------------- launching
+def _concurrency(spec: StudySpec, n_todo: int) -> int:
+    import ray
+
+    r = spec.resources
+    if r.max_concurrent_trials:
+        return min(r.max_concurrent_trials, n_todo)
+    res = ray.cluster_resources()
+    fit = math.floor(res.get("CPU", 1) / (r.workers_per_trial * r.cpus_per_worker))
+    if r.gpus_per_worker > 0:
+        fit = min(fit, math.floor(res.get("GPU", 0) / (r.workers_per_trial * r.gpus_per_worker)))
+    if fit < 1:
+        raise TrialFailed(
+            f"one trial needs {r.workers_per_trial} x (CPU {r.cpus_per_worker}, GPU {r.gpus_per_worker}) but the "
+            f"Ray cluster has {res}. Lower resources.workers_per_trial / cpus_per_worker / gpus_per_worker, or "
+            f"add nodes.")
+    # Tune would otherwise start every driver and leave their worker groups waiting for resources.
+    return max(1, min(fit, n_todo))
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # a local Ray sized to this machine, no dashboard (nothing to serve)
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+
+
+def warm_metric_cache(trials: list[dict], echo: Callable[[str], None] = print) -> None:
+    """Compute the metrics' reference statistics once, here, before trials run side by side
+    (each would otherwise compute the same ~30 s of classifier features). Cached on disk
+    ($STUDYCTL_CACHE_DIR) by diffusion_core.metrics, so later launches pay nothing."""
+    need = {(t["config"]["data"]["root"], t["config"]["data"]["split_seed"]) for t in trials
+            if t["config"]["evaluation"]["metrics"] and t["config"]["data"]["dataset"] == "mnist"
+            and t["config"]["data"]["image_size"] in (None, 28)}
+    if not need:
+        return
+    try:
+        from diffusion_core import metrics
+    except ImportError as e:
+        echo(f"warning: diffusion_core.metrics is not available ({e}): no FID/IS/precision/recall columns")
+        return
+    try:
+        clf = metrics.load_classifier("cpu")
+        for root, split_seed in sorted(need, key=str):
+            metrics.reference_statistics(clf, "val", data_root=root, split_seed=split_seed)
+    except Exception as e:  # the trials will log the same problem; training can still go on
+        echo(f"warning: metric reference statistics unavailable ({type(e).__name__}: {e})")
+
+
+def prepare(spec: StudySpec, out: Path, *, resuming: bool, echo: Callable[[str], None] = print) -> dict:
+    """Output folder, snapshot, MLflow experiment + parent run, PENDING rows. Returns common config."""
+    out.mkdir(parents=True, exist_ok=True)
+    snap = snapshot_spec(spec, out)
+    snap_file = out / SNAPSHOT
+    if snap_file.exists():
+        old = yaml.safe_load(snap_file.read_text())
+        if old != snap:
+            raise TrialFailed(f"{out} already holds a different study (its {SNAPSHOT} differs from this one). "
+                              f"Use `studyctl resume {out}` to finish it, or pass --output with a new folder.")
+    else:
+        tmp = snap_file.with_name(".tmp-" + SNAPSHOT)
+        tmp.write_text(yaml.safe_dump(snap, sort_keys=False))
+        os.replace(tmp, snap_file)
+    uri = tracking.tracking_uri(spec.tracking.uri, out)
+    exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment or spec.name, out)
+    p = plan(spec, out)
+    parent = tracking.ensure_parent_run(uri, exp_id, spec.name, out,
+                                        {"study": spec.name, "trials": len(p["trials"]),
+                                         "swept": ",".join(p["swept"]) or "-"})
+    warm_metric_cache(p["trials"], echo)
+    known = statuses(out)
+    for i, t in enumerate(p["trials"]):
+        if t["trial_id"] not in known:
+            trial_writer(out, spec, p, i).write_trial(status="PENDING", updated_at=time.time())
+    return {"spec": spec.model_dump(mode="json"), "out": str(out), "mlflow_uri": uri, "experiment_id": exp_id,
+            "parent_run_id": parent}
+
+
+def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: bool = False,
+           echo: Callable[[str], None] = print) -> int:
+    """Run (or finish) a study. Returns the process exit code: 0 all finished, 1 some trial failed."""
+    import ray
+    from ray import tune
+
+    common = prepare(spec, out, resuming=resuming, echo=echo)
+    p = plan(spec, out)
+    known = statuses(out)
+    todo = [i for i, t in enumerate(p["trials"]) if known.get(t["trial_id"]) not in FINISHED]
+    done = len(p["trials"]) - len(todo)
+    echo(f"study {spec.name}: {len(p['trials'])} trials, {done} already finished, {len(todo)} to run")
+    echo(f"records: {out}    MLflow: {common['mlflow_uri']}")
+    if todo:
+        init_ray(address or spec.ray_address)
+        try:
+            conc = _concurrency(spec, len(todo))
+            echo(f"Ray: {ray.cluster_resources()}; up to {conc} trial(s) at a time")
+            scheduler = None
+            if spec.sweep is not None and spec.sweep.asha is not None:
+                a = spec.sweep.asha
+                scheduler = tune.schedulers.ASHAScheduler(
+                    metric=a.metric, mode=a.mode, time_attr="training_iteration", grace_period=a.grace_period,
+                    reduction_factor=a.reduction_factor, max_t=a.max_t)
+            by_index = {i: p["trials"][i]["trial_id"] for i in todo}
+            tuner = tune.Tuner(
+                # A driver only waits for its TorchTrainer: it holds a token of memory, no CPU, so the
+                # workers get every CPU (Tune refuses an all-zero request).
+                tune.with_resources(tune.with_parameters(run_trial, common=common),
+                                    {"cpu": 0, "memory": 32 * 1024 ** 2}),
+                param_space={"index": tune.grid_search(todo)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=conc, scheduler=scheduler,
+                                            trial_name_creator=lambda t: by_index[t.config["index"]],
+                                            trial_dirname_creator=lambda t: by_index[t.config["index"]]),
+                run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                                          storage_path=str(out / "ray" / "tune"),
+                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+            tuner.fit()  # trial errors are in our records (and Tune's table above)
+        finally:
+            if not address and not spec.ray_address:
+                ray.shutdown()
+        _reconcile(spec, out, p, common)
+    final = statuses(out)
+    failed = [t["trial_id"] for t in p["trials"] if final.get(t["trial_id"]) == "FAILED"]
+    tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "FAILED" if failed else "FINISHED")
+    summary_lines(out, echo)
+    if failed:
+        echo(f"FAILED: {len(failed)} trial(s): {', '.join(failed)} — see the `error` column "
+             f"(`studyctl status {out}`) and the MLflow child runs.")
+        return 1
+    unfinished = [t["trial_id"] for t in p["trials"] if final.get(t["trial_id"]) not in FINISHED]
+    if unfinished:
+        echo(f"{len(unfinished)} trial(s) did not finish: {', '.join(unfinished)}; run `studyctl resume {out}`.")
+        return 1
+    echo(f"all {len(p['trials'])} trials finished. Next: studyctl status {out}   |   studyctl ui {out}")
+    return 0
+
+
+def _reconcile(spec: StudySpec, out: Path, p: dict, common: dict) -> None:
+    """Trials a scheduler stopped early (ASHA) never reach their driver's end: record them."""
+    known = statuses(out)
+    for i, t in enumerate(p["trials"]):
+        s = _read_summary(out, t["trial_id"])
+        if known.get(t["trial_id"]) == "RUNNING" and spec.sweep is not None and spec.sweep.asha is not None:
+            trial_writer(out, spec, p, i).write_trial(
+                status="STOPPED", error="stopped early by ASHA", parameters=s.get("parameters"),
+                step=s.get("step"), total_steps=s.get("total_steps"), updated_at=time.time())
+
+
+# -------------------------------------------------------------------------------- status
+def status_table(out: Path):
+    """One row per trial: status, progress, latest loss / val loss / metrics."""
+    import pandas as pd
+
+    trials = read_table(out, "trials")
+    if trials.empty:
+        return trials
+    cols = ["trial_id", "status"] + [c for c in trials.columns if c not in ("study", "trial_id", "status")
+                                     and not c.startswith(("data.", "model.", "diffusion.", "training.",
+                                                           "evaluation."))]
+    df = trials[cols].copy()
+    steps = read_table(out, "train_steps")
+    live = {}
+    for tid in df["trial_id"]:
+        s = _read_summary(out, tid)
+        live[tid] = s
+    df["step"] = [max(int(live[t].get("step") or 0), int(x) if pd.notna(x) else 0)
+                  for t, x in zip(df["trial_id"], df["step"])]
+    df["total_steps"] = [live[t].get("total_steps") or x for t, x in zip(df["trial_id"], df["total_steps"])]
+    df["progress"] = [f"{100 * s / t:.0f}%" if t and pd.notna(t) else "-" for s, t in zip(df["step"], df["total_steps"])]
+    if not steps.empty:
+        last = steps.sort_values("step").groupby("trial_id").tail(1).set_index("trial_id")["loss"]
+        df["loss"] = df["trial_id"].map(last)
+    epochs = read_table(out, "epochs")
+    if not epochs.empty:
+        last = epochs.sort_values("step").groupby("trial_id").tail(1).set_index("trial_id")["val_loss"]
+        df["val_loss"] = df["trial_id"].map(last)
+    evals = read_table(out, "evals")
+    if not evals.empty:
+        last = evals.sort_values("step").groupby("trial_id").tail(1).set_index("trial_id")
+        for k in ("fid", "inception_score"):
+            if k in last and last[k].notna().any():
+                df[k] = df["trial_id"].map(last[k])
+    keep = [c for c in ("trial_id", "status", "progress", "step", "total_steps", "loss", "val_loss", "fid",
+                        "inception_score", "wall_seconds", "error") if c in df]
+    return df[keep].sort_values("trial_id").reset_index(drop=True)
+
+
+def summary_lines(out: Path, echo: Callable[[str], None] = print) -> None:
+    import pandas as pd
+
+    df = status_table(out)
+    if df.empty:
+        echo("no trials recorded yet")
+        return
+    with pd.option_context("display.max_columns", 20, "display.width", 160, "display.max_colwidth", 60):
+        echo(df.to_string(index=False))

@@ -1,0 +1,146 @@
+"""MLflow: one parent run per study, one child run per trial.
+
+Default store: `sqlite:///<study>/mlflow.db` with artifacts in `<study>/mlartifacts`
+(the experiment's artifact location), so a study folder is self-contained and
+`studyctl ui <study>` (or `mlflow ui --backend-store-uri sqlite:///.../mlflow.db`) shows
+it. Any tracking URI works, including an `mlflow server`.
+
+Runs are found again by tags, not by remembering ids in a process: the parent by
+(`studyctl.study`, `studyctl.output`), a child by (`studyctl.parent`, `studyctl.trial_id`).
+That is what makes a resumed trial continue its child run instead of starting a second
+one. Only the launcher and rank 0 of each trial talk to MLflow.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 900  # MLflow accepts up to 1,000 metrics per log_batch
+
+
+def default_uri(study_dir: str | os.PathLike) -> str:
+    return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(spec_uri: str | None, study_dir: str | os.PathLike) -> str:
+    return spec_uri or default_uri(study_dir)
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(fn, *args, tries: int = 5, **kw):
+    """SQLite stores raise 'database is locked' under concurrent writers: back off and retry."""
+    for i in range(tries):
+        try:
+            return fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - MlflowException wraps the OperationalError
+            if i == tries - 1 or "locked" not in str(e).lower():
+                raise
+            time.sleep(0.5 * 2 ** i)
+
+
+def ensure_experiment(uri: str, name: str, study_dir: str | os.PathLike) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        # A local store keeps artifacts beside it; a server decides its own location.
+        artifact_location = (Path(study_dir).resolve() / "mlartifacts").as_uri()
+    # Tell the MLflow 3 UI this is model training (its runs table and charts), not GenAI traces.
+    return _retry(c.create_experiment, name, artifact_location=artifact_location,
+                  tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def _find(c, exp_id: str, filter_string: str):
+    runs = c.search_runs([exp_id], filter_string=filter_string, max_results=5, order_by=["attributes.start_time ASC"])
+    return runs[0] if runs else None
+
+
+def ensure_parent_run(uri: str, exp_id: str, study: str, study_dir: str | os.PathLike,
+                      params: dict[str, Any] | None = None) -> str:
+    c = client(uri)
+    out = str(Path(study_dir).resolve())
+    run = _find(c, exp_id, f"tags.`studyctl.study` = '{study}' and tags.`studyctl.output` = '{out}' "
+                           f"and tags.`studyctl.role` = 'study'")
+    if run is not None:
+        if run.info.status != "RUNNING":
+            _retry(c.update_run, run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    run = _retry(c.create_run, exp_id, run_name=study,
+                 tags={"studyctl.study": study, "studyctl.output": out, "studyctl.role": "study"})
+    if params:
+        log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def ensure_child_run(uri: str, exp_id: str, parent_id: str, study: str, trial_id: str,
+                     params: dict[str, Any]) -> str:
+    """The trial's child run: found by tags if an earlier launch created it (resume), else created."""
+    c = client(uri)
+    run = _find(c, exp_id, f"tags.`studyctl.parent` = '{parent_id}' and tags.`studyctl.trial_id` = '{trial_id}'")
+    if run is not None:
+        if run.info.status != "RUNNING":
+            _retry(c.update_run, run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    run = _retry(c.create_run, exp_id, run_name=trial_id,
+                 tags={"mlflow.parentRunId": parent_id, "studyctl.parent": parent_id, "studyctl.study": study,
+                       "studyctl.trial_id": trial_id, "studyctl.role": "trial"})
+    log_params(uri, run.info.run_id, params)
+    return run.info.run_id
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    c = client(uri)
+    for lo in range(0, len(items), 90):  # 100 params per batch at most
+        _retry(c.log_batch, run_id, params=items[lo:lo + 90])
+
+
+def log_metrics(uri: str, run_id: str, metrics: list[tuple[str, float, int]]) -> None:
+    """[(key, value, step)] in batches; non-finite values are logged as MLflow stores them."""
+    if not metrics:
+        return
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, int(s)) for k, v, s in metrics]
+    c = client(uri)
+    for lo in range(0, len(items), MAX_BATCH):
+        _retry(c.log_batch, run_id, metrics=items[lo:lo + MAX_BATCH])
+
+
+def last_step(uri: str, run_id: str, key: str) -> int:
+    """The largest step logged for `key` in the run (-1 if none)."""
+    hist = client(uri).get_metric_history(run_id, key)
+    return max((m.step for m in hist), default=-1)
+
+
+def log_artifact(uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+    try:
+        client(uri).log_artifact(run_id, str(path), artifact_path)
+    except Exception as e:  # an artifact upload failure must not fail the trial: the file is on disk
+        log.warning("could not log artifact %s to MLflow run %s: %s", path, run_id, e)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    c = client(uri)
+    for k, v in tags.items():
+        _retry(c.set_tag, run_id, k, str(v)[:5000])
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """status: FINISHED | FAILED | KILLED."""
+    _retry(client(uri).set_terminated, run_id, status)

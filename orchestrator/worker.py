@@ -1,0 +1,247 @@
+"""The Ray Train worker loop: `train_worker(config)` runs on each of a trial's DDP workers.
+
+It calls the same `diffusion_core.train` as the single-process path (DDP is already set
+up by Ray's TorchTrainer: gloo on CPU, NCCL on GPU) and plugs in `TrialHooks`:
+
+- rank 0 buffers the rows of each evaluation interval (losses, epochs), evaluates with
+  EMA and raw weights at each evaluation step (Residual(t), sample grid, metrics), then
+  writes the interval's Parquet parts, logs the same numbers to MLflow, saves the
+  sample grid (PNG + .npy) and a small EMA-only snapshot;
+- then every rank reports a checkpoint (`ray.train.report` is a barrier: all ranks must
+  call it): rank 0 contributes the full resume state, every rank its own RNG states,
+  and Ray merges them into one checkpoint directory in the study's storage.
+
+On (re)start, `ray.train.get_checkpoint()` gives the last checkpoint — after a worker
+died (Ray restarts the group) or after `studyctl resume` (Ray Train restores a run of
+the same name from storage). Rank 0 then deletes record parts after the restored step,
+so the rows of the lost interval are written exactly once.
+
+A diverged run (DivergedError: NaN/inf loss) is not retried — retrying a deterministic
+divergence only burns time: every rank catches it (the loss is all-reduced, so all ranks
+see it at the same step), rank 0 writes the reason to `summary.json`, and the trial
+driver marks the trial FAILED.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusion_core.data import load_splits
+from diffusion_core.evaluation import Evaluator, grid_image
+from diffusion_core.train import DivergedError, TrainContext, train
+from diffusion_core.unet import count_parameters
+
+from . import tracking
+from .records import RecordWriter
+from .spec import to_core
+
+log = logging.getLogger(__name__)
+
+
+def trial_files(study_dir: str | os.PathLike, trial_id: str) -> Path:
+    """Per-trial files that are not Parquet (grids, EMA snapshots, summary): kept out of the
+    Parquet dataset folders so `pandas.read_parquet(<study>/trials)` reads Parquet only."""
+    return Path(study_dir) / "trial_files" / trial_id
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def save_png(path: Path, grid_hwc: torch.Tensor) -> None:
+    from PIL import Image
+
+    arr = grid_hwc.numpy()
+    if arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+class TrialHooks:
+    """diffusion_core TrainHooks for one trial (records on rank 0, checkpoints on every rank)."""
+
+    def __init__(self, cfg: dict, rank: int, restored_step: int, restarts: int):
+        self.cfg, self.rank = cfg, rank
+        self.trial = cfg["trial"]
+        self.trial_id = self.trial["trial_id"]
+        self.study_dir = Path(cfg["study_dir"])
+        self.files = trial_files(self.study_dir, self.trial_id)
+        self.uri, self.run_id = cfg["mlflow_uri"], cfg["mlflow_run_id"]
+        self.eval_cfg = to_core(self.trial["config"])[4]
+        self.restored_step, self.restarts = restored_step, restarts
+        self.writer = RecordWriter(self.study_dir, cfg["study"], self.trial_id, cfg["row_params"],
+                                   cfg["row_types"], cfg["trial_params"], cfg["trial_types"])
+        self.rows: dict[str, list[dict]] = {"train_steps": [], "epochs": [], "residuals": [], "evals": []}
+        self.metrics: list[tuple[str, float, int]] = []
+        self.last_report: dict = {}
+        self.t0 = time.time()
+        self.evaluator: Evaluator | None = None
+        self.mlflow_through = -1  # MLflow already holds every metric up to this step
+
+    # ------------------------------------------------------------------ rank 0
+    def on_start(self, ctx: TrainContext) -> None:
+        self.ctx = ctx  # the live context (train() updates it in place); used if the run diverges
+        removed = self.writer.drop_parts_after(self.restored_step)
+        if removed:
+            log.info("%s: restored at step %d, removed %d record parts written after it",
+                     self.trial_id, self.restored_step, len(removed))
+        if self.restored_step > 0 or self.restarts:
+            # MLflow cannot delete points: after a restart from step S, the interval after S may
+            # already be logged (flushed, but its checkpoint never landed). The replay from the
+            # restored RNG state reproduces those values, so skip what MLflow already holds.
+            self.mlflow_through = tracking.last_step(self.uri, self.run_id, "eval_seconds")
+        self.parameters = count_parameters(ctx.model)
+        self.evaluator = Evaluator(ctx.schedule, ctx.splits.val, self.eval_cfg, train_images=ctx.splits.train,
+                                   device=ctx.device,
+                                   reverse_variance=self.trial["config"]["diffusion"]["reverse_variance"],
+                                   data_root=self.trial["config"]["data"]["root"],
+                                   split_seed=self.trial["config"]["data"]["split_seed"])
+        self.write_summary(ctx, status="RUNNING")
+        self.writer.write_trial(status="RUNNING", parameters=self.parameters, step=ctx.step,
+                                total_steps=ctx.total_steps, restarts=self.restarts,
+                                mlflow_run_id=self.run_id, updated_at=time.time())
+        tracking.set_tags(self.uri, self.run_id, {"parameters": self.parameters,
+                                                  "total_steps": ctx.total_steps})
+
+    def on_step(self, ctx: TrainContext, loss: float) -> None:
+        self.rows["train_steps"].append({"step": ctx.step, "epoch": ctx.epoch, "loss": loss})
+        self.metrics.append(("loss", loss, ctx.step))
+
+    def on_epoch(self, ctx: TrainContext, epoch: int, train_loss: float, val_loss: float | None) -> None:
+        self.rows["epochs"].append({"epoch": epoch, "step": ctx.step, "train_loss": train_loss,
+                                    "val_loss": val_loss})
+        self.metrics += [("train_loss", train_loss, ctx.step), ("epoch", epoch, ctx.step)]
+        if val_loss is not None:
+            self.metrics.append(("val_loss", val_loss, ctx.step))
+        self.last_report.update(train_loss=train_loss, val_loss=val_loss, epoch=epoch)
+
+    def on_eval(self, ctx: TrainContext) -> None:
+        res = self.evaluator.evaluate(ctx.ema_model, ctx.model)
+        step, epoch = ctx.step, ctx.epoch
+        for weights, values in res.residuals.items():
+            for t, r in zip(res.t_grid, values):
+                self.rows["residuals"].append({"step": step, "epoch": epoch, "t": t, "residual": r,
+                                               "weights": weights})
+                self.metrics.append((f"residual_{weights}_t{t:04d}", r, step))
+        name = f"step_{step:09d}"
+        png = self.files / "samples" / f"{name}.png"
+        save_png(png, grid_image(res.grid))
+        np.save(self.files / "samples" / f"{name}.npy", res.grid.numpy())  # rebuild Fig. 28 without MLflow
+        n_img = self.eval_cfg.n_samples
+        row = {"step": step, "epoch": epoch, "eval_seconds": res.seconds,
+               "images_per_second": n_img / res.seconds if res.seconds > 0 else None,
+               "sample_grid": str(png.relative_to(self.study_dir)), **res.metrics}
+        self.rows["evals"].append(row)
+        self.metrics += [(k, v, step) for k, v in res.metrics.items()] + [("eval_seconds", res.seconds, step)]
+        self.last_report.update(step=step, **res.metrics)
+        # EMA-only snapshot (small, for sampling and the ensemble decomposition; like NVlabs/edm)
+        ema_path = self.files / "ema" / f"{name}.pt"
+        ema_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"ema": ctx.ema_model.state_dict(), "step": step, "config": self.trial["config"]},
+                   ema_path.with_name(".tmp-" + ema_path.name))
+        os.replace(ema_path.with_name(".tmp-" + ema_path.name), ema_path)
+        # Records of this interval, before the checkpoint (see the module docstring).
+        self.flush(step)
+        tracking.log_artifact(self.uri, self.run_id, png, "samples")
+        self.write_summary(ctx, status="RUNNING")
+
+    def flush(self, step: int) -> None:
+        for kind, rows in self.rows.items():
+            self.writer.write_part(kind, rows, step)
+            rows.clear()
+        tracking.log_metrics(self.uri, self.run_id, [m for m in self.metrics if m[2] > self.mlflow_through])
+        self.metrics = []
+
+    def write_summary(self, ctx: TrainContext, status: str, error: str | None = None) -> None:
+        write_json_atomic(self.files / "summary.json", {
+            "trial_id": self.trial_id, "status": status, "error": error, "step": ctx.step,
+            "total_steps": ctx.total_steps, "parameters": getattr(self, "parameters", None),
+            "restarts": self.restarts, "updated_at": time.time()})
+
+    def on_diverged(self, err: DivergedError) -> None:
+        ctx = self.ctx
+        self.flush(ctx.step)  # keep the rows that show the divergence
+        self.write_summary(ctx, status="FAILED", error=f"DivergedError: {err}")
+
+    # ------------------------------------------------------------- every rank
+    def on_eval_all_ranks(self, ctx: TrainContext) -> None:
+        import ray.train
+
+        tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.trial_id}-r{self.rank}-"))
+        try:
+            torch.save({"generator": ctx.state.generator.get_state(), "cpu_rng": torch.get_rng_state()},
+                       tmp / f"rng_rank{self.rank}.pt")
+            if self.rank == 0:
+                torch.save(ctx.state.state_dict(), tmp / "state.pt")
+                (tmp / "config.json").write_text(json.dumps({"trial": self.trial, "step": ctx.step}, indent=1))
+                metrics = {k: v for k, v in self.last_report.items() if v is not None}
+                metrics.update(step=ctx.step, trial_id=self.trial_id)
+            else:
+                metrics = {"step": ctx.step}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=f"checkpoint_step_{ctx.step:09d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore(rank: int) -> tuple[dict | None, int]:
+    """(resume_state, step) from Ray's latest checkpoint, with this rank's own RNG streams."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None, 0
+    with ckpt.as_directory() as d:
+        d = Path(d)
+        state = torch.load(d / "state.pt", weights_only=True, map_location="cpu")
+        rng_file = d / f"rng_rank{rank}.pt"
+        if rng_file.exists():  # each rank continues its own training-noise stream
+            rng = torch.load(rng_file, weights_only=True)
+            state["generator"], state["cpu_rng"] = rng["generator"], rng["cpu_rng"]
+    return state, int(state["step"])
+
+
+def train_worker(cfg: dict) -> None:
+    """Entry point of each Ray Train worker (TorchTrainer's train_loop_per_worker)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    import ray
+
+    write_json_atomic(trial_files(cfg["study_dir"], cfg["trial"]["trial_id"]) / "workers" / f"rank{rank}.json",
+                      {"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                       "world_size": ctx.get_world_size()})
+    data, model, diffusion, training, _ = to_core(cfg["trial"]["config"])
+    resume_state, step = restore(rank)
+    # Restarts so far (worker-group restarts and resumes), counted across launches in summary.json.
+    try:
+        before = json.loads((trial_files(cfg["study_dir"], cfg["trial"]["trial_id"]) / "summary.json").read_text())
+    except (OSError, ValueError):
+        before = {}
+    restarts = int(before.get("restarts") or 0) + (1 if resume_state is not None else 0)
+    device = ray.train.torch.get_device()
+    splits = load_splits(data)
+    hooks = TrialHooks(cfg, rank, step, restarts)
+    try:
+        train(data=data, model=model, diffusion=diffusion, training=training, eval_seed=cfg["eval_seed"],
+              hooks=hooks, resume_state=resume_state, splits=splits, device=device)
+    except DivergedError as e:
+        log.error("trial %s diverged: %s", cfg["trial"]["trial_id"], e)
+        if rank == 0:
+            hooks.on_diverged(e)

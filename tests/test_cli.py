@@ -1,0 +1,130 @@
+"""The `studyctl` command line: help, validate, dry runs, bad files, folders that are not studies.
+
+In-process through typer's CliRunner (no Ray is started by anything here).
+"""
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from orchestrator.cli import app
+
+runner = CliRunner()
+
+
+def _tiny(data_root, **over):
+    d = {"name": "cli", "data": {"root": str(data_root), "subset_size": 256, "val_size": 128},
+         "model": {"base_width": 8, "channel_mult": [1, 2], "blocks_per_level": 1},
+         "training": {"epochs": 1}, "evaluation": {"sampler": "ddim", "steps": 5},
+         "sweep": {"grid": {"model.base_width": [8, 16]}, "seeds": [0, 1]}}
+    d.update(over)
+    return d
+
+
+def test_help_explains_every_command():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("version", "validate", "launch", "resume", "status", "ui"):
+        assert cmd in r.output
+    r = runner.invoke(app, ["launch", "--help"])
+    assert r.exit_code == 0 and "--address" in r.output and "--dry-run" in r.output and "--output" in r.output
+
+
+def test_version():
+    r = runner.invoke(app, ["version"])
+    assert r.exit_code == 0 and "ray" in r.output and "mlflow" in r.output
+
+
+def test_validate_prints_trial_table_and_count(tmp_path, data_root):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(_tiny(data_root)))
+    r = runner.invoke(app, ["validate", str(f)])
+    assert r.exit_code == 0, r.output
+    assert "4 trial(s)" in r.output and "model.base_width" in r.output and "training.seed" in r.output
+    assert r.output.count("t00") == 4
+
+
+def test_validate_packaged_study_by_bare_name_from_any_folder(tmp_path, monkeypatch, data_root):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["validate", "bias_variance.yaml"])
+    assert r.exit_code == 0, r.output
+    assert "39 trial(s)" in r.output
+    r = runner.invoke(app, ["validate", "quickstart"])
+    assert r.exit_code == 0, r.output
+
+
+def test_validate_bad_file_exits_2_naming_field_value_allowed(tmp_path, data_root):
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(_tiny(data_root, diffusion={"schedule": "cosinus"})))
+    r = runner.invoke(app, ["validate", str(f)])
+    assert r.exit_code == 2
+    assert "diffusion.schedule" in r.output and "cosinus" in r.output and "'cosine'" in r.output
+
+
+def test_validate_missing_file_exits_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["validate", "no_such_study.yaml"])
+    assert r.exit_code == 2 and "not found" in r.output and "quickstart" in r.output
+
+
+def test_launch_dry_run_starts_nothing(tmp_path, data_root):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(_tiny(data_root)))
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["launch", str(f), "--output", str(out), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "dry run" in r.output and "4 trial(s)" in r.output
+    assert not out.exists()
+
+
+def test_launch_bad_file_exits_2(tmp_path, data_root):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(_tiny(data_root, model={"base_width": -1})))
+    r = runner.invoke(app, ["launch", str(f), "--output", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "model.base_width" in r.output
+
+
+def test_status_resume_ui_refuse_a_folder_that_is_not_a_study(tmp_path):
+    for cmd in ("status", "resume", "ui"):
+        r = runner.invoke(app, [cmd, str(tmp_path)])
+        assert r.exit_code == 2 and "not a study folder" in r.output, (cmd, r.output)
+
+
+@pytest.mark.slow
+def test_ui_serves_the_study_store(tmp_path, data_root):
+    """`studyctl ui DIR` starts the MLflow UI on 127.0.0.1 against DIR/mlflow.db (then we stop it)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.yaml").write_text(yaml.safe_dump(_tiny(data_root)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", str(study), "--port", str(port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        t0, ok = time.time(), False
+        while time.time() - t0 < 90 and p.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    ok = r.status == 200
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert ok, "MLflow UI did not answer"
+        assert (study / "mlflow.db").exists()  # the study's own store
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=10)

@@ -1,0 +1,187 @@
+"""Study files: the shipped studies validate, sweeps expand as documented, mistakes are named.
+
+No Ray, no training: these run in well under a second each.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from orchestrator.spec import (PACKAGED_STUDIES, StudyError, expand, load_study, parse_study, resolve_study_path,
+                               swept_fields, to_core)
+
+
+def tiny(data_root, **over) -> dict:
+    d = {
+        "name": "tiny",
+        "data": {"root": str(data_root), "subset_size": 256, "val_size": 128},
+        "model": {"base_width": 8, "channel_mult": [1, 2], "blocks_per_level": 1, "bottleneck_blocks": 1},
+        "diffusion": {"T": 200},
+        "training": {"epochs": 1, "batch_size": 16},
+        "evaluation": {"every": 10, "start": 10, "n_samples": 16, "sampler": "ddim", "steps": 5},
+        "sweep": {"grid": {"model.base_width": [8, 16]}},
+        "resources": {"workers_per_trial": 2},
+    }
+    for k, v in over.items():
+        cur = d
+        *path, last = k.split("/")
+        for p in path:
+            cur = cur.setdefault(p, {})
+        if v is _DELETE:
+            cur.pop(last, None)
+        else:
+            cur[last] = v
+    return d
+
+
+_DELETE = object()
+
+
+# ------------------------------------------------------------------------------ shipped
+@pytest.mark.parametrize("name", ["thesis", "bias_variance", "quickstart"])
+def test_packaged_studies_validate(name, data_root, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a bare name resolves from any folder
+    spec = load_study(name)
+    trials = expand(spec)
+    assert spec.name == name
+    assert resolve_study_path(f"{name}.yaml") == PACKAGED_STUDIES / f"{name}.yaml"
+    if name == "thesis":  # Table 1 exactly
+        assert len(trials) == 1
+        t = spec.training
+        assert (t.epochs, t.batch_size, t.lr, t.adam_betas, t.adam_eps, t.ema_decay) == \
+            (25, 16, 2e-4, (0.9, 0.999), 1e-8, 0.9999)
+        assert (spec.evaluation.every, spec.evaluation.start, spec.evaluation.is_splits) == (2000, 8000, 5)
+        assert (spec.model.base_width, spec.model.channel_mult, spec.model.blocks_per_level,
+                spec.model.dropout) == (32, [1, 2, 4], 2, 0.1)
+        assert (spec.diffusion.T, spec.diffusion.schedule, spec.diffusion.beta_start,
+                spec.diffusion.beta_end) == (1000, "linear", 1e-4, 0.02)
+        assert spec.data.subset_size is None
+    if name == "bias_variance":
+        assert len(trials) == 5 * 2 * 3 + 3 * 3
+        assert set(swept_fields(trials)) == {"model.base_width", "diffusion.schedule", "training.seed",
+                                             "data.subset_size"}
+        assert "prefix" in (PACKAGED_STUDIES / "bias_variance.yaml").read_text()  # the epochs comment
+    if name == "quickstart":
+        assert len(trials) >= 4 and spec.resources.workers_per_trial == 2
+        assert spec.evaluation.sampler == "ddim" and spec.data.subset_size <= 2000
+
+
+def test_top_level_studies_are_the_packaged_files():
+    from pathlib import Path
+
+    top = Path(__file__).resolve().parents[1] / "studies"
+    for name in ("thesis", "bias_variance", "quickstart"):
+        assert (top / f"{name}.yaml").read_text() == (PACKAGED_STUDIES / f"{name}.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------- expansion
+def test_expansion_grid_arms_seeds_random(data_root):
+    d = tiny(data_root)
+    d["sweep"] = {"grid": {"model.base_width": [8, 16], "diffusion.schedule": ["linear", "cosine"]},
+                  "arms": [{"data.subset_size": [128, 512]}], "seeds": [0, 1]}
+    trials = expand(parse_study(d))
+    assert len(trials) == (2 * 2 + 2) * 2
+    ids = [t["trial_id"] for t in trials]
+    assert len(set(ids)) == len(ids)
+    assert ids == [t["trial_id"] for t in expand(parse_study(copy.deepcopy(d)))]  # deterministic
+    arm = [t for t in trials if "data.subset_size" in t["overrides"]]
+    assert all(t["config"]["model"]["base_width"] == 8 for t in arm)  # arms override the base, not the grid
+    d["sweep"] = {"random": {"training.lr": [1e-4, 2e-4, 4e-4]}, "num_samples": 3, "random_seed": 1}
+    trials = expand(parse_study(d))
+    assert len(trials) <= 3 and all(t["config"]["training"]["lr"] in (1e-4, 2e-4, 4e-4) for t in trials)
+
+
+def test_epochs_can_be_swept_and_configs_convert(data_root):
+    d = tiny(data_root, **{"sweep": {"grid": {"training.epochs": [1, 3]}}})
+    trials = expand(parse_study(d))
+    assert [t["config"]["training"]["epochs"] for t in trials] == [1, 3]
+    data, model, diffusion, training, ev = to_core(trials[1]["config"])
+    assert training.epochs == 3 and model.base_width == 8 and diffusion.schedule.T == 200
+    assert training.eval_every == 10 and ev.sampler == "ddim" and data.subset_size == 256
+
+
+def test_no_sweep_is_one_trial(data_root):
+    assert len(expand(parse_study(tiny(data_root, sweep=_DELETE)))) == 1
+
+
+def test_yaml_floats_without_dot_are_accepted(data_root):
+    spec = parse_study(yaml.safe_load(yaml.safe_dump(tiny(data_root)).replace("batch_size: 16",
+                                                                                "batch_size: 16\n  lr: 2e-4")))
+    assert spec.training.lr == 2e-4
+
+
+# ----------------------------------------------------------------------- bad study files
+BAD = [
+    # (kind, overrides, words the message must contain: field, bad value, what is allowed)
+    ("unknown key", {"model/base_widht": 8}, ["model.base_widht", "unknown key"]),
+    ("unknown section", {"trainig": {"epochs": 1}}, ["trainig", "unknown key"]),
+    ("wrong type", {"model/base_width": "wide"}, ["model.base_width", "'wide'", "integer"]),
+    ("quoted integer", {"training/epochs": "3"}, ["training.epochs", "'3'"]),
+    ("negative width", {"model/base_width": -8}, ["model.base_width", "-8", "greater than 0"]),
+    ("unknown schedule", {"diffusion/schedule": "cosinus"}, ["diffusion.schedule", "cosinus", "'linear'",
+                                                             "'cosine'"]),
+    ("unknown sampler", {"evaluation/sampler": "euler"}, ["evaluation.sampler", "euler", "'ddim'"]),
+    ("empty sweep", {"sweep": {}}, ["sweep", "empty"]),
+    ("empty sweep list", {"sweep": {"grid": {"model.base_width": []}}}, ["sweep.grid.model.base_width",
+                                                                          "non-empty list"]),
+    ("sweep of unknown field", {"sweep": {"grid": {"model.depth": [1, 2]}}}, ["model.depth", "allowed keys",
+                                                                              "base_width"]),
+    ("sweep of a non-section", {"sweep": {"grid": {"resources.workers_per_trial": [1, 2]}}},
+     ["resources.workers_per_trial", "not a sweepable field"]),
+    ("bad swept value", {"sweep": {"grid": {"model.base_width": [8, -16]}}}, ["model.base_width", "-16",
+                                                                              "greater than 0"]),
+    ("missing data root", {"data/root": "/nonexistent/mnist"}, ["data.root", "/nonexistent/mnist",
+                                                                 "MNIST/raw", "STUDYCTL_DATA_ROOT"]),
+    ("missing name", {"name": _DELETE}, ["name", "required"]),
+    ("bad name", {"name": "my study!"}, ["name", "my study!"]),
+    ("batch not divisible by workers", {"training/batch_size": 15}, ["training.batch_size", "15",
+                                                                     "workers_per_trial=2"]),
+    ("subset smaller than batch", {"data/subset_size": 8}, ["data.subset_size", "8", "batch"]),
+    ("image size not halvable", {"data/image_size": 29}, ["image_size", "29"]),
+    ("learning rate not positive", {"training/lr": 0}, ["training.lr", "0", "greater than 0"]),
+    ("ema decay out of range", {"training/ema_decay": 1.5}, ["training.ema_decay", "1.5", "less than 1"]),
+    ("ddim steps above T", {"evaluation/steps": 500}, ["evaluation.steps", "500", "1..diffusion.T=200"]),
+    ("duplicate seeds", {"sweep": {"seeds": [0, 0]}}, ["sweep.seeds", "distinct"]),
+    ("num_samples without random", {"sweep": {"grid": {"model.base_width": [8]}, "num_samples": 4}},
+     ["sweep.num_samples", "sweep.random"]),
+    ("negative gpu", {"resources/gpus_per_worker": -1}, ["resources.gpus_per_worker", "-1"]),
+    ("DDP workers sharing a GPU", {"resources/gpus_per_worker": 0.5}, ["resources.gpus_per_worker", "0.5",
+                                                                       "workers_per_trial: 1"]),
+]
+
+
+@pytest.mark.parametrize("kind,over,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_study_files_are_named(kind, over, words, data_root):
+    d = tiny(data_root, **{k: v for k, v in over.items() if "/" in k or k == "name"})
+    for k, v in over.items():
+        if "/" not in k and k != "name":
+            d[k] = v
+    with pytest.raises(StudyError) as e:
+        expand(parse_study(d))
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, f"{kind}: {w!r} not in message:\n{msg}"
+
+
+def test_not_a_mapping_and_not_yaml(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("- just\n- a list\n")
+    with pytest.raises(StudyError, match="mapping"):
+        load_study(f)
+    f.write_text("name: [unclosed\n")
+    with pytest.raises(StudyError, match="not valid YAML"):
+        load_study(f)
+    with pytest.raises(StudyError, match="not found"):
+        load_study(tmp_path / "missing.yaml")
+
+
+def test_asha_early_stopping_is_optional_and_validated(data_root):
+    d = tiny(data_root)
+    d["sweep"]["asha"] = {"metric": "fid", "mode": "min", "grace_period": 2, "max_t": 10}
+    spec = parse_study(d)
+    assert spec.sweep.asha.metric == "fid" and spec.sweep.asha.reduction_factor == 2.0
+    d["sweep"]["asha"] = {"metric": "accuracy"}
+    with pytest.raises(StudyError, match="sweep.asha.metric"):
+        parse_study(d)
