@@ -130,7 +130,7 @@ def fig28_samples_by_epoch(study: Study, trial: str, max_panels: int = 6):
     if not grids:
         return None
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(grids), figsize=(2.4 * len(grids), 2.7), squeeze=False)
+        fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.5), squeeze=False)
     for ax, (epoch, g) in zip(axes[0], grids):
         ax.imshow(g, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"epoch {epoch:.1f}")
@@ -276,8 +276,7 @@ def fig_fid_bias_variance_vs_capacity(study: Study):
         fig, ax = plt.subplots()
         agg = fe.groupby(col)["fid"].agg(["mean", "std"]).reset_index()
         ax.errorbar(agg[col], agg["mean"], yerr=agg["std"].fillna(0), fmt="o-", capsize=3, label="final FID")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("U-Net base width (channels)")
+        _width_axis(ax, agg[col])
         ax.set_ylabel("FID  (squared feature units)")
         dec = study.decomposition
         if len(dec) and col in dec:
@@ -312,6 +311,16 @@ def fig_pr_memorization_vs_size(study: Study):
     ax.set_title("Precision, recall, memorization vs training-set size")
     ax.legend()
     return fig
+
+
+def _width_axis(ax, widths) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(int(w) for w in widths)))
+    ax.set_xticklabels([str(w) for w in sorted(set(int(w) for w in widths))])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("U-Net base width (channels)")
 
 
 def _pick_ts(ts, n):
@@ -353,9 +362,8 @@ def fig_decomposition_vs_capacity(study: Study):
         d = dec[dec["t"] == t].groupby(col)[["bias2", "variance"]].mean().reset_index()
         ax.plot(d[col], d["bias2"], "o-", color=f"C{i}", label=f"bias², t={t}")
         ax.plot(d[col], d["variance"], "s--", color=f"C{i}", label=f"variance, t={t}")
-    ax.set_xscale("log", base=2)
+    _width_axis(ax, dec[col].unique())
     ax.set_yscale("symlog", linthresh=1e-4)
-    ax.set_xlabel("U-Net base width (channels)")
     ax.set_ylabel("per-dimension error  ||.||^2 / d")
     ax.set_title("bias² and variance vs capacity")
     ax.legend(ncol=2)

@@ -13,9 +13,6 @@ import numpy as np
 import pandas as pd
 
 KINDS = ("trials", "train_steps", "epochs", "residuals", "evals", "decomposition")
-# Columns of `trials` that are bookkeeping, not swept fields.
-TRIAL_BOOKKEEPING = {"study", "trial_id", "status", "error", "parameters", "wall_seconds", "step", "total_steps",
-                     "restarts", "mlflow_run_id", "updated_at"}
 
 
 def read_kind(study_dir: str | os.PathLike, kind: str) -> pd.DataFrame:
@@ -83,14 +80,10 @@ def load_study(study_dir: str | os.PathLike) -> Study:
     if all(t.empty for t in tables.values()):
         raise FileNotFoundError(f"no Parquet records under {d.resolve()} (looked for {', '.join(KINDS)}/); "
                                 f"run `studyctl launch` first or check the folder")
-    trials = tables["trials"]
-    swept = []
-    if len(trials):
-        for c in trials.columns:
-            if c in TRIAL_BOOKKEEPING:
-                continue
-            if trials[c].nunique(dropna=False) > 1 or c.endswith("seed"):
-                swept.append(c)
+    # Row tables carry exactly the study's swept fields (dotted names) besides their own columns.
+    swept: list[str] = []
+    for kind in ("train_steps", "epochs", "residuals", "evals"):
+        swept += [c for c in tables[kind].columns if "." in c and c not in swept]
     return Study(d, swept=swept, **tables)
 
 

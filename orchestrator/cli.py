@@ -201,5 +201,63 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
     os.execv(sys.executable, cmd)
 
 
+# ------------------------------------------------------------------------------ analysis
+@app.command()
+def figures(directory: str = typer.Argument(..., help="A study folder (written by `studyctl launch`)."),
+            mlflow: bool = typer.Option(True, help="Also attach the figures to the study's MLflow parent run.")
+            ) -> None:
+    """Regenerate every figure (PNG + PDF) and an index.html report into DIR/figures/.
+
+    Reads the Parquet tables only: the thesis's figures 26-30 per trial and the
+    study-level overlays by capacity, schedule and training-set size. A half-finished
+    study gets the figures of what exists; the report names what is missing.
+    """
+    from analysis.report import make_figures
+
+    try:
+        figs, report, missing = make_figures(directory)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+    typer.echo(f"wrote {len(figs.written)} figures (PNG + PDF) and the report {report}")
+    for tid, state, err in missing:
+        typer.echo(f"  missing/incomplete trial {tid}: {state}{' - ' + err if err else ''}")
+    if mlflow:
+        from .tracking import find_parent_run, log_artifact
+
+        found = find_parent_run(directory)
+        if found is not None:
+            log_artifact(found[0], found[1], report.parent, "figures")
+            typer.echo(f"figures attached to MLflow run {found[1]}")
+
+
+@app.command()
+def decompose(directory: str = typer.Argument(..., help="A study folder (written by `studyctl launch`)."),
+              points: int = typer.Option(256, help="Fixed validation points (x_0, eps) per timestep."),
+              noise_floor: bool = typer.Option(True, help="Compute the empirical optimal denoiser's noise floor "
+                                                          "over the 48,000-image training split (~1 min on CPU)."),
+              device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+              ) -> None:
+    """Per-timestep bias^2 / variance / noise over trials that differ only in seed or training subset.
+
+    Loads each trial's final EMA snapshot, evaluates every group of K >= 2 models on the
+    same fixed (x_0, t, eps) points from the validation split, and writes the
+    `decomposition` table (residual = bias2_plus_noise + variance, exactly), then redraws
+    the figures.
+    """
+    from analysis.decompose import decompose as run_decompose
+    from analysis.report import make_figures
+
+    try:
+        table = run_decompose(directory, n_points=points, noise_floor=noise_floor, device=device)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+    typer.echo(f"decomposition: {table['group_id'].nunique()} group(s), {len(table)} rows -> "
+               f"{Path(directory) / 'decomposition'}")
+    figs, report, _ = make_figures(directory)
+    typer.echo(f"figures updated: {report}")
+
+
 if __name__ == "__main__":
     app()

@@ -144,3 +144,22 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """status: FINISHED | FAILED | KILLED."""
     _retry(client(uri).set_terminated, run_id, status)
+
+
+def find_parent_run(study_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """(tracking uri, parent run id) of the study that wrote `study_dir`, without touching the run."""
+    import yaml
+
+    d = Path(study_dir).resolve()
+    snap_file = d / "study.yaml"
+    if not snap_file.exists():
+        return None
+    snap = yaml.safe_load(snap_file.read_text())
+    uri = tracking_uri((snap.get("tracking") or {}).get("uri"), d)
+    c = client(uri)
+    exp = c.get_experiment_by_name((snap.get("tracking") or {}).get("experiment") or snap["name"])
+    if exp is None:
+        return None
+    run = _find(c, exp.experiment_id, f"tags.`studyctl.study` = '{snap['name']}' and "
+                                      f"tags.`studyctl.output` = '{d}' and tags.`studyctl.role` = 'study'")
+    return (uri, run.info.run_id) if run is not None else None

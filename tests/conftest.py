@@ -32,3 +32,24 @@ def mnist_splits(data_root):
     """The thesis's seeded 48,000 / 12,000 split of real MNIST (split_seed=0). Treat as read-only."""
     from diffusion_core import mnist_splits as _mnist_splits
     return _mnist_splits(data_root, split_seed=0)
+
+
+@pytest.fixture(scope="session")
+def e2e_study(tmp_path_factory, data_root):
+    """One real study, launched once: `studyctl launch` on real MNIST, a local Ray (2 CPUs), SQLite MLflow.
+
+    Four healthy trials (base width {8, 12} x seed {0, 1}; DDP with 2 workers each) and one whose
+    learning rate makes the loss overflow. Used by the orchestrator and the analysis tests.
+    Returns (study dict, output folder, CompletedProcess of the launch).
+    """
+    from orchestrator_helpers import NAN_LR, studyctl, tiny_study, write_study
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    study = tiny_study(data_root, name="e2e",
+                       sweep={"grid": {"model.base_width": [8, 12], "training.seed": [0, 1]},
+                              "arms": [{"training.lr": [NAN_LR]}]},
+                       resources={"workers_per_trial": 2, "cpus_per_worker": 0.5, "max_failures": 1})
+    f = write_study(tmp / "e2e.yaml", study)
+    out = tmp / "out"
+    r = studyctl("launch", f, "--output", out, timeout=600)
+    return study, out, r

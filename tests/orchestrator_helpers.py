@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+NAN_LR = 1e30  # Adam moves every weight by ~lr per step: activations overflow float32 within steps
 
 
 def tiny_study(data_root, name: str = "tiny", **sections) -> dict:

@@ -1,7 +1,8 @@
 """End to end: `studyctl launch` on real MNIST, a real local Ray (2 CPUs), a real MLflow SQLite store.
 
-One study, launched once for the module: two healthy trials (DDP, 2 workers each) and a
-third whose learning rate makes the loss overflow. The healthy trials must leave complete
+One study, launched once per session (conftest.e2e_study; the analysis tests reuse it):
+four healthy trials (base width {8, 12} x seed {0, 1}, DDP, 2 workers each) and a fifth
+whose learning rate makes the loss overflow. The healthy trials must leave complete
 records (every Parquet table with its columns and exact row counts, MLflow parent + child
 runs with metrics, checkpoints, EMA snapshots, sample grids); the diverged one must end
 FAILED with its reason while the others go on, and `launch` must exit 1 naming it.
@@ -15,25 +16,17 @@ from diffusion_core.evaluation import METRIC_KEYS
 from diffusion_core.residuals import default_t_grid
 
 try:  # tests/ may or may not be a package
-    from .orchestrator_helpers import expected_steps, studyctl, tiny_study, write_study
+    from .orchestrator_helpers import NAN_LR, expected_steps, studyctl
 except ImportError:
-    from orchestrator_helpers import expected_steps, studyctl, tiny_study, write_study
+    from orchestrator_helpers import NAN_LR, expected_steps, studyctl
 
 pytestmark = pytest.mark.slow
 
-NAN_LR = 1e30  # Adam moves every weight by ~lr per step: activations overflow float32 within steps
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, data_root):
-    tmp = tmp_path_factory.mktemp("e2e")
-    study = tiny_study(data_root, name="e2e",
-                       sweep={"grid": {"model.base_width": [8, 12]}, "arms": [{"training.lr": [NAN_LR]}]},
-                       resources={"workers_per_trial": 2, "cpus_per_worker": 0.5, "max_failures": 1})
-    f = write_study(tmp / "e2e.yaml", study)
-    out = tmp / "out"
-    r = studyctl("launch", f, "--output", out, timeout=420)
-    return study, out, r
+def launched(e2e_study):
+    return e2e_study
 
 
 def _metrics_available() -> bool:
@@ -59,14 +52,14 @@ def test_launch_exit_code_and_failed_trial_named(launched):
 def test_trials_table(launched):
     study, out, r = launched
     trials = _trials(out)
-    assert len(trials) == 3
-    assert sorted(trials["status"]) == ["COMPLETED", "COMPLETED", "FAILED"]
+    assert len(trials) == 5
+    assert sorted(trials["status"]) == ["COMPLETED"] * 4 + ["FAILED"]
     for col in ("study", "status", "error", "parameters", "wall_seconds", "model.base_width", "training.lr",
                 "diffusion.T", "data.subset_size", "mlflow_run_id"):
         assert col in trials.columns, col
     ok = trials[trials["status"] == "COMPLETED"]
     assert ok["error"].isna().all() and (ok["wall_seconds"] > 0).all() and (ok["parameters"] > 1000).all()
-    assert sorted(ok["model.base_width"]) == [8, 12]
+    assert sorted(ok["model.base_width"]) == [8, 8, 12, 12] and sorted(ok["training.seed"]) == [0, 0, 1, 1]
     bad = trials[trials["status"] == "FAILED"].iloc[0]
     assert bad["training.lr"] == NAN_LR
     assert "DivergedError" in bad["error"] and ("nan" in bad["error"] or "inf" in bad["error"])
@@ -80,7 +73,7 @@ def test_parquet_tables_columns_and_row_counts(launched):
     logged, ends, evals = expected_steps(study["data"]["subset_size"], tr["batch_size"], 2, tr["epochs"],
                                          tr["log_every_first"], tr["log_every"], ev["every"], ev["start"])
     n_t = len(default_t_grid(study["diffusion"]["T"], ev["t_grid"]))
-    swept = ["model.base_width", "training.lr"]
+    swept = ["model.base_width", "training.lr", "training.seed"]
     tables = {k: pd.read_parquet(out / k) for k in ("train_steps", "epochs", "residuals", "evals")}
     for kind, df in tables.items():
         for col in ["study", "trial_id", "step"] + swept:
@@ -138,7 +131,7 @@ def test_mlflow_parent_and_children(launched):
     runs = c.search_runs([exp.experiment_id])
     parents = [x for x in runs if x.data.tags.get("studyctl.role") == "study"]
     children = [x for x in runs if x.data.tags.get("studyctl.role") == "trial"]
-    assert len(parents) == 1 and len(children) == 3
+    assert len(parents) == 1 and len(children) == 5
     assert all(x.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for x in children)
     trials = _trials(out)
     for x in children:

@@ -1,0 +1,165 @@
+"""Analysis on a real study (the session's e2e study: real MNIST, real Ray, real MLflow).
+
+Every named figure is written; the plotted values — read back from the matplotlib artists —
+equal the Parquet values; the failed trial is named; `decompose` writes the table whose
+identity holds exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import figures as F
+from analysis.tables import load_study
+
+try:
+    from .orchestrator_helpers import studyctl
+except ImportError:
+    from orchestrator_helpers import studyctl
+
+pytestmark = pytest.mark.slow
+
+TRIAL_FIGS = list(F.TRIAL_FIGURES)
+STUDY_FIGS = ["study_val_loss_by_capacity", "study_fid_by_capacity", "study_residual_by_capacity",
+              "study_fid_bias_variance_vs_capacity"]
+
+
+@pytest.fixture(scope="module")
+def study_dir(e2e_study):
+    _, out, r = e2e_study
+    assert (out / "trials").is_dir(), r.stdout[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def figures_run(study_dir):
+    return studyctl("figures", study_dir, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def study(study_dir, figures_run):
+    return load_study(study_dir)
+
+
+def _completed(study):
+    return study.trials.loc[study.trials["status"] == "COMPLETED", "trial_id"].tolist()
+
+
+def test_figures_command_writes_every_named_figure(study_dir, figures_run, study):
+    assert figures_run.returncode == 0, figures_run.stdout[-3000:]
+    out = study_dir / "figures"
+    for tid in _completed(study):
+        for name in TRIAL_FIGS:
+            for ext in (".png", ".pdf"):
+                f = out / tid / (name + ext)
+                assert f.exists() and f.stat().st_size > 1000, f
+    for name in STUDY_FIGS:
+        assert (out / (name + ".png")).stat().st_size > 1000, name
+    html = (out / "index.html").read_text()
+    for tid in _completed(study):
+        assert tid in html
+    assert "fig27_residual_vs_t" in html and "Study file" in html
+
+
+def test_failed_trial_is_named_and_healthy_ones_still_drawn(figures_run, study):
+    failed = study.trials.loc[study.trials["status"] == "FAILED", "trial_id"].tolist()
+    assert len(failed) == 1
+    assert failed[0] in figures_run.stdout and "FAILED" in figures_run.stdout
+    html = (study.dir / "figures" / "index.html").read_text()
+    assert "Incomplete trials" in html and failed[0] in html and "DivergedError" in html
+
+
+def test_loss_figure_shows_the_parquet_values(study):
+    tid = _completed(study)[0]
+    fig = F.fig26a_loss_per_epoch(study, tid)
+    ep = study.of(study.epochs, tid).sort_values("epoch")
+    train_line, val_line = fig.axes[0].lines[:2]
+    np.testing.assert_allclose(train_line.get_xdata(), ep["epoch"])
+    np.testing.assert_allclose(train_line.get_ydata(), ep["train_loss"])
+    np.testing.assert_allclose(val_line.get_ydata(), ep["val_loss"])
+
+
+def test_first_iterations_figure_shows_every_logged_step(study):
+    tid = _completed(study)[0]
+    line = F.fig26b_first_1000_iterations(study, tid).axes[0].lines[0]
+    steps = study.of(study.train_steps, tid).sort_values("step")
+    np.testing.assert_allclose(line.get_xdata(), steps["step"])
+    np.testing.assert_allclose(line.get_ydata(), steps["loss"])
+
+
+def test_residual_figure_shows_the_parquet_values(study):
+    tid = _completed(study)[0]
+    ax = F.fig27_residual_vs_t(study, tid).axes[0]
+    res = study.of(study.residuals, tid)
+    last = res[(res["weights"] == "ema") & (res["step"] == res["step"].max())].sort_values("t")
+    ema_last = ax.lines[len(res.query("weights == 'ema'")["step"].unique()) - 1]
+    np.testing.assert_allclose(ema_last.get_xdata(), last["t"])
+    np.testing.assert_allclose(ema_last.get_ydata(), last["residual"])
+
+
+def test_metric_figures_show_the_parquet_values(study):
+    tid = _completed(study)[0]
+    ev = study.of(study.evals, tid).sort_values("step")
+    fid_line = F.fig30a_fid_vs_epoch(study, tid).axes[0].lines[0]
+    np.testing.assert_allclose(fid_line.get_ydata(), ev["fid"])
+    mean_line, cov_line = F.fig30b_fid_decomposition(study, tid).axes[0].lines[:2]
+    np.testing.assert_allclose(mean_line.get_ydata(), ev["fid_mean_term"])
+    np.testing.assert_allclose(cov_line.get_ydata(), ev["fid_cov_term"])
+    scatter = F.fig29b_entropy_plane(study, tid).axes[0].collections[0]
+    np.testing.assert_allclose(scatter.get_offsets(), ev[["h_y", "h_y_given_x"]].to_numpy())
+    log_is = F.fig29a_log_is_vs_epoch(study, tid).axes[0].lines[0]
+    np.testing.assert_allclose(log_is.get_ydata(), np.log(ev["inception_score"]))
+
+
+def test_sample_grid_figure_shows_the_saved_grids(study):
+    tid = _completed(study)[0]
+    fig = F.fig28_samples_by_epoch(study, tid)
+    ev = study.of(study.evals, tid).sort_values("step")
+    shown = fig.axes[-1].images[0].get_array()
+    saved = np.load(study.dir / ev["sample_grid"].iloc[-1].replace(".png", ".npy"))
+    assert shown.shape[:2] == (saved.shape[0], saved.shape[1]) or shown.size > 0
+    assert len(fig.axes) == min(6, len(ev))
+
+
+def test_capacity_overlay_is_the_mean_over_seeds(study):
+    fig = F.study_overlays(study)["study_val_loss_by_capacity"]
+    col = study.column("base_width")
+    ep = study.epochs.dropna(subset=["val_loss"])
+    lines = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("base_width")]
+    assert len(lines) == 2
+    for ln, (width, g) in zip(lines, sorted(ep[ep["training.lr"] < 1].groupby(col))):
+        expected = g.groupby("epoch")["val_loss"].mean()
+        np.testing.assert_allclose(ln.get_ydata(), expected.to_numpy())
+        assert ln.get_label() == f"base_width = {width}"
+
+
+def test_python_dash_m_analysis(study_dir):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "analysis", str(study_dir)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "figures" in r.stdout
+
+
+def test_decompose_writes_an_exact_table(study_dir, study):
+    r = studyctl("decompose", study_dir, "--points", "64", timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:]
+    dec = pd.read_parquet(study_dir / "decomposition")
+    for col in ("group_id", "t", "residual", "bias2_plus_noise", "variance", "noise_floor", "bias2", "k_models",
+                "n_points", "model.base_width"):
+        assert col in dec.columns, col
+    assert dec["group_id"].nunique() == 2 and (dec["k_models"] == 2).all() and (dec["n_points"] == 64).all()
+    assert np.allclose(dec["residual"], dec["bias2_plus_noise"] + dec["variance"], atol=1e-6, rtol=0)
+    assert (dec["variance"] > 0).all() and (dec["noise_floor"] >= 0).all()
+    np.testing.assert_allclose(dec["bias2"], dec["bias2_plus_noise"] - dec["noise_floor"])
+    # at t = 1 the training set's optimal denoiser identifies its own image: the floor is ~0
+    assert dec.loc[dec["t"] == dec["t"].min(), "noise_floor"].max() < 1e-3
+    assert (study_dir / "figures" / "decomposition_stacked.png").stat().st_size > 1000
+
+
+def test_figures_refuse_a_folder_without_records(tmp_path):
+    r = studyctl("figures", tmp_path, timeout=120)
+    assert r.returncode == 2 and "no Parquet records" in r.stdout
