@@ -299,7 +299,9 @@ def fig_pr_memorization_vs_size(study: Study):
     needed = ("precision", "recall", "memorized_fraction")
     if col is None or fe.empty or col not in fe or any(c not in fe for c in needed):
         return None
-    fe = fe.assign(**{col: fe[col].fillna(48_000)})
+    fe = fe.dropna(subset=[col])  # only the data-size arm: trials that name a subset size
+    if fe[col].nunique() < 2:
+        return None
     agg = fe.groupby(col)[list(needed)].mean().reset_index().sort_values(col)
     fig, ax = _fig()
     for c, m in zip(needed, "os^"):

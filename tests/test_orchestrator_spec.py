@@ -61,7 +61,12 @@ def test_packaged_studies_validate(name, data_root, monkeypatch, tmp_path):
     if name == "bias_variance":
         assert len(trials) == 5 * 2 * 3 + 3 * 3
         assert set(swept_fields(trials)) == {"model.base_width", "diffusion.schedule", "training.seed",
-                                             "data.subset_size"}
+                                             "data.subset_size", "training.epochs"}
+        from diffusion_core.data import steps_per_epoch
+        for t in trials:  # every data-size trial runs the thesis's ~75,000 iterations
+            size, epochs = t["config"]["data"]["subset_size"], t["config"]["training"]["epochs"]
+            if size is not None:
+                assert abs(steps_per_epoch(size, 16) * epochs - 75_000) <= 0.01 * 75_000
         assert "prefix" in (PACKAGED_STUDIES / "bias_variance.yaml").read_text()  # the epochs comment
     if name == "quickstart":
         assert len(trials) >= 4 and spec.resources.workers_per_trial == 2
