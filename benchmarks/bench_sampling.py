@@ -8,15 +8,19 @@ precision, rounds alternating between the two. Reports images/s and the ratio.
 """
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
+import os
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see bench_train_step.py
 
-from diffusion_core import DDIMSampler, DDPMSampler, NoiseSchedule, UNet, UNetConfig
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
 
-from bench_train_step import PeerAdapter, make_peer
+import torch  # noqa: E402
+
+from diffusion_core import DDIMSampler, DDPMSampler, NoiseSchedule, UNet, UNetConfig  # noqa: E402
+
+from bench_train_step import PeerAdapter, device_name, make_peer  # noqa: E402
 
 
 @torch.no_grad()
@@ -53,7 +57,9 @@ def main() -> None:
              for s in args.ddim_steps]
     if args.ddpm:
         cases.append(("DDPM-1000", DDPMSampler(sched), DDPMScheduler(num_train_timesteps=1000), 1000))
-    print(f"device {device}, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'}, threads {torch.get_num_threads()}")
+    print(f"device {device} ({device_name(device)}), torch {torch.__version__}, batch {args.batch}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, threads {torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"{'sampler':<10} {'ours img/s':>11} {'peer img/s':>11} {'ratio':>6}")
     for name, ours_sampler, peer_sched, steps in cases:
         peer_sched.set_timesteps(steps)

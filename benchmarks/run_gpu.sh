@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One-call GPU benchmarks for issue 6: training step (batch 16/128/512, fp32 and bf16, eager and
+# torch.compile) and sampling (DDIM-50, DDPM-1000, fp32 and bf16), ours vs diffusers' UNet2DModel,
+# side by side in the same process. Results (text tables, JSON lines, environment) go to $OUT.
+#
+# The GPU machine has torch but no diffusers/ray/mlflow and no network (see ../shared/docs/GPU.md).
+# 1. Here, on the dev machine (needs network once):   benchmarks/run_gpu.sh prepare
+#      -> .whl/  diffusers + huggingface_hub + safetensors + small pure deps (py3.12 manylinux wheels)
+#      -> .gpu/mnist/  the four MNIST IDX files, gzipped (~11 MB)
+#    Both folders are git-ignored: name them in the device tool's `carry` (.whl and .gpu).
+# 2. There (each part fits one 10-minute call; a fresh machine reinstalls the wheels, ~10 s):
+#      bash benchmarks/run_gpu.sh train-eager      # fp32 + bf16, batch 16/128/512   (~3 min)
+#      bash benchmarks/run_gpu.sh train-compile    # the same, torch.compile         (~6-8 min)
+#      bash benchmarks/run_gpu.sh sampling         # DDIM-50 + DDPM-1000, fp32 + bf16 (~3 min)
+#      bash benchmarks/run_gpu.sh all              # everything (over 10 minutes: split it as above)
+# Environment: OUT (default ./gpu_out), DEVICE (default cuda), PYTHON (default python3),
+# SMOKE=1 (tiny sizes, to check the plumbing on a CPU: DEVICE=cpu PYTHON=.venv/bin/python SMOKE=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PART="${1:-all}"
+PY="${PYTHON:-python3}"
+DEVICE="${DEVICE:-cuda}"
+OUT="${OUT:-$PWD/gpu_out}"
+
+WHEELS_PY=(diffusers==0.42.1 huggingface_hub==2.4.0 safetensors==0.8.0 regex filelock importlib_metadata zipp
+           requests urllib3 idna certifi charset-normalizer fsspec httpx2 httpcore2 h11 anyio click hf-xet truststore)
+
+if [[ "$PART" == prepare ]]; then
+  mkdir -p .whl .gpu/mnist
+  "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl "${WHEELS_PY[@]}"
+  for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+    gzip -c "${STUDYCTL_DATA_ROOT:-../shared/data}/MNIST/raw/$f" > ".gpu/mnist/$f.gz"
+  done
+  du -sh .whl .gpu
+  echo "ready: carry [\".whl\", \".gpu\"] and run: bash benchmarks/run_gpu.sh train-eager | train-compile | sampling"
+  exit 0
+fi
+
+mkdir -p "$OUT"
+# --- wheels (diffusers is the benchmark peer; our code needs only torch + torchvision)
+SITE=/tmp/studyctl_site
+if ! "$PY" -c "import diffusers" 2>/dev/null; then
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .whl/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  "$PY" -c "import diffusers" || { echo "diffusers is missing: run 'benchmarks/run_gpu.sh prepare' on the dev machine and carry .whl" >&2; exit 2; }
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# --- data: an existing root, else the carried gzipped IDX files
+if [[ -z "${STUDYCTL_DATA_ROOT:-}" || ! -d "${STUDYCTL_DATA_ROOT:-}/MNIST/raw" ]]; then
+  if [[ -d ../shared/data/MNIST/raw ]]; then
+    export STUDYCTL_DATA_ROOT="$(cd ../shared/data && pwd)"
+  else
+    export STUDYCTL_DATA_ROOT=/tmp/studyctl_data
+    mkdir -p "$STUDYCTL_DATA_ROOT/MNIST/raw"
+    for gz in .gpu/mnist/*.gz; do
+      [[ -e "$gz" ]] || { echo "no MNIST: carry .gpu (benchmarks/run_gpu.sh prepare)" >&2; exit 2; }
+      gunzip -c "$gz" > "$STUDYCTL_DATA_ROOT/MNIST/raw/$(basename "$gz" .gz)"
+    done
+  fi
+fi
+
+{ date -u; nvidia-smi 2>/dev/null || echo "(no nvidia-smi)"; "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"; } >> "$OUT/env.txt" 2>&1
+
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  BATCHES=(4 8); IMAGES=16; ROUNDS=1; SBATCH=4; DDIM=(5); DDPM=()
+else
+  BATCHES=(16 128 512); IMAGES=4096; ROUNDS=3; SBATCH=1024; DDIM=(50); DDPM=(--ddpm)
+fi
+
+train_step() {  # $@: extra switches
+  for prec in fp32 bf16; do
+    echo "### bench_train_step --precision $prec $*" | tee -a "$OUT/train_step.txt"
+    { "$PY" benchmarks/bench_train_step.py --device "$DEVICE" --batch-sizes "${BATCHES[@]}" --rounds "$ROUNDS" \
+        --images-per-round "$IMAGES" --precision "$prec" "$@" --json "$OUT/train_step.jsonl" 2>&1 \
+        || echo "FAILED: exit $?"; } | { grep -v -i "warn" || true; } | tee -a "$OUT/train_step.txt"
+  done
+}
+
+sampling() {
+  for amp in "" --bf16; do
+    echo "### bench_sampling --batch $SBATCH $amp" | tee -a "$OUT/sampling.txt"
+    { "$PY" benchmarks/bench_sampling.py --device "$DEVICE" --batch "$SBATCH" --ddim-steps "${DDIM[@]}" \
+        ${DDPM[@]+"${DDPM[@]}"} --rounds 2 $amp 2>&1 || echo "FAILED: exit $?"; } \
+        | { grep -v -i "warn" || true; } | tee -a "$OUT/sampling.txt"
+  done
+}
+
+case "$PART" in
+  train-eager)   train_step ;;
+  train-compile) train_step --compile ;;
+  sampling)      sampling ;;
+  all)           train_step; train_step --compile; sampling ;;
+  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | all" >&2; exit 2 ;;
+esac
+echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
