@@ -332,22 +332,29 @@ def _pick_ts(ts, n):
 
 
 def fig_decomposition_stacked(study: Study, max_groups: int = 6):
+    """Top row: noise floor, bias^2 and variance stacked per t (they sum to the residual).
+    Bottom row: variance as a share of the residual, which the stack makes too thin to read."""
     dec = study.decomposition
     if dec.empty:
         return None
     groups = sorted(dec["group_id"].unique())[:max_groups]
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.4), squeeze=False, sharey=True)
-    for ax, gid in zip(axes[0], groups):
+        fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 5.6), squeeze=False,
+                                 sharex=True, gridspec_kw={"height_ratios": [2, 1]})
+    for col, gid in enumerate(groups):
         d = dec[dec["group_id"] == gid].sort_values("t")
-        bias2 = d["bias2"].clip(lower=0)
-        ax.stackplot(d["t"], d["noise_floor"], bias2, d["variance"],
+        ax, share = axes[0][col], axes[1][col]
+        floor = d["noise_floor"].fillna(0).clip(lower=0)
+        ax.stackplot(d["t"], floor, d["bias2_plus_noise"] - floor, d["variance"],
                      labels=["noise floor", "bias²", "variance"], colors=["0.75", "C1", "C2"], alpha=0.9)
         ax.plot(d["t"], d["residual"], "k-", lw=1, label="residual")
         ax.set_xscale("log")
-        ax.set_xlabel("diffusion timestep t")
         ax.set_title(f"{gid} (K={int(d['k_models'].iloc[0])})", fontsize=8)
+        share.plot(d["t"], 100 * d["variance"] / d["residual"], "o-", color="C2", label="variance / residual")
+        share.set_xlabel("diffusion timestep t")
+        share.set_ylim(bottom=0)
     axes[0][0].set_ylabel("per-dimension error  ||.||^2 / d")
+    axes[1][0].set_ylabel("variance share (%)")
     axes[0][-1].legend(loc="upper right")
     fig.suptitle("Bias² / variance / noise per timestep")
     return fig
@@ -362,13 +369,13 @@ def fig_decomposition_vs_capacity(study: Study):
     fig, ax = _fig()
     for i, t in enumerate(ts):
         d = dec[dec["t"] == t].groupby(col)[["bias2", "variance"]].mean().reset_index()
-        ax.plot(d[col], d["bias2"], "o-", color=f"C{i}", label=f"bias², t={t}")
+        ax.plot(d[col], d["bias2"].clip(lower=1e-8), "o-", color=f"C{i}", label=f"bias², t={t}")
         ax.plot(d[col], d["variance"], "s--", color=f"C{i}", label=f"variance, t={t}")
     _width_axis(ax, dec[col].unique())
-    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_yscale("log")
     ax.set_ylabel("per-dimension error  ||.||^2 / d")
-    ax.set_title("bias² and variance vs capacity")
-    ax.legend(ncol=2)
+    ax.set_title("bias² and variance vs capacity (mean over groups)")
+    ax.legend(ncol=2, fontsize=7, framealpha=0.85, loc="best")
     return fig
 
 
