@@ -105,7 +105,10 @@ def test_evaluation_degrades_without_the_metrics_module(tiny_eval, monkeypatch, 
     import diffusion_core.evaluation as ev
 
     val, schedule, net, cfg = tiny_eval
-    monkeypatch.setitem(sys.modules, "diffusion_core.metrics", None)  # import fails
+    import diffusion_core
+
+    monkeypatch.setitem(sys.modules, "diffusion_core.metrics", None)  # import fails ...
+    monkeypatch.delattr(diffusion_core, "metrics", raising=False)    # ... even if another test imported it
     monkeypatch.setattr(ev, "_METRICS_WARNED", False)
     with caplog.at_level(logging.WARNING):
         r = Evaluator(schedule, val, EvalConfig(**{**cfg.__dict__, "metrics": True})).evaluate(net)
