@@ -126,7 +126,25 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(f"wall time {time.time() - t0:.0f} s")
+    _after_sweep(spec, out)
     raise typer.Exit(code)
+
+
+def _after_sweep(spec, out: Path) -> None:
+    """The study file's `analysis` section: figures (default) and the decomposition (opt-in)."""
+    if spec.analysis.decompose:
+        from analysis.decompose import decompose as run_decompose
+
+        try:
+            table = run_decompose(out, n_points=spec.analysis.decompose_points)
+            typer.echo(f"decomposition: {table['group_id'].nunique()} group(s) -> {out / 'decomposition'}")
+        except (FileNotFoundError, ValueError) as e:
+            typer.echo(f"decomposition skipped: {e}", err=True)
+    if spec.analysis.figures or spec.analysis.decompose:
+        try:
+            _write_figures(out)
+        except FileNotFoundError as e:
+            typer.echo(f"figures skipped: {e}", err=True)
 
 
 def _study_dir(directory: str) -> Path:
@@ -163,6 +181,7 @@ def resume(directory: str = typer.Argument(..., help="The study folder of an int
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     typer.echo(f"wall time {time.time() - t0:.0f} s")
+    _after_sweep(spec, d)
     raise typer.Exit(code)
 
 
@@ -212,13 +231,18 @@ def figures(directory: str = typer.Argument(..., help="A study folder (written b
     study-level overlays by capacity, schedule and training-set size. A half-finished
     study gets the figures of what exists; the report names what is missing.
     """
-    from analysis.report import make_figures
-
     try:
-        figs, report, missing = make_figures(directory)
+        _write_figures(directory, mlflow)
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
+
+
+def _write_figures(directory, mlflow: bool = True) -> None:
+    """Figures + report from the Parquet records, attached to the study's MLflow parent run."""
+    from analysis.report import make_figures
+
+    figs, report, missing = make_figures(directory)
     typer.echo(f"wrote {len(figs.written)} figures (PNG + PDF) and the report {report}")
     for tid, state, err in missing:
         typer.echo(f"  missing/incomplete trial {tid}: {state}{' - ' + err if err else ''}")
@@ -246,7 +270,6 @@ def decompose(directory: str = typer.Argument(..., help="A study folder (written
     the figures.
     """
     from analysis.decompose import decompose as run_decompose
-    from analysis.report import make_figures
 
     try:
         table = run_decompose(directory, n_points=points, noise_floor=noise_floor, device=device)
@@ -255,8 +278,34 @@ def decompose(directory: str = typer.Argument(..., help="A study folder (written
         raise typer.Exit(EXIT_BAD_STUDY)
     typer.echo(f"decomposition: {table['group_id'].nunique()} group(s), {len(table)} rows -> "
                f"{Path(directory) / 'decomposition'}")
-    figs, report, _ = make_figures(directory)
-    typer.echo(f"figures updated: {report}")
+    _write_figures(directory)
+
+
+classifier_app = typer.Typer(help="The MNIST feature classifier behind FID, IS and precision/recall.",
+                             no_args_is_help=True)
+app.add_typer(classifier_app, name="classifier")
+
+
+@classifier_app.command("train")
+def classifier_train(data_root: str = typer.Option(None, help="Folder containing MNIST/raw (default "
+                                                              "$STUDYCTL_DATA_ROOT, else ./data)."),
+                     out: str = typer.Option(None, help="Weights file to write (default: the shipped file)."),
+                     force: bool = typer.Option(False, "--force", help="Overwrite an existing weights file "
+                                                                       "(the shipped one included)."),
+                     seed: int = typer.Option(0, help="Training seed (the shipped weights: 0)."),
+                     epochs: int = typer.Option(6, help="Epochs over the 48,000-image training split.")) -> None:
+    """Retrain the reduced ResNet-18 deterministically on the training split (progress bar).
+
+    Refuses to overwrite the shipped weights unless --force; writes the provenance record
+    (sha256, seed, epochs, test accuracy, command) beside them.
+    """
+    from diffusion_core.metrics.train_classifier import main
+
+    argv = ["--seed", str(seed), "--epochs", str(epochs)]
+    argv += ["--data-root", data_root] if data_root else []
+    argv += ["--out", out] if out else []
+    argv += ["--force"] if force else []
+    raise typer.Exit(main(argv))
 
 
 if __name__ == "__main__":

@@ -155,6 +155,12 @@ class TrackingSpec(_Strict):
     experiment: Optional[str] = None          # null: the study name
 
 
+class AnalysisSpec(_Strict):
+    figures: StrictBool = True                # `studyctl figures` after the sweep
+    decompose: StrictBool = False             # `studyctl decompose` after the sweep (needs sweep.seeds)
+    decompose_points: PositiveInt = 256       # fixed validation points per timestep
+
+
 class StudySpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
     description: str = ""
@@ -168,6 +174,7 @@ class StudySpec(_Strict):
     sweep: Optional[SweepSpec] = None
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
 
     def output_dir(self, override: str | os.PathLike | None = None) -> Path:
         return Path(override or self.output or Path("runs") / self.name).expanduser().resolve()

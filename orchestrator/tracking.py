@@ -130,7 +130,10 @@ def last_step(uri: str, run_id: str, key: str) -> int:
 
 def log_artifact(uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
     try:
-        client(uri).log_artifact(run_id, str(path), artifact_path)
+        if Path(path).is_dir():  # the folder's contents under artifact_path (not artifact_path/<name>)
+            client(uri).log_artifacts(run_id, str(path), artifact_path)
+        else:
+            client(uri).log_artifact(run_id, str(path), artifact_path)
     except Exception as e:  # an artifact upload failure must not fail the trial: the file is on disk
         log.warning("could not log artifact %s to MLflow run %s: %s", path, run_id, e)
 

@@ -163,3 +163,19 @@ def test_decompose_writes_an_exact_table(study_dir, study):
 def test_figures_refuse_a_folder_without_records(tmp_path):
     r = studyctl("figures", tmp_path, timeout=120)
     assert r.returncode == 2 and "no Parquet records" in r.stdout
+
+
+def test_launch_draws_the_figures_at_the_end(e2e_study):
+    _, out, r = e2e_study
+    assert "figures (PNG + PDF)" in r.stdout and (out / "figures" / "index.html").exists(), r.stdout[-2000:]
+
+
+def test_figures_are_attached_to_the_mlflow_parent_run(study_dir, figures_run):
+    from mlflow.tracking import MlflowClient
+
+    assert "attached to MLflow run" in figures_run.stdout
+    c = MlflowClient(tracking_uri=f"sqlite:///{study_dir / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("e2e")
+    parent = [x for x in c.search_runs([exp.experiment_id]) if x.data.tags.get("studyctl.role") == "study"][0]
+    names = [a.path for a in c.list_artifacts(parent.info.run_id, "figures")]
+    assert "figures/index.html" in names
