@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -337,7 +337,3 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     return TrainResult(state.step, math.ceil(state.step / spe), train_losses, epoch_losses, net, ema.module,
                        schedule, count_parameters(net), time.time() - t_start)
 
-
-def config_dict(**configs) -> dict:
-    """Plain-dict form of dataclass configs (for checkpoints and records)."""
-    return {k: asdict(v) for k, v in configs.items()}

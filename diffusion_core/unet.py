@@ -21,7 +21,7 @@ we use gcd(groups, channels) groups so every width in the study builds.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -209,13 +209,13 @@ def test_fid_of_disjoint_real_halves_small(halves, test_fp):
     # test set, against a feature-covariance trace of 137 and an FID of 292 between the 0s and the 1s.
     tr = np.trace(feature_statistics(test_fp[0])[1])
     assert fd.total < 0.01 * tr, (fd, tr)
-    f, y = test_fp[0], halves[2]
+    y = halves[2]
     zeros_vs_ones = fid_from_features(halves[0][y == 0], halves[0][y == 1])
     assert zeros_vs_ones.total > 100 * fd.total
 
 
 def test_fid_rises_monotonically_with_noise(clf, splits, halves):
-    a_idx, b_idx = halves[4], halves[5]
+    b_idx = halves[5]
     ref = feature_statistics(halves[0])
     x = to_unit_range(splits.test.images[torch.from_numpy(b_idx[:2000])])
     g = torch.Generator().manual_seed(0)

@@ -2,7 +2,6 @@
 the run with a message, and the EMA follows eq. (101) exactly."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
