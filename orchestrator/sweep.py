@@ -287,9 +287,14 @@ def _reconcile(spec: StudySpec, out: Path, p: dict, common: dict) -> None:
     for i, t in enumerate(p["trials"]):
         s = _read_summary(out, t["trial_id"])
         if known.get(t["trial_id"]) == "RUNNING" and spec.sweep is not None and spec.sweep.asha is not None:
+            # ASHA also stops a trial whose reports reach max_t, possibly at its very last step:
+            # a trial whose training finished is COMPLETED, whoever ended its driver.
+            finished = s.get("step") is not None and s.get("step") == s.get("total_steps")
             trial_writer(out, spec, p, i).write_trial(
-                status="STOPPED", error="stopped early by ASHA", parameters=s.get("parameters"),
-                step=s.get("step"), total_steps=s.get("total_steps"), updated_at=time.time())
+                status="COMPLETED" if finished else "STOPPED",
+                error=None if finished else f"stopped early by ASHA at step {s.get('step')}",
+                parameters=s.get("parameters"), step=s.get("step"), total_steps=s.get("total_steps"),
+                updated_at=time.time())
 
 
 # -------------------------------------------------------------------------------- status

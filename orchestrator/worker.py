@@ -36,7 +36,7 @@ import torch
 
 from diffusion_core.data import load_splits
 from diffusion_core.evaluation import Evaluator, grid_image
-from diffusion_core.train import DivergedError, TrainContext, train
+from diffusion_core.train import DivergedError, TrainContext, fixed_validation_draws, train, validation_loss
 from diffusion_core.unet import count_parameters
 
 from . import tracking
@@ -90,6 +90,7 @@ class TrialHooks:
         self.last_report: dict = {}
         self.t0 = time.time()
         self.evaluator: Evaluator | None = None
+        self.val_draws = None  # fixed (t, eps) validation draws of the eval seed, made on first use
         self.mlflow_through = -1  # MLflow already holds every metric up to this step
 
     # ------------------------------------------------------------------ rank 0
@@ -120,6 +121,7 @@ class TrialHooks:
     def on_step(self, ctx: TrainContext, loss: float) -> None:
         self.rows["train_steps"].append({"step": ctx.step, "epoch": ctx.epoch, "loss": loss})
         self.metrics.append(("loss", loss, ctx.step))
+        self.last_report["loss"] = loss
 
     def on_epoch(self, ctx: TrainContext, epoch: int, train_loss: float, val_loss: float | None) -> None:
         self.rows["epochs"].append({"epoch": epoch, "step": ctx.step, "train_loss": train_loss,
@@ -127,7 +129,7 @@ class TrialHooks:
         self.metrics += [("train_loss", train_loss, ctx.step), ("epoch", epoch, ctx.step)]
         if val_loss is not None:
             self.metrics.append(("val_loss", val_loss, ctx.step))
-        self.last_report.update(train_loss=train_loss, val_loss=val_loss, epoch=epoch)
+        self.last_report.update(train_loss=train_loss, val_loss=val_loss, epoch=epoch, val_step=ctx.step)
 
     def on_eval(self, ctx: TrainContext) -> None:
         res = self.evaluator.evaluate(ctx.ema_model, ctx.model)
@@ -148,6 +150,15 @@ class TrialHooks:
         self.rows["evals"].append(row)
         self.metrics += [(k, v, step) for k, v in res.metrics.items()] + [("eval_seconds", res.seconds, step)]
         self.last_report.update(step=step, **res.metrics)
+        # Every report to Tune carries the metrics an ASHA scheduler may rank by, measured at
+        # this evaluation: the EMA validation loss on the fixed draws (an evaluation need not
+        # fall on an epoch end) and, before the first epoch ends, the latest logged loss.
+        if self.last_report.get("val_step") != step:
+            if self.val_draws is None:
+                self.val_draws = fixed_validation_draws(ctx.splits.val, ctx.schedule, self.cfg["eval_seed"])
+            self.last_report["val_loss"] = validation_loss(ctx.ema_model, ctx.schedule, ctx.splits.val,
+                                                           *self.val_draws)
+        self.last_report.setdefault("train_loss", self.last_report.get("loss"))
         # EMA-only snapshot (small, for sampling and the ensemble decomposition; like NVlabs/edm)
         ema_path = self.files / "ema" / f"{name}.pt"
         ema_path.parent.mkdir(parents=True, exist_ok=True)
