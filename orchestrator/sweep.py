@@ -283,7 +283,9 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
 
 def _reconcile(spec: StudySpec, out: Path, p: dict, common: dict) -> None:
     """Trials a scheduler stopped early (ASHA) never reach their driver's end: record them."""
-    known = statuses(out)
+    trials = read_table(out, "trials")
+    known = {} if trials.empty else dict(zip(trials["trial_id"], trials["status"]))
+    run_ids = {} if trials.empty else dict(zip(trials["trial_id"], trials["mlflow_run_id"]))
     for i, t in enumerate(p["trials"]):
         s = _read_summary(out, t["trial_id"])
         if known.get(t["trial_id"]) == "RUNNING" and spec.sweep is not None and spec.sweep.asha is not None:
@@ -294,7 +296,9 @@ def _reconcile(spec: StudySpec, out: Path, p: dict, common: dict) -> None:
                 status="COMPLETED" if finished else "STOPPED",
                 error=None if finished else f"stopped early by ASHA at step {s.get('step')}",
                 parameters=s.get("parameters"), step=s.get("step"), total_steps=s.get("total_steps"),
-                updated_at=time.time())
+                mlflow_run_id=run_ids.get(t["trial_id"]), updated_at=time.time())
+            if run_ids.get(t["trial_id"]):
+                tracking.end_run(common["mlflow_uri"], run_ids[t["trial_id"]], "FINISHED" if finished else "KILLED")
 
 
 # -------------------------------------------------------------------------------- status

@@ -32,3 +32,8 @@ def test_asha_stops_the_hopeless_trial(tmp_path, data_root):
     assert "ASHA" in trials.loc[1e-7, "error"]
     stopped_evals = pd.read_parquet(out / "evals").query("`training.lr` == 1e-7")
     assert len(stopped_evals) < len(pd.read_parquet(out / "evals").query("`training.lr` == 1e-3"))
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    for lr, state in ((1e-3, "FINISHED"), (1e-7, "KILLED")):
+        assert c.get_run(trials.loc[lr, "mlflow_run_id"]).info.status == state
