@@ -109,9 +109,6 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
     0 when every trial finished, 1 when some failed (named at the end), 2 for a bad study
     file. An interrupted launch is finished with `studyctl resume DIR`.
     """
-    from .sweep import TrialFailed
-    from .sweep import launch as run_launch
-
     spec = _load(file)
     trials = _trials_or_exit(spec)
     out = spec.output_dir(output)
@@ -119,9 +116,17 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
         _print_table(spec, trials)
         typer.echo(f"dry run: would write to {out}; Ray: {address or spec.ray_address or 'local'}")
         return
+    _run_sweep(spec, out, address, resuming=False)
+
+
+def _run_sweep(spec, out: Path, address: str | None, resuming: bool) -> None:
+    """Run (or finish) the sweep, then the study's `analysis` steps; exits with the sweep's code."""
+    from .sweep import TrialFailed
+    from .sweep import launch as run_launch
+
     t0 = time.time()
     try:
-        code = run_launch(spec, out, address=address, echo=typer.echo)
+        code = run_launch(spec, out, address=address, resuming=resuming, echo=typer.echo)
     except TrialFailed as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -165,8 +170,7 @@ def resume(directory: str = typer.Argument(..., help="The study folder of an int
     import yaml
 
     from .spec import StudyError, parse_study
-    from .sweep import SNAPSHOT, TrialFailed
-    from .sweep import launch as run_launch
+    from .sweep import SNAPSHOT
 
     d = _study_dir(directory)
     try:
@@ -174,15 +178,7 @@ def resume(directory: str = typer.Argument(..., help="The study folder of an int
     except StudyError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
-    t0 = time.time()
-    try:
-        code = run_launch(spec, d, address=address, resuming=True, echo=typer.echo)
-    except TrialFailed as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"wall time {time.time() - t0:.0f} s")
-    _after_sweep(spec, d)
-    raise typer.Exit(code)
+    _run_sweep(spec, d, address, resuming=True)
 
 
 @app.command()
