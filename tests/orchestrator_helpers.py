@@ -6,11 +6,13 @@ a test even when it fails or times out.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -120,3 +122,31 @@ def expected_steps(n_train: int, batch: int, world: int, epochs: int, first: int
     ends = [spe * e for e in range(1, epochs + 1)]
     evals = sorted({s for s in range(1, total + 1) if s >= eval_start and s % eval_every == 0} | {total})
     return logged, ends, evals
+
+
+@contextlib.contextmanager
+def running_server(cmd: list[str], health_url: str, log_path: Path, timeout: float = 90, env_vars=None):
+    """Start a server in its own process group, wait until `health_url` answers 200, stop it after."""
+    log = open(log_path, "w")
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env_vars)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                with urllib.request.urlopen(health_url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if p.poll() is not None or time.time() - t0 > timeout:
+                raise AssertionError(f"{' '.join(cmd[1:4])} did not answer on {health_url}:\n"
+                                     f"{Path(log_path).read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield p
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(p.pid, signal.SIGKILL)
+        log.close()

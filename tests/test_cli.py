@@ -94,13 +94,12 @@ def test_status_resume_ui_refuse_a_folder_that_is_not_a_study(tmp_path):
 @pytest.mark.slow
 def test_ui_serves_the_study_store(tmp_path, data_root):
     """`studyctl ui DIR` starts the MLflow UI on 127.0.0.1 against DIR/mlflow.db (then we stop it)."""
-    import os
-    import signal
+    try:
+        from .orchestrator_helpers import running_server
+    except ImportError:
+        from orchestrator_helpers import running_server
     import socket
-    import subprocess
     import sys
-    import time
-    import urllib.request
 
     study = tmp_path / "study"
     study.mkdir()
@@ -108,23 +107,6 @@ def test_ui_serves_the_study_store(tmp_path, data_root):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", str(study), "--port", str(port)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        t0, ok = time.time(), False
-        while time.time() - t0 < 90 and p.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    ok = r.status == 200
-                    break
-            except OSError:
-                time.sleep(0.5)
-        assert ok, "MLflow UI did not answer"
+    cmd = [sys.executable, "-m", "orchestrator.cli", "ui", str(study), "--port", str(port)]
+    with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log"):
         assert (study / "mlflow.db").exists()  # the study's own store
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=10)

@@ -8,21 +8,16 @@ an `mlflow server` on 127.0.0.1 instead of the default SQLite file.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pandas as pd
 import pytest
 
 try:
-    from .orchestrator_helpers import env, studyctl, tiny_study, write_study
+    from .orchestrator_helpers import env, running_server, studyctl, tiny_study, write_study
 except ImportError:
-    from orchestrator_helpers import env, studyctl, tiny_study, write_study
+    from orchestrator_helpers import env, running_server, studyctl, tiny_study, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -40,29 +35,9 @@ def mlflow_server(tmp_path_factory):
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "art"),
            "--workers", "1"]
-    log = open(tmp / "server.log", "w")
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env())
     url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if p.poll() is not None or time.time() - t0 > 90:
-                raise AssertionError(f"mlflow server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+    with running_server(cmd, url + "/health", tmp / "server.log", env_vars=env()):
         yield url
-    finally:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(p.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture(scope="module")
