@@ -27,7 +27,7 @@ import yaml
 from . import tracking
 from .records import RecordWriter, param_types, read_table
 from .spec import StudySpec, expand, flatten, swept_fields
-from .worker import trial_files, train_worker
+from .worker import train_worker, trial_files, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,6 @@ def run_trial(config: dict, common: dict) -> None:
     status = "FAILED" if error else "COMPLETED"
     wall = wall_before + time.time() - t0
     s.update(status=status, error=error, wall_seconds=wall)
-    from .worker import write_json_atomic
     write_json_atomic(trial_files(out, tid) / "summary.json", s)
     writer.write_trial(status=status, error=error[:4000] if error else None, parameters=s.get("parameters"),
                        wall_seconds=wall, step=s.get("step"), total_steps=s.get("total_steps"),
@@ -248,6 +247,7 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
                     metric=a.metric, mode=a.mode, time_attr="training_iteration", grace_period=a.grace_period,
                     reduction_factor=a.reduction_factor, max_t=a.max_t)
             by_index = {i: p["trials"][i]["trial_id"] for i in todo}
+            outcome = _tune_outcome()
             tuner = tune.Tuner(
                 # A driver only waits for its TorchTrainer: it holds a token of memory, no CPU, so the
                 # workers get every CPU (Tune refuses an all-zero request).
@@ -259,12 +259,13 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
                                             trial_dirname_creator=lambda t: by_index[t.config["index"]]),
                 run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                                           storage_path=str(out / "ray" / "tune"),
-                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                          callbacks=[outcome]))
             tuner.fit()  # trial errors are in our records (and Tune's table above)
         finally:
             if not address and not spec.ray_address:
                 ray.shutdown()
-        _reconcile(spec, out, p, common)
+        _reconcile(spec, out, p, common, ran=todo, tune_errored=outcome.errored)
     final = statuses(out)
     failed = [t["trial_id"] for t in p["trials"] if final.get(t["trial_id"]) == "FAILED"]
     tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "FAILED" if failed else "FINISHED")
@@ -281,24 +282,53 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
     return 0
 
 
-def _reconcile(spec: StudySpec, out: Path, p: dict, common: dict) -> None:
-    """Trials a scheduler stopped early (ASHA) never reach their driver's end: record them."""
+def _tune_outcome():
+    """A Tune callback noting which trials Tune itself saw fail (their driver raised TrialFailed).
+    Built on call: Ray is imported lazily so that `studyctl --help` stays fast."""
+    from ray.tune import Callback
+
+    class TuneOutcome(Callback):
+        def __init__(self):
+            self.errored: set[int] = set()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.errored.add(trial.config["index"])
+
+    return TuneOutcome()
+
+
+def _reconcile(spec: StudySpec, out: Path, p: dict, common: dict, ran: list[int],
+               tune_errored: set[int]) -> None:
+    """Record the trials a scheduler (ASHA) stopped: they never reach their driver's end.
+
+    When ASHA stops a trial, Tune removes its placement group. The driver is then either killed
+    before it records anything (the row stays RUNNING) or sees its TorchTrainer die first and
+    records FAILED (ActorDiedError) — a race. Tune's own verdict decides: a trial Tune did not
+    see fail was stopped by the scheduler, possibly at its very last step (reports reaching
+    max_t), and a trial whose training finished is COMPLETED whoever ended its driver."""
+    if spec.sweep is None or spec.sweep.asha is None:
+        return
     trials = read_table(out, "trials")
     known = {} if trials.empty else dict(zip(trials["trial_id"], trials["status"]))
     run_ids = {} if trials.empty else dict(zip(trials["trial_id"], trials["mlflow_run_id"]))
-    for i, t in enumerate(p["trials"]):
-        s = _read_summary(out, t["trial_id"])
-        if known.get(t["trial_id"]) == "RUNNING" and spec.sweep is not None and spec.sweep.asha is not None:
-            # ASHA also stops a trial whose reports reach max_t, possibly at its very last step:
-            # a trial whose training finished is COMPLETED, whoever ended its driver.
-            finished = s.get("step") is not None and s.get("step") == s.get("total_steps")
-            trial_writer(out, spec, p, i).write_trial(
-                status="COMPLETED" if finished else "STOPPED",
-                error=None if finished else f"stopped early by ASHA at step {s.get('step')}",
-                parameters=s.get("parameters"), step=s.get("step"), total_steps=s.get("total_steps"),
-                mlflow_run_id=run_ids.get(t["trial_id"]), updated_at=time.time())
-            if run_ids.get(t["trial_id"]):
-                tracking.end_run(common["mlflow_uri"], run_ids[t["trial_id"]], "FINISHED" if finished else "KILLED")
+    uri = common["mlflow_uri"]
+    for i in ran:
+        tid = p["trials"][i]["trial_id"]
+        if i in tune_errored or known.get(tid) not in ("RUNNING", "FAILED"):
+            continue
+        s = _read_summary(out, tid)
+        finished = s.get("step") is not None and s.get("step") == s.get("total_steps")
+        status = "COMPLETED" if finished else "STOPPED"
+        error = None if finished else f"stopped early by ASHA at step {s.get('step')}"
+        s.update(status=status, error=error)
+        write_json_atomic(trial_files(out, tid) / "summary.json", s)
+        trial_writer(out, spec, p, i).write_trial(
+            status=status, error=error, parameters=s.get("parameters"), step=s.get("step"),
+            total_steps=s.get("total_steps"), wall_seconds=s.get("wall_seconds"),
+            mlflow_run_id=run_ids.get(tid), updated_at=time.time())
+        if run_ids.get(tid):
+            tracking.set_tags(uri, run_ids[tid], {"status": status, "error": error or ""})
+            tracking.end_run(uri, run_ids[tid], "FINISHED" if finished else "KILLED")
 
 
 # -------------------------------------------------------------------------------- status

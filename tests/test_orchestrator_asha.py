@@ -10,9 +10,11 @@ try:
 except ImportError:
     from orchestrator_helpers import studyctl, tiny_study, write_study
 
-pytestmark = pytest.mark.slow
+from orchestrator import sweep
+from orchestrator.spec import StudySpec
 
 
+@pytest.mark.slow
 def test_asha_stops_the_hopeless_trial(tmp_path, data_root):
     # One trial at a time (max_concurrent_trials 1), so the good trial (lr 1e-3) sets the rung
     # before the hopeless one (lr 1e-7: its validation loss stays at the untrained ~1.0) reaches it.
@@ -37,3 +39,39 @@ def test_asha_stops_the_hopeless_trial(tmp_path, data_root):
     c = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     for lr, state in ((1e-3, "FINISHED"), (1e-7, "KILLED")):
         assert c.get_run(trials.loc[lr, "mlflow_run_id"]).info.status == state
+
+
+def test_reconcile_follows_tunes_verdict_not_the_race(tmp_path, data_root):
+    """When ASHA stops a trial, Tune removes its placement group: its driver is either killed
+    silently (row RUNNING) or first sees its TorchTrainer die and records FAILED (ActorDiedError).
+    Both are scheduler stops; only a trial Tune itself saw fail stays FAILED."""
+    study = tiny_study(data_root, name="race",
+                       sweep={"grid": {"training.lr": [1e-3, 2e-3, 3e-3, 4e-3]},
+                              "asha": {"metric": "val_loss", "mode": "min", "max_t": 4}},
+                       evaluation={"metrics": False})
+    spec, out = StudySpec.model_validate(study), tmp_path / "out"
+    common = sweep.prepare(spec, out, resuming=False, echo=lambda _: None)
+    p = sweep.plan(spec, out)
+    tids = [t["trial_id"] for t in p["trials"]]
+    runs = []
+    # 0: finished, then its driver saw the trainer die  1: stopped mid-run, driver killed silently
+    # 2: stopped mid-run, driver saw the trainer die    3: a real failure (Tune saw the driver raise)
+    for i, (step, status) in enumerate([(32, "FAILED"), (20, "RUNNING"), (20, "FAILED"), (12, "FAILED")]):
+        run_id = sweep.tracking.ensure_child_run(common["mlflow_uri"], common["experiment_id"],
+                                                 common["parent_run_id"], spec.name, tids[i], {})
+        runs.append(run_id)
+        sweep.write_json_atomic(sweep.trial_files(out, tids[i]) / "summary.json",
+                                {"step": step, "total_steps": 32, "status": status})
+        sweep.trial_writer(out, spec, p, i).write_trial(
+            status=status, mlflow_run_id=run_id, step=step, total_steps=32,
+            error="ActorDiedError: placement group was removed" if status == "FAILED" else None)
+    sweep._reconcile(spec, out, p, common, ran=[0, 1, 2, 3], tune_errored={3})
+    got = sweep.statuses(out)
+    assert [got[t] for t in tids] == ["COMPLETED", "STOPPED", "STOPPED", "FAILED"]
+    trials = pd.read_parquet(out / "trials").set_index("trial_id")
+    assert pd.isna(trials.loc[tids[0], "error"]) and "ASHA at step 20" in trials.loc[tids[2], "error"]
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=common["mlflow_uri"])
+    assert [c.get_run(r).info.status for r in runs[:3]] == ["FINISHED", "KILLED", "KILLED"]
+    assert c.get_run(runs[0]).data.tags["status"] == "COMPLETED"
