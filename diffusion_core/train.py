@@ -43,6 +43,7 @@ class DiffusionConfig:
 
 
 PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class TrainConfig:
     # Fast path (see BENCHMARKS.md); the defaults are the plain fp32 thesis loop.
     precision: str = "fp32"          # fp32 | bf16 (autocast of the forward pass; loss and Adam in fp32)
     channels_last: bool = False      # NHWC memory layout for convolutions
-    compile: bool = False            # torch.compile the training forward
+    compile: bool = False            # torch.compile the training forward ...
+    compile_mode: str = "default"    # ... default | reduce-overhead (CUDA graphs) | max-autotune
     fused_adam: bool | None = None   # None: fused Adam on CUDA, the reference loop elsewhere
 
     def __post_init__(self):
@@ -75,6 +77,8 @@ class TrainConfig:
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"TrainConfig.lr={self.lr!r} must be a positive number")
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"TrainConfig.compile_mode={self.compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
 
@@ -242,7 +246,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         forward = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
     if training.compile:
-        forward = torch.compile(forward)
+        forward = torch.compile(forward, mode=training.compile_mode)
     fused = training.fused_adam if training.fused_adam is not None else device.type == "cuda"
     optimizer = torch.optim.Adam(net.parameters(), lr=training.lr, betas=training.adam_betas,
                                  eps=training.adam_eps, fused=fused or None)
@@ -274,12 +278,15 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
 
+    cuda_graphs = training.compile and training.compile_mode == "reduce-overhead" and device.type == "cuda"
     net.train()
     while state.step < total_steps:
         epoch = state.step // spe
         batches = epoch_batches(n_train, training.batch_size, epoch, training.seed, rank=rank, world_size=world,
                                 device=splits.train.images.device)
         for idx in batches[state.step - epoch * spe:]:
+            if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
             t = schedule.sample_timesteps(x0.shape[0], generator=generator).to(device)
             eps = torch.randn(x0.shape, generator=generator).to(device)

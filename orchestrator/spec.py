@@ -103,7 +103,8 @@ class TrainingSpec(_Strict):
     log_every: PositiveInt = 100              # then every N steps
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16 autocast of the forward (GPU fast path)
     channels_last: StrictBool = False
-    compile: StrictBool = False               # torch.compile the training forward
+    compile: StrictBool = False               # torch.compile the training forward ...
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
 
 
 class EvaluationSpec(_Strict):
@@ -120,6 +121,9 @@ class EvaluationSpec(_Strict):
     residual_images: PositiveInt = 256
     metrics: StrictBool = True
     keep_checkpoints: Optional[PositiveInt] = 3    # full resume states kept (EMA snapshots: all)
+    batch_size: PositiveInt = 256             # sampling / residual batch (a GPU takes 1,000s)
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16 autocast of the network while sampling
+    compile: StrictBool = False               # torch.compile the sampling network (CUDA graphs on a GPU)
 
 
 class AshaSpec(_Strict):
@@ -405,13 +409,15 @@ def to_core(cfg: dict, *, image_channels: int | None = None):
                            seed=t["seed"], max_steps=t["max_steps"], grad_clip=t["grad_clip"],
                            log_every_first=t["log_every_first"], log_every=t["log_every"],
                            eval_every=e["every"], eval_start=e["start"], precision=t["precision"],
-                           channels_last=t["channels_last"], compile=t["compile"])
+                           channels_last=t["channels_last"], compile=t["compile"],
+                           compile_mode=t["compile_mode"])
     t_grid = e["t_grid"] if isinstance(e["t_grid"], int) else tuple(e["t_grid"])
     if not isinstance(t_grid, int) and max(t_grid) > f["T"]:
         raise ValueError(f"field 'evaluation.t_grid': bad value {list(t_grid)}: timesteps must lie in 1..T={f['T']}")
     evaluation = EvalConfig(n_samples=e["n_samples"], grid_images=e["grid_images"], sampler=e["sampler"],
                             steps=e["steps"], eta=e["eta"], is_splits=e["is_splits"], t_grid=t_grid,
-                            residual_images=e["residual_images"], seed=e["seed"], metrics=e["metrics"])
+                            residual_images=e["residual_images"], seed=e["seed"], metrics=e["metrics"],
+                            batch_size=e["batch_size"], precision=e["precision"], compile=e["compile"])
     return data, model, diffusion, training, evaluation
 
 
