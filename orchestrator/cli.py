@@ -101,6 +101,11 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
            output: str = typer.Option(None, "--output", "-o", help="Study folder for records, checkpoints and "
                                       "the MLflow store (default: the study's output, else runs/<name>)."),
            dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; start nothing."),
+           local: bool = typer.Option(False, "--local", help="No Ray: run the trials one after another in this "
+                                      "process (first GPU if the study asks for GPUs, else CPU), with a "
+                                      "progress bar. Same records; no ASHA."),
+           no_tracking: bool = typer.Option(False, "--no-tracking", help="No MLflow (tracking.enabled: false): "
+                                            "Parquet records, grids and figures only."),
            ) -> None:
     """Run a study: a Ray Tune sweep of Ray Train DDP trials, recorded to Parquet + MLflow.
 
@@ -110,23 +115,26 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
     file. An interrupted launch is finished with `studyctl resume DIR`.
     """
     spec = _load(file)
+    if no_tracking:
+        spec.tracking.enabled = False
     trials = _trials_or_exit(spec)
     out = spec.output_dir(output)
     if dry_run:
         _print_table(spec, trials)
-        typer.echo(f"dry run: would write to {out}; Ray: {address or spec.ray_address or 'local'}")
+        runner = "this process (--local)" if local else f"Ray {address or spec.ray_address or 'local'}"
+        typer.echo(f"dry run: would write to {out}; trials run in {runner}")
         return
-    _run_sweep(spec, out, address, resuming=False)
+    _run_sweep(spec, out, address, resuming=False, local=local)
 
 
-def _run_sweep(spec, out: Path, address: str | None, resuming: bool) -> None:
+def _run_sweep(spec, out: Path, address: str | None, resuming: bool, local: bool = False) -> None:
     """Run (or finish) the sweep, then the study's `analysis` steps; exits with the sweep's code."""
     from .sweep import TrialFailed
     from .sweep import launch as run_launch
 
     t0 = time.time()
     try:
-        code = run_launch(spec, out, address=address, resuming=resuming, echo=typer.echo)
+        code = run_launch(spec, out, address=address, resuming=resuming, local=local, echo=typer.echo)
     except TrialFailed as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -163,7 +171,9 @@ def _study_dir(directory: str) -> Path:
 
 @app.command()
 def resume(directory: str = typer.Argument(..., help="The study folder of an interrupted launch."),
-           address: str = typer.Option(None, "--address", help="Join this Ray cluster instead of a local one.")
+           address: str = typer.Option(None, "--address", help="Join this Ray cluster instead of a local one."),
+           local: bool = typer.Option(False, "--local", help="No Ray: finish the trials in this process "
+                                      "(see `launch --local`).")
            ) -> None:
     """Finish what an interrupted launch left: finished trials are not run again, an
     interrupted trial continues from its last checkpoint (and its MLflow child run)."""
@@ -178,7 +188,7 @@ def resume(directory: str = typer.Argument(..., help="The study folder of an int
     except StudyError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
-    _run_sweep(spec, d, address, resuming=True)
+    _run_sweep(spec, d, address, resuming=True, local=local)
 
 
 @app.command()
@@ -204,6 +214,10 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
 
     d = _study_dir(directory)
     snap = yaml.safe_load((d / "study.yaml").read_text())
+    if not (snap.get("tracking") or {}).get("enabled", True):
+        typer.echo(f"{d} was run without MLflow (tracking.enabled: false): its records are the Parquet tables; "
+                   f"`studyctl status {d}` and `studyctl figures {d}` read them")
+        raise typer.Exit(0)
     uri = tracking_uri((snap.get("tracking") or {}).get("uri"), d)
     if not uri.startswith("sqlite:") and not uri.startswith("file:"):
         typer.echo(f"this study logs to {uri}: open that server in a browser instead")

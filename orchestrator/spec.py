@@ -14,7 +14,7 @@ must not run 30 trials of the wrong thing.
     evaluation: {every, start, n_samples, sampler, steps, is_splits, t_grid, seed, ...}
     sweep:      {grid: {dotted.field: [values]}, arms: [{...}], seeds: [..], random: {..}, num_samples, asha}
     resources:  {workers_per_trial, cpus_per_worker, gpus_per_worker, max_concurrent_trials, max_failures}
-    tracking:   {uri, experiment}
+    tracking:   {enabled, uri, experiment}
 
 Sweep semantics: the trials are every point of `grid`, plus every point of each arm
 in `arms` (an arm overrides the base config, not the grid), each crossed with `seeds`
@@ -155,6 +155,7 @@ class ResourcesSpec(_Strict):
 
 
 class TrackingSpec(_Strict):
+    enabled: StrictBool = True                # false: Parquet records only (no MLflow; `--no-tracking`)
     uri: Optional[str] = None                 # null: sqlite:///<output>/mlflow.db
     experiment: Optional[str] = None          # null: the study name
 

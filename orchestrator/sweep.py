@@ -84,8 +84,33 @@ def run_trial(config: dict, common: dict) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    spec = StudySpec.model_validate(common["spec"])
+    r = spec.resources
+    use_gpu = r.gpus_per_worker > 0
+    per_worker = {"CPU": r.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = r.gpus_per_worker
+
+    def fit(worker_cfg: dict) -> None:
+        TorchTrainer(
+            train_worker, train_loop_config=worker_cfg,
+            scaling_config=ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
+                                         resources_per_worker=per_worker,
+                                         placement_strategy=r.placement_strategy),
+            run_config=RunConfig(name=worker_cfg["trial"]["trial_id"],
+                                 storage_path=str(Path(common["out"]) / "ray" / "train"),
+                                 failure_config=FailureConfig(max_failures=r.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.evaluation.keep_checkpoints),
+                                 callbacks=[TuneReportCallback()])).fit()
+
+    drive_trial(common, config["index"], fit)
+
+
+def drive_trial(common: dict, i: int, fit: Callable[[dict], None]) -> None:
+    """Record trial `i` as RUNNING (and its MLflow child run), run `fit(worker_cfg)` — a Ray
+    TorchTrainer, or the trial in this process — and record how it ended; raise TrialFailed
+    if it failed."""
     c = common
-    i = config["index"]
     spec = StudySpec.model_validate(c["spec"])
     out = Path(c["out"])
     p = plan(spec, out)
@@ -98,29 +123,14 @@ def run_trial(config: dict, common: dict) -> None:
     before = _read_summary(out, tid)
     wall_before = float(before.get("wall_seconds") or 0.0)
     writer.write_trial(status="RUNNING", mlflow_run_id=run_id, wall_seconds=wall_before, updated_at=time.time())
-
-    r = spec.resources
-    use_gpu = r.gpus_per_worker > 0
-    per_worker = {"CPU": r.cpus_per_worker}
-    if use_gpu:
-        per_worker["GPU"] = r.gpus_per_worker
     worker_cfg = {"trial": trial, "study": spec.name, "study_dir": str(out), "mlflow_uri": uri,
                   "mlflow_run_id": run_id, "eval_seed": spec.evaluation.seed,
                   "row_params": {k: p["flat"][i][k] for k in p["swept"]}, "row_types": p["row_types"],
                   "trial_params": p["flat"][i], "trial_types": p["trial_types"]}
-    trainer = TorchTrainer(
-        train_worker, train_loop_config=worker_cfg,
-        scaling_config=ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
-                                     resources_per_worker=per_worker,
-                                     placement_strategy=r.placement_strategy),
-        run_config=RunConfig(name=tid, storage_path=str(out / "ray" / "train"),
-                             failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=spec.evaluation.keep_checkpoints),
-                             callbacks=[TuneReportCallback()]))
     t0 = time.time()
     error = None
     try:
-        trainer.fit()
+        fit(worker_cfg)
     except Exception as e:  # TrainingFailedError after max_failures restarts, or a setup error
         error = f"{type(e).__name__}: {e}"
     s = _read_summary(out, tid)
@@ -195,6 +205,13 @@ def warm_metric_cache(trials: list[dict], echo: Callable[[str], None] = print) -
 
 def prepare(spec: StudySpec, out: Path, *, resuming: bool, echo: Callable[[str], None] = print) -> dict:
     """Output folder, snapshot, MLflow experiment + parent run, PENDING rows. Returns common config."""
+    if spec.tracking.enabled:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise TrialFailed("MLflow is not installed here: `pip install mlflow`, or run without it "
+                              "(`--no-tracking`, i.e. tracking.enabled: false; the Parquet records are "
+                              "complete without it)") from None
     out.mkdir(parents=True, exist_ok=True)
     snap = snapshot_spec(spec, out)
     snap_file = out / SNAPSHOT
@@ -207,7 +224,7 @@ def prepare(spec: StudySpec, out: Path, *, resuming: bool, echo: Callable[[str],
         tmp = snap_file.with_name(".tmp-" + SNAPSHOT)
         tmp.write_text(yaml.safe_dump(snap, sort_keys=False))
         os.replace(tmp, snap_file)
-    uri = tracking.tracking_uri(spec.tracking.uri, out)
+    uri = tracking.tracking_uri(spec.tracking.uri, out) if spec.tracking.enabled else None
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment or spec.name, out)
     p = plan(spec, out)
     parent = tracking.ensure_parent_run(uri, exp_id, spec.name, out,
@@ -222,57 +239,102 @@ def prepare(spec: StudySpec, out: Path, *, resuming: bool, echo: Callable[[str],
             "parent_run_id": parent}
 
 
-def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: bool = False,
-           echo: Callable[[str], None] = print) -> int:
-    """Run (or finish) a study. Returns the process exit code: 0 all finished, 1 some trial failed."""
+def local_device(spec: StudySpec) -> str:
+    """Where `--local` trains: the first GPU if the study asks for GPUs, else the CPU."""
+    import torch
+
+    if spec.resources.gpus_per_worker > 0:
+        if not torch.cuda.is_available():
+            raise TrialFailed(f"resources.gpus_per_worker is {spec.resources.gpus_per_worker:g} but torch sees no "
+                              f"CUDA device here: set it to 0 to train on the CPU, or run on a GPU machine")
+        return "cuda"
+    return "cpu"
+
+
+def _run_local(spec: StudySpec, p: dict, common: dict, todo: list[int], device: str,
+               echo: Callable[[str], None]) -> None:
+    """The trials one after another in this process (no Ray): each resumes from its own
+    trial_files/<id>/resume.pt, and a failed trial does not stop the others."""
+    from .worker import local_worker
+
+    if spec.resources.workers_per_trial > 1:
+        echo(f"--local: one process per trial (resources.workers_per_trial={spec.resources.workers_per_trial} "
+             f"applies to Ray runs); the global batch is unchanged")
+    for n, i in enumerate(todo, 1):
+        tid = p["trials"][i]["trial_id"]
+        echo(f"[{n}/{len(todo)}] trial {tid} on {device}")
+        try:
+            drive_trial(common, i, lambda cfg: local_worker(cfg, device))
+        except TrialFailed as e:
+            echo(str(e))
+
+
+def _run_tune(spec: StudySpec, out: Path, p: dict, common: dict, todo: list[int], address: str | None,
+              echo: Callable[[str], None]) -> None:
+    """The trials as a Ray Tune sweep, each driving a Ray Train TorchTrainer."""
     import ray
     from ray import tune
 
+    init_ray(address or spec.ray_address)
+    try:
+        conc = _concurrency(spec, len(todo))
+        echo(f"Ray: {ray.cluster_resources()}; up to {conc} trial(s) at a time")
+        scheduler = None
+        if spec.sweep is not None and spec.sweep.asha is not None:
+            a = spec.sweep.asha
+            scheduler = tune.schedulers.ASHAScheduler(
+                metric=a.metric, mode=a.mode, time_attr="training_iteration", grace_period=a.grace_period,
+                reduction_factor=a.reduction_factor, max_t=a.max_t)
+        by_index = {i: p["trials"][i]["trial_id"] for i in todo}
+        outcome = _tune_outcome()
+        tuner = tune.Tuner(
+            # A driver only waits for its TorchTrainer: it holds a token of memory, no CPU, so the
+            # workers get every CPU (Tune refuses an all-zero request).
+            tune.with_resources(tune.with_parameters(run_trial, common=common),
+                                {"cpu": 0, "memory": 32 * 1024 ** 2}),
+            param_space={"index": tune.grid_search(todo)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=conc, scheduler=scheduler,
+                                        trial_name_creator=lambda t: by_index[t.config["index"]],
+                                        trial_dirname_creator=lambda t: by_index[t.config["index"]]),
+            run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      storage_path=str(out / "ray" / "tune"),
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                      callbacks=[outcome]))
+        tuner.fit()  # trial errors are in our records (and Tune's table above)
+    finally:
+        if not address and not spec.ray_address:
+            ray.shutdown()
+    _reconcile(spec, out, p, common, ran=todo, tune_errored=outcome.errored)
+
+
+def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: bool = False,
+           local: bool = False, echo: Callable[[str], None] = print) -> int:
+    """Run (or finish) a study. Returns the process exit code: 0 all finished, 1 some trial failed.
+
+    local=True runs the trials one after another in this process, without Ray (a notebook, a
+    single GPU box without Ray): same records, same MLflow runs, one worker per trial."""
+    if local:
+        device = local_device(spec)  # before anything is written: a bad setup changes nothing
+        if spec.sweep is not None and spec.sweep.asha is not None:
+            raise TrialFailed("sweep.asha needs Ray Tune's scheduler: run without --local, or remove sweep.asha")
     common = prepare(spec, out, resuming=resuming, echo=echo)
     p = plan(spec, out)
     known = statuses(out)
     todo = [i for i, t in enumerate(p["trials"]) if known.get(t["trial_id"]) not in FINISHED]
     done = len(p["trials"]) - len(todo)
     echo(f"study {spec.name}: {len(p['trials'])} trials, {done} already finished, {len(todo)} to run")
-    echo(f"records: {out}    MLflow: {common['mlflow_uri']}")
-    if todo:
-        init_ray(address or spec.ray_address)
-        try:
-            conc = _concurrency(spec, len(todo))
-            echo(f"Ray: {ray.cluster_resources()}; up to {conc} trial(s) at a time")
-            scheduler = None
-            if spec.sweep is not None and spec.sweep.asha is not None:
-                a = spec.sweep.asha
-                scheduler = tune.schedulers.ASHAScheduler(
-                    metric=a.metric, mode=a.mode, time_attr="training_iteration", grace_period=a.grace_period,
-                    reduction_factor=a.reduction_factor, max_t=a.max_t)
-            by_index = {i: p["trials"][i]["trial_id"] for i in todo}
-            outcome = _tune_outcome()
-            tuner = tune.Tuner(
-                # A driver only waits for its TorchTrainer: it holds a token of memory, no CPU, so the
-                # workers get every CPU (Tune refuses an all-zero request).
-                tune.with_resources(tune.with_parameters(run_trial, common=common),
-                                    {"cpu": 0, "memory": 32 * 1024 ** 2}),
-                param_space={"index": tune.grid_search(todo)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=conc, scheduler=scheduler,
-                                            trial_name_creator=lambda t: by_index[t.config["index"]],
-                                            trial_dirname_creator=lambda t: by_index[t.config["index"]]),
-                run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-                                          storage_path=str(out / "ray" / "tune"),
-                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1,
-                                          callbacks=[outcome]))
-            tuner.fit()  # trial errors are in our records (and Tune's table above)
-        finally:
-            if not address and not spec.ray_address:
-                ray.shutdown()
-        _reconcile(spec, out, p, common, ran=todo, tune_errored=outcome.errored)
+    echo(f"records: {out}    MLflow: {common['mlflow_uri'] or 'off (tracking.enabled: false)'}")
+    if todo and local:
+        _run_local(spec, p, common, todo, device, echo)
+    elif todo:
+        _run_tune(spec, out, p, common, todo, address, echo)
     final = statuses(out)
     failed = [t["trial_id"] for t in p["trials"] if final.get(t["trial_id"]) == "FAILED"]
     tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "FAILED" if failed else "FINISHED")
     summary_lines(out, echo)
     if failed:
         echo(f"FAILED: {len(failed)} trial(s): {', '.join(failed)} — see the `error` column "
-             f"(`studyctl status {out}`) and the MLflow child runs.")
+             f"(`studyctl status {out}`){' and the MLflow child runs' if common['mlflow_uri'] else ''}.")
         return 1
     unfinished = [t["trial_id"] for t in p["trials"] if final.get(t["trial_id"]) not in FINISHED]
     if unfinished:

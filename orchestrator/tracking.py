@@ -9,9 +9,12 @@ Runs are found again by tags, not by remembering ids in a process: the parent by
 (`studyctl.study`, `studyctl.output`), a child by (`studyctl.parent`, `studyctl.trial_id`).
 That is what makes a resumed trial continue its child run instead of starting a second
 one. Only the launcher and rank 0 of each trial talk to MLflow.
+
+With `tracking.enabled: false` the uri is None and every call here is a no-op.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -21,6 +24,17 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 900  # MLflow accepts up to 1,000 metrics per log_batch
+
+
+def _needs_store(off_value=None):
+    """A tracking call with uri None (tracking.enabled: false) does nothing and returns off_value:
+    callers need not know whether MLflow is on."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(uri, *args, **kw):
+            return off_value if uri is None else fn(uri, *args, **kw)
+        return call
+    return wrap
 
 
 def default_uri(study_dir: str | os.PathLike) -> str:
@@ -48,6 +62,7 @@ def _retry(fn, *args, tries: int = 5, **kw):
             time.sleep(0.5 * 2 ** i)
 
 
+@_needs_store()
 def ensure_experiment(uri: str, name: str, study_dir: str | os.PathLike) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
@@ -67,6 +82,7 @@ def _find(c, exp_id: str, filter_string: str):
     return runs[0] if runs else None
 
 
+@_needs_store()
 def ensure_parent_run(uri: str, exp_id: str, study: str, study_dir: str | os.PathLike,
                       params: dict[str, Any] | None = None) -> str:
     c = client(uri)
@@ -84,6 +100,7 @@ def ensure_parent_run(uri: str, exp_id: str, study: str, study_dir: str | os.Pat
     return run.info.run_id
 
 
+@_needs_store()
 def ensure_child_run(uri: str, exp_id: str, parent_id: str, study: str, trial_id: str,
                      params: dict[str, Any]) -> str:
     """The trial's child run: found by tags if an earlier launch created it (resume), else created."""
@@ -100,6 +117,7 @@ def ensure_child_run(uri: str, exp_id: str, parent_id: str, study: str, trial_id
     return run.info.run_id
 
 
+@_needs_store()
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
@@ -109,6 +127,7 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         _retry(c.log_batch, run_id, params=items[lo:lo + 90])
 
 
+@_needs_store()
 def log_metrics(uri: str, run_id: str, metrics: list[tuple[str, float, int]]) -> None:
     """[(key, value, step)] in batches; non-finite values are logged as MLflow stores them."""
     if not metrics:
@@ -122,12 +141,14 @@ def log_metrics(uri: str, run_id: str, metrics: list[tuple[str, float, int]]) ->
         _retry(c.log_batch, run_id, metrics=items[lo:lo + MAX_BATCH])
 
 
+@_needs_store(-1)
 def last_step(uri: str, run_id: str, key: str) -> int:
     """The largest step logged for `key` in the run (-1 if none)."""
     hist = client(uri).get_metric_history(run_id, key)
     return max((m.step for m in hist), default=-1)
 
 
+@_needs_store()
 def log_artifact(uri: str, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
     try:
         if Path(path).is_dir():  # the folder's contents under artifact_path (not artifact_path/<name>)
@@ -138,12 +159,14 @@ def log_artifact(uri: str, run_id: str, path: str | os.PathLike, artifact_path: 
         log.warning("could not log artifact %s to MLflow run %s: %s", path, run_id, e)
 
 
+@_needs_store()
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = client(uri)
     for k, v in tags.items():
         _retry(c.set_tag, run_id, k, str(v)[:5000])
 
 
+@_needs_store()
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     """status: FINISHED | FAILED | KILLED."""
     _retry(client(uri).set_terminated, run_id, status)
@@ -158,6 +181,8 @@ def find_parent_run(study_dir: str | os.PathLike) -> tuple[str, str] | None:
     if not snap_file.exists():
         return None
     snap = yaml.safe_load(snap_file.read_text())
+    if not (snap.get("tracking") or {}).get("enabled", True):
+        return None
     uri = tracking_uri((snap.get("tracking") or {}).get("uri"), d)
     c = client(uri)
     exp = c.get_experiment_by_name((snap.get("tracking") or {}).get("experiment") or snap["name"])

@@ -209,6 +209,27 @@ class TrialHooks:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class LocalTrialHooks(TrialHooks):
+    """TrialHooks for a trial run in-process without Ray: the full resume state goes to one
+    local file (replaced atomically at each evaluation, after that interval's records)."""
+
+    RESUME_FILE = "resume.pt"
+
+    def on_eval_all_ranks(self, ctx: TrainContext) -> None:
+        path = self.files / self.RESUME_FILE
+        tmp = path.with_name(".tmp-" + path.name)
+        torch.save(ctx.state.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def restore(cls, files: Path) -> tuple[dict | None, int]:
+        path = files / cls.RESUME_FILE
+        if not path.exists():
+            return None, 0
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        return state, int(state["step"])
+
+
 def restore(rank: int) -> tuple[dict | None, int]:
     """(resume_state, step) from Ray's latest checkpoint, with this rank's own RNG streams."""
     import ray.train
@@ -228,30 +249,43 @@ def restore(rank: int) -> tuple[dict | None, int]:
 
 def train_worker(cfg: dict) -> None:
     """Entry point of each Ray Train worker (TorchTrainer's train_loop_per_worker)."""
+    import ray
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    import ray
-
     write_json_atomic(trial_files(cfg["study_dir"], cfg["trial"]["trial_id"]) / "workers" / f"rank{rank}.json",
                       {"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                        "world_size": ctx.get_world_size()})
-    data, model, diffusion, training, _ = to_core(cfg["trial"]["config"])
     resume_state, step = restore(rank)
+    _work(cfg, rank, ray.train.torch.get_device(), resume_state, step, TrialHooks)
+
+
+def local_worker(cfg: dict, device: str | torch.device) -> None:
+    """The same trial in this process, without Ray (`studyctl launch --local`): one worker,
+    a progress bar, and the resume state in a local file instead of a Ray checkpoint."""
+    files = trial_files(cfg["study_dir"], cfg["trial"]["trial_id"])
+    write_json_atomic(files / "workers" / "rank0.json", {"rank": 0, "pid": os.getpid(), "node_id": "local",
+                                                         "world_size": 1, "device": str(device)})
+    resume_state, step = LocalTrialHooks.restore(files)
+    _work(cfg, 0, torch.device(device), resume_state, step, LocalTrialHooks, progress=True)
+
+
+def _work(cfg: dict, rank: int, device: torch.device, resume_state: dict | None, step: int,
+          hooks_class: type[TrialHooks], progress: bool = False) -> None:
+    data, model, diffusion, training, _ = to_core(cfg["trial"]["config"])
     # Restarts so far (worker-group restarts and resumes), counted across launches in summary.json.
     try:
         before = json.loads((trial_files(cfg["study_dir"], cfg["trial"]["trial_id"]) / "summary.json").read_text())
     except (OSError, ValueError):
         before = {}
     restarts = int(before.get("restarts") or 0) + (1 if resume_state is not None else 0)
-    device = ray.train.torch.get_device()
     splits = load_splits(data)
-    hooks = TrialHooks(cfg, rank, step, restarts)
+    hooks = hooks_class(cfg, rank, step, restarts)
     try:
         train(data=data, model=model, diffusion=diffusion, training=training, eval_seed=cfg["eval_seed"],
-              hooks=hooks, resume_state=resume_state, splits=splits, device=device)
+              hooks=hooks, resume_state=resume_state, splits=splits, device=device, progress=progress)
     except DivergedError as e:
         log.error("trial %s diverged: %s", cfg["trial"]["trial_id"], e)
         if rank == 0:

@@ -1,0 +1,91 @@
+"""`studyctl launch --local`: the same study without Ray, in one process (a notebook, a GPU box
+without Ray), with and without MLflow. Real MNIST, real Parquet, a real MLflow sqlite store,
+`studyctl` as a subprocess; the kill is a real SIGKILL of the launcher."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+try:
+    from .orchestrator_helpers import (NAN_LR, expected_steps, kill_group, start, studyctl, tiny_study, wait_for,
+                                       write_study)
+except ImportError:
+    from orchestrator_helpers import (NAN_LR, expected_steps, kill_group, start, studyctl, tiny_study, wait_for,
+                                      write_study)
+
+
+def test_local_launch_records_tracks_and_isolates_a_diverged_trial(tmp_path, data_root):
+    study = tiny_study(data_root, name="local", sweep={"grid": {"training.lr": [1e-3, NAN_LR]}},
+                       evaluation={"metrics": False})
+    study["analysis"] = {"figures": False}
+    f, out = write_study(tmp_path / "local.yaml", study), tmp_path / "out"
+    r = studyctl("launch", f, "--local", "--output", out, timeout=300)
+    assert r.returncode == 1, r.stdout[-3000:]  # one trial failed: named, the other finished
+    trials = pd.read_parquet(out / "trials").set_index("training.lr")
+    assert trials.loc[1e-3, "status"] == "COMPLETED" and trials.loc[NAN_LR, "status"] == "FAILED"
+    assert "DivergedError" in trials.loc[NAN_LR, "error"]
+    assert "FAILED: 1 trial(s)" in r.stdout and "on cpu" in r.stdout
+    good = trials.loc[1e-3, "trial_id"]
+    logged, _, evals = expected_steps(256, 16, 1, 2, 10, 5, 10, 10)
+    steps = pd.read_parquet(out / "train_steps").query("trial_id == @good")["step"]
+    assert sorted(steps) == logged
+    assert sorted(pd.read_parquet(out / "evals").query("trial_id == @good")["step"]) == evals
+    assert (out / "trial_files" / good / "resume.pt").exists() and not (out / "ray").exists()
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = c.get_run(trials.loc[1e-3, "mlflow_run_id"])
+    assert run.info.status == "FINISHED" and len(c.get_metric_history(run.info.run_id, "loss")) == len(logged)
+    assert c.get_run(trials.loc[NAN_LR, "mlflow_run_id"]).info.status == "FAILED"
+    # finished and failed trials are not run again
+    r = studyctl("resume", out, "--local", timeout=120)
+    assert "2 already finished, 0 to run" in r.stdout, r.stdout[-2000:]
+
+
+def test_local_run_killed_resumes_from_its_file_without_mlflow(tmp_path, data_root):
+    study = tiny_study(data_root, name="localkill", training={"epochs": 12},
+                       evaluation={"every": 20, "start": 20, "metrics": False})
+    study["analysis"] = {"figures": False}
+    f, out = write_study(tmp_path / "localkill.yaml", study), tmp_path / "out"
+    files = None
+    p = start("launch", f, "--local", "--no-tracking", "--output", out, log=tmp_path / "launch.log")
+    try:
+        def resumable():
+            nonlocal files
+            found = list((out / "trial_files").glob("*/resume.pt")) if (out / "trial_files").exists() else []
+            files = found[0].parent if found else None
+            return files
+        wait_for(resumable, 120, "the first resume state", proc=p, poll=0.1)
+    finally:
+        kill_group(p)
+    killed_at = json.loads((files / "summary.json").read_text())["step"]
+    total = 12 * 16
+    assert killed_at < total, "the run finished before the kill: nothing was resumed"
+    r = studyctl("resume", out, "--local", timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    trial = pd.read_parquet(out / "trials").iloc[0]
+    assert trial["status"] == "COMPLETED" and trial["restarts"] == 1 and pd.isna(trial["mlflow_run_id"])
+    logged, _, evals = expected_steps(256, 16, 1, 12, 10, 5, 20, 20)
+    assert sorted(pd.read_parquet(out / "train_steps")["step"]) == logged  # each step exactly once
+    assert sorted(pd.read_parquet(out / "evals")["step"]) == evals
+    assert not (out / "mlflow.db").exists() and not (out / "mlartifacts").exists()
+    r = studyctl("ui", out, timeout=60)
+    assert r.returncode == 0 and "without MLflow" in r.stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"resources": {"gpus_per_worker": 1}}, "resources.gpus_per_worker is 1 but torch sees no CUDA device"),
+    ({"sweep": {"grid": {"training.lr": [1e-3, 2e-3]}, "asha": {"max_t": 2}}}, "sweep.asha needs Ray Tune"),
+])
+def test_local_refuses_what_it_cannot_do_before_writing(tmp_path, data_root, change, message):
+    import torch
+
+    if "gpus_per_worker" in str(change) and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    study = tiny_study(data_root, name="refuse", **change)
+    out = tmp_path / "out"
+    r = studyctl("launch", write_study(tmp_path / "refuse.yaml", study), "--local", "--output", out, timeout=120)
+    assert r.returncode == 1 and message in r.stdout, r.stdout[-2000:]
+    assert not out.exists()
