@@ -67,9 +67,10 @@ def _epoch_axis(ax):
 
 # ------------------------------------------------------------------ per-trial figures
 def fig26a_loss_per_epoch(study: Study, trial: str):
-    df = study.of(study.epochs, trial).sort_values("epoch")
-    if df.empty:
+    df = study.of(study.epochs, trial)
+    if df.empty:  # no epoch has ended yet (a run stopped early in its first epoch)
         return None
+    df = df.sort_values("epoch")
     fig, ax = _fig()
     ax.plot(df["epoch"], df["train_loss"], "o-", label="training (mean over epoch)")
     if df["val_loss"].notna().any():

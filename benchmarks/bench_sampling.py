@@ -4,7 +4,7 @@ Same widths/blocks/groups (see bench_train_step.py), same batch, same device, sa
 precision, rounds alternating between the two. Reports images/s and the ratio.
 
     .venv/bin/python benchmarks/bench_sampling.py --batch 64 --ddim-steps 50 100 --ddpm
-    .venv/bin/python benchmarks/bench_sampling.py --device cuda --batch 1024 --ddpm --bf16   # on a GPU
+    .venv/bin/python benchmarks/bench_sampling.py --device cuda --batch 1024 --ddpm --bf16 --compile  # on a GPU
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--compile", action="store_true", help="torch.compile both networks as the evaluator does "
+                    "(CUDA graphs on a GPU); compile time is excluded and printed")
     args = ap.parse_args()
     from diffusers import DDIMScheduler, DDPMScheduler
 
@@ -60,6 +62,17 @@ def main() -> None:
     print(f"device {device} ({device_name(device)}), torch {torch.__version__}, batch {args.batch}, "
           f"{'bf16' if args.bf16 else 'fp32'}, threads {torch.get_num_threads()}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    nets = {"ours": ours, "peer": peer}
+    if args.compile:
+        from diffusion_core.evaluation import compile_for_sampling
+
+        for label in nets:
+            nets[label] = compile_for_sampling(nets[label], device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), amp:  # compile + (on CUDA) graph capture, outside the timings
+                for _ in range(3):
+                    nets[label](torch.randn(shape, device=device), torch.full((args.batch,), 500, device=device))
+            print(f"compile {label}: {time.perf_counter() - t0:.1f} s")
     print(f"{'sampler':<10} {'ours img/s':>11} {'peer img/s':>11} {'ratio':>6}")
     for name, ours_sampler, peer_sched, steps in cases:
         peer_sched.set_timesteps(steps)
@@ -71,9 +84,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 with amp:
                     if label == "ours":
-                        ours_sampler.sample(ours, shape, device=device)
+                        ours_sampler.sample(nets["ours"], shape, device=device)
                     else:
-                        peer_sample(peer, peer_sched, shape, device, torch.float32)
+                        peer_sample(nets["peer"], peer_sched, shape, device, torch.float32)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 rates[label].append(args.batch / (time.perf_counter() - t0))

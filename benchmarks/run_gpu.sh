@@ -11,8 +11,13 @@
 # 2. There (each part fits one 10-minute call; a fresh machine reinstalls the wheels, ~10 s):
 #      bash benchmarks/run_gpu.sh train-eager      # fp32 + bf16, batch 16/128/512   (~3 min)
 #      bash benchmarks/run_gpu.sh train-compile    # the same, torch.compile         (~6-8 min)
-#      bash benchmarks/run_gpu.sh sampling         # DDIM-50 + DDPM-1000, fp32 + bf16 (~3 min)
+#      bash benchmarks/run_gpu.sh sampling         # DDIM-50 + DDPM-1000: fp32, bf16, bf16 + compile (~5 min)
 #      bash benchmarks/run_gpu.sh all              # everything (over 10 minutes: split it as above)
+#      bash benchmarks/run_gpu.sh thesis           # studies/thesis.yaml end to end, without Ray/MLflow
+#          (`studyctl launch thesis --local --no-tracking`, 10,000-sample evaluations, the fast path of
+#          THESIS_SET). One call runs up to THESIS_BUDGET_S (default 540 s), then stops; the same command
+#          in the next call (machine still warm: the run lives in the git-ignored .gpu_run/) resumes from
+#          the last evaluation. Each call leaves $OUT/thesis.tar.gz (Parquet + PNG), status and log.
 # Environment: OUT (default ./gpu_out), DEVICE (default cuda), PYTHON (default python3),
 # SMOKE=1 (tiny sizes, to check the plumbing on a CPU: DEVICE=cpu PYTHON=.venv/bin/python SMOKE=1).
 set -euo pipefail
@@ -23,7 +28,9 @@ DEVICE="${DEVICE:-cuda}"
 OUT="${OUT:-$PWD/gpu_out}"
 
 WHEELS_PY=(diffusers==0.42.1 huggingface_hub==2.4.0 safetensors==0.8.0 regex filelock importlib_metadata zipp
-           requests urllib3 idna certifi charset-normalizer fsspec httpx2 httpcore2 h11 anyio click hf-xet truststore)
+           requests urllib3 idna certifi charset-normalizer fsspec httpx2 httpcore2 h11 anyio click hf-xet truststore
+           pydantic==2.14.3 pydantic_core==2.50.4 annotated_types==0.8.0 typing_inspection==0.4.5
+           typing_extensions==4.16.0)
 
 if [[ "$PART" == prepare ]]; then
   mkdir -p .whl .gpu/mnist
@@ -40,12 +47,12 @@ fi
 mkdir -p "$OUT"
 # --- wheels (diffusers is the benchmark peer; our code needs only torch + torchvision)
 SITE=/tmp/studyctl_site
-if ! "$PY" -c "import diffusers" 2>/dev/null; then
+if ! "$PY" -c "import diffusers, pydantic" 2>/dev/null; then
   if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .whl/*.whl
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  "$PY" -c "import diffusers" || { echo "diffusers is missing: run 'benchmarks/run_gpu.sh prepare' on the dev machine and carry .whl" >&2; exit 2; }
+  "$PY" -c "import diffusers, pydantic" || { echo "diffusers/pydantic are missing: run 'benchmarks/run_gpu.sh prepare' on the dev machine and carry .whl" >&2; exit 2; }
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # --- data: an existing root, else the carried gzipped IDX files
@@ -80,7 +87,7 @@ train_step() {  # $@: extra switches
 }
 
 sampling() {
-  for amp in "" --bf16; do
+  for amp in "" --bf16 "--bf16 --compile"; do
     echo "### bench_sampling --batch $SBATCH $amp" | tee -a "$OUT/sampling.txt"
     { "$PY" benchmarks/bench_sampling.py --device "$DEVICE" --batch "$SBATCH" --ddim-steps "${DDIM[@]}" \
         ${DDPM[@]+"${DDPM[@]}"} --rounds 2 $amp 2>&1 || echo "FAILED: exit $?"; } \
@@ -88,11 +95,32 @@ sampling() {
   done
 }
 
+thesis() {
+  # Table 1 of the thesis, plus what only the GPU run changes: 10,000-sample evaluations and the
+  # fast path (override with THESIS_SET="FIELD=VALUE ..."; see `studyctl launch --help`).
+  local run=.gpu_run/thesis sets=() kv
+  for kv in ${THESIS_SET:-evaluation.n_samples=10000 evaluation.batch_size=2500 evaluation.precision=bf16 \
+      evaluation.compile=true training.precision=bf16 training.channels_last=true}; do sets+=(--set "$kv"); done
+  mkdir -p .gpu_run
+  local cmd=(launch thesis --local --no-tracking --output "$run" "${sets[@]}")
+  [[ -f "$run/study.yaml" ]] && cmd=(resume "$run" --local)
+  echo "### studyctl ${cmd[*]}" | tee -a "$OUT/thesis_log.txt"
+  # SIGKILL at the budget is safe: records and the resume state are replaced atomically.
+  timeout --signal=KILL "${THESIS_BUDGET_S:-540}" "$PY" -m orchestrator.cli "${cmd[@]}" 2>&1 \
+      | tr '\r' '\n' | grep -v -i -E "warn|^training: " >> "$OUT/thesis_log.txt" || echo "(stopped: rc $?)" >> "$OUT/thesis_log.txt"
+  "$PY" -m orchestrator.cli status "$run" > "$OUT/thesis_status.txt" 2>&1 || true
+  "$PY" -m orchestrator.cli figures "$run" --no-mlflow >> "$OUT/thesis_status.txt" 2>&1 || true
+  ( cd "$run" && tar czf "$OUT/thesis.tar.gz" --exclude='*.pdf' $(ls -d study.yaml trials train_steps epochs \
+      residuals evals figures trial_files/*/summary.json trial_files/*/samples/*.png 2>/dev/null) )
+  tail -5 "$OUT/thesis_log.txt"; cat "$OUT/thesis_status.txt"
+}
+
 case "$PART" in
   train-eager)   train_step ;;
   train-compile) train_step --compile ;;
   sampling)      sampling ;;
   all)           train_step; train_step --compile; sampling ;;
-  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | all" >&2; exit 2 ;;
+  thesis)        thesis ;;
+  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | all | thesis" >&2; exit 2 ;;
 esac
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -41,14 +41,18 @@ def version() -> None:
 EXIT_BAD_STUDY = 2
 
 
-def _load(file: str):
+SET_HELP = ("Override a study field, FIELD=VALUE in YAML syntax (repeatable), e.g. "
+            "--set evaluation.n_samples=10000 --set training.precision=bf16.")
+
+
+def _load(file: str, overrides: list[str] | None = None):
     """Load + validate a study file (a path, or a packaged study's bare name); exit 2 if bad."""
     from diffusion_core.data import resolve_data_root
 
     from .spec import StudyError, load_study
 
     try:
-        spec = load_study(file)
+        spec = load_study(file, overrides or [])
     except StudyError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
@@ -82,13 +86,14 @@ def _print_table(spec, trials) -> None:
 
 @app.command()
 def validate(file: str = typer.Argument(..., help="Study YAML: a path, or a packaged study's name "
-                                                  "(quickstart, bias_variance, thesis).")) -> None:
+                                                  "(quickstart, bias_variance, thesis)."),
+             overrides: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Check a study file and print the expanded trial table and count.
 
     Exit status 2 (with a message naming the field, the bad value and what is allowed)
     if the file is wrong; nothing is started.
     """
-    spec = _load(file)
+    spec = _load(file, overrides)
     _print_table(spec, _trials_or_exit(spec))
     typer.echo(f"study {spec.name!r} is valid; output folder {spec.output_dir()}")
 
@@ -106,6 +111,7 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
                                       "progress bar. Same records; no ASHA."),
            no_tracking: bool = typer.Option(False, "--no-tracking", help="No MLflow (tracking.enabled: false): "
                                             "Parquet records, grids and figures only."),
+           overrides: list[str] = typer.Option(None, "--set", help=SET_HELP),
            ) -> None:
     """Run a study: a Ray Tune sweep of Ray Train DDP trials, recorded to Parquet + MLflow.
 
@@ -114,7 +120,7 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
     0 when every trial finished, 1 when some failed (named at the end), 2 for a bad study
     file. An interrupted launch is finished with `studyctl resume DIR`.
     """
-    spec = _load(file)
+    spec = _load(file, overrides)
     if no_tracking:
         spec.tracking.enabled = False
     trials = _trials_or_exit(spec)

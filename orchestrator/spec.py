@@ -226,13 +226,39 @@ def parse_study(raw: Any, source: str = "<study>") -> StudySpec:
     return spec
 
 
-def load_study(file: str | os.PathLike) -> StudySpec:
+def load_study(file: str | os.PathLike, overrides: list[str] = ()) -> StudySpec:
+    """Read and validate a study file; `overrides` ("evaluation.n_samples=10000", values in YAML
+    syntax) replace fields first, so they are validated (and snapshotted) like the file's own."""
     path = resolve_study_path(file)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise StudyError(f"{path}: not valid YAML: {e}") from None
-    return parse_study(raw, str(path))
+    if overrides and isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides)
+    return parse_study(raw, str(path) + (f" with --set {' '.join(overrides)}" if overrides else ""))
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise StudyError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set training.epochs=5")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise StudyError(f"--set {item!r}: the value is not valid YAML: {e}") from None
+        *parents, leaf = key.strip().split(".")
+        cur = raw
+        for part in parents:
+            if cur.get(part) is None:
+                cur[part] = {}
+            if not isinstance(cur[part], dict):
+                raise StudyError(f"--set {item!r}: {part!r} is not a section")
+            cur = cur[part]
+        cur[leaf] = parsed
+    return raw
 
 
 # ---------------------------------------------------------------------------- expansion

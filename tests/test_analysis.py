@@ -179,3 +179,19 @@ def test_figures_are_attached_to_the_mlflow_parent_run(study_dir, figures_run):
     parent = [x for x in c.search_runs([exp.experiment_id]) if x.data.tags.get("studyctl.role") == "study"][0]
     names = [a.path for a in c.list_artifacts(parent.info.run_id, "figures")]
     assert "figures/index.html" in names
+
+
+def test_a_run_stopped_in_its_first_epoch_still_gets_its_other_figures(study_dir, tmp_path):
+    """No epoch has ended yet, so there is no `epochs` table at all: Fig. 26a is skipped (said
+    so), every figure of what exists is drawn."""
+    import shutil
+
+    from analysis.report import make_figures
+
+    d = tmp_path / "early"
+    shutil.copytree(study_dir, d, ignore=shutil.ignore_patterns("ray", "mlartifacts", "mlflow.db", "figures"))
+    shutil.rmtree(d / "epochs")
+    figs, report, _ = make_figures(d)
+    tid = _completed(load_study(d))[0]
+    assert f"{tid}/fig26a_loss_per_epoch" in figs.skipped
+    assert (d / "figures" / tid / "fig27_residual_vs_t.png").exists() and report.exists()

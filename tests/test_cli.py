@@ -62,6 +62,21 @@ def test_validate_bad_file_exits_2_naming_field_value_allowed(tmp_path, data_roo
     assert "diffusion.schedule" in r.output and "cosinus" in r.output and "'cosine'" in r.output
 
 
+def test_set_overrides_fields_and_is_validated_like_the_file(tmp_path, data_root):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump(_tiny(data_root)))
+    r = runner.invoke(app, ["validate", str(f), "--set", "sweep.seeds=[0, 1, 2]", "--set", "training.epochs=3"])
+    assert r.exit_code == 0 and "6 trial(s)" in r.output, r.output
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["launch", str(f), "--output", str(out), "--dry-run", "--set", "evaluation.precision=bf16",
+                            "--set", "evaluation.compile=true", "--local"])
+    assert r.exit_code == 0 and "this process (--local)" in r.output, r.output
+    r = runner.invoke(app, ["validate", str(f), "--set", "evaluation.precision=fp16"])
+    assert r.exit_code == 2 and "evaluation.precision" in r.output and "fp16" in r.output and "'bf16'" in r.output
+    r = runner.invoke(app, ["validate", str(f), "--set", "training.epochs"])
+    assert r.exit_code == 2 and "FIELD=VALUE" in r.output
+
+
 def test_validate_missing_file_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["validate", "no_such_study.yaml"])
