@@ -12,6 +12,7 @@
 #      bash benchmarks/run_gpu.sh train-eager      # fp32 + bf16, batch 16/128/512   (~3 min)
 #      bash benchmarks/run_gpu.sh train-compile    # the same, torch.compile         (~6-8 min)
 #      bash benchmarks/run_gpu.sh sampling         # DDIM-50 + DDPM-1000: fp32, bf16, bf16 + compile (~5 min)
+#      bash benchmarks/run_gpu.sh packing          # 1, 2, 4 thesis trials sharing the GPU, fp32 + bf16 (~2 min)
 #      bash benchmarks/run_gpu.sh all              # everything (over 10 minutes: split it as above)
 #      bash benchmarks/run_gpu.sh thesis           # studies/thesis.yaml end to end, without Ray/MLflow
 #          (`studyctl launch thesis --local --no-tracking`, 10,000-sample evaluations, the fast path of
@@ -95,6 +96,15 @@ sampling() {
   done
 }
 
+packing() {  # k trials sharing the GPU (what a fractional gpus_per_worker gives) vs one alone
+  for prec in fp32 bf16; do
+    echo "### bench_packing --precision $prec" | tee -a "$OUT/packing.txt"
+    { "$PY" benchmarks/bench_packing.py --device "$DEVICE" --packs 1 2 4 --steps "${PACK_STEPS:-1000}" \
+        --precision "$prec" --json "$OUT/packing.jsonl" 2>&1 || echo "FAILED: exit $?"; } \
+        | { grep -v -i "warn" || true; } | tee -a "$OUT/packing.txt"
+  done
+}
+
 thesis() {
   # Table 1 of the thesis, plus what only the GPU run changes: 10,000-sample evaluations and the
   # fast path (override with THESIS_SET="FIELD=VALUE ..."; see `studyctl launch --help`).
@@ -119,8 +129,9 @@ case "$PART" in
   train-eager)   train_step ;;
   train-compile) train_step --compile ;;
   sampling)      sampling ;;
-  all)           train_step; train_step --compile; sampling ;;
+  all)           train_step; train_step --compile; sampling; packing ;;
+  packing)       packing ;;
   thesis)        thesis ;;
-  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | all | thesis" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | packing | all | thesis" >&2; exit 2 ;;
 esac
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
