@@ -57,12 +57,6 @@ def make_betas(name: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.
     return betas.clamp(max=max_beta)
 
 
-def _gather(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """table[t] reshaped to broadcast against `like` (batch first), in like's dtype/device."""
-    out = table.to(like.device)[t.to(like.device).long()].to(like.dtype)
-    return out.reshape(-1, *([1] * (like.dim() - 1)))
-
-
 @dataclass(frozen=True)
 class ScheduleConfig:
     name: str = "linear"         # linear (thesis) | cosine | quadratic | sigmoid
@@ -104,6 +98,22 @@ class NoiseSchedule:
         self.recip_sqrt_alpha = 1.0 / self.alphas.sqrt()
         self.eps_coef = self.betas / self.sqrt_one_minus_alpha_bar.clamp_min(1e-300)
         self.eps_coef[0] = 0.0
+        self._device_tables: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """table[t] reshaped to broadcast against `like` (batch first), in like's dtype/device.
+
+        The float64 tables stay on the CPU (samplers read Python floats off them); a copy per
+        device is made once: copying a table at every training step would be a blocking
+        host-to-device transfer, a stream sync per step on a GPU."""
+        table = getattr(self, name)
+        if like.device.type != "cpu":
+            key = (name, str(like.device))
+            if key not in self._device_tables:
+                self._device_tables[key] = table.to(like.device)
+            table = self._device_tables[key]
+        out = table[t.to(like.device).long()].to(like.dtype)
+        return out.reshape(-1, *([1] * (like.dim() - 1)))
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig) -> "NoiseSchedule":
@@ -129,21 +139,21 @@ class NoiseSchedule:
     # ----------------------------------------------------------------- forward
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """(31) x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
-        return (_gather(self.sqrt_alpha_bar, t, x0) * x0
-                + _gather(self.sqrt_one_minus_alpha_bar, t, x0) * eps)
+        return (self._gather("sqrt_alpha_bar", t, x0) * x0
+                + self._gather("sqrt_one_minus_alpha_bar", t, x0) * eps)
 
     add_noise = q_sample  # the diffusers name
 
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """(44) x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
-        return ((x_t - _gather(self.sqrt_one_minus_alpha_bar, t, x_t) * eps)
-                / _gather(self.sqrt_alpha_bar, t, x_t))
+        return ((x_t - self._gather("sqrt_one_minus_alpha_bar", t, x_t) * eps)
+                / self._gather("sqrt_alpha_bar", t, x_t))
 
     # --------------------------------------------------------------- posterior
     def posterior_mean(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """(39) mu_q(x_t, x_0) of q(x_{t-1} | x_t, x_0)."""
-        return (_gather(self.posterior_coef_x0, t, x_t) * x0
-                + _gather(self.posterior_coef_xt, t, x_t) * x_t)
+        return (self._gather("posterior_coef_x0", t, x_t) * x0
+                + self._gather("posterior_coef_xt", t, x_t) * x_t)
 
     def posterior_variance(self, t: torch.Tensor) -> torch.Tensor:
         """(40) sigma_q^2(t) = beta_tilde_t, float64."""
@@ -155,7 +165,7 @@ class NoiseSchedule:
         The factor is 1/sqrt(alpha_t); Algorithm 2 of the thesis misprints it as
         1/sqrt(alpha_bar_t). Algebraically equal to posterior_mean(predict_x0(...)).
         """
-        return _gather(self.recip_sqrt_alpha, t, x_t) * (x_t - _gather(self.eps_coef, t, x_t) * eps)
+        return self._gather("recip_sqrt_alpha", t, x_t) * (x_t - self._gather("eps_coef", t, x_t) * eps)
 
     def reverse_variance(self, t: torch.Tensor, kind: str = "beta") -> torch.Tensor:
         """sigma_t^2 of p_theta(x_{t-1} | x_t): beta_t ("beta", Ho et al.) or beta_tilde_t ("beta_tilde")."""

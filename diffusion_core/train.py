@@ -208,6 +208,15 @@ def build_model(model_cfg: UNetConfig, seed: int, device: torch.device) -> UNet:
     return UNet(model_cfg).to(device)
 
 
+def _host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The CPU-drawn training noise onto the device. A copy from pageable memory makes PyTorch
+    sync the stream (the host waits for the GPU to drain, every step); from pinned memory
+    it is queued and the host runs ahead to launch the next kernels."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
           diffusion: DiffusionConfig = DiffusionConfig(), training: TrainConfig = TrainConfig(),
           eval_seed: int = 0, hooks: TrainHooks | None = None, resume_state: dict | None = None,
@@ -288,8 +297,8 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            t = schedule.sample_timesteps(x0.shape[0], generator=generator).to(device)
-            eps = torch.randn(x0.shape, generator=generator).to(device)
+            t = _host_to_device(schedule.sample_timesteps(x0.shape[0], generator=generator), device)
+            eps = _host_to_device(torch.randn(x0.shape, generator=generator), device)
             with autocast:
                 loss = diffusion_loss(forward, schedule, x0, kind=diffusion.loss,
                                       reverse_variance=diffusion.reverse_variance, t=t, eps=eps)

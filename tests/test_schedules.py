@@ -283,3 +283,22 @@ def test_elbo_weight_eq70(rv):
         assert w[0] == pytest.approx(0.5 / 0.9999, rel=1e-12)
         assert w[-1] == pytest.approx(0.02 / (2 * 0.98 * (1 - 4.035829765e-05)), rel=1e-8)
     assert np.all(np.isfinite(w)) and np.all(w > 0)
+
+
+def test_device_tables_are_copied_once_per_device():
+    """q_sample on an accelerator must not re-copy the float64 tables at every training step
+    (a blocking host-to-device copy). The meta device stands in for a GPU here."""
+    s = NoiseSchedule.make("linear", 1000)
+    x0 = torch.empty(4, 1, 28, 28, device="meta")
+    t = torch.tensor([1, 10, 500, 1000], device="meta")
+    for _ in range(3):
+        out = s.q_sample(x0, t, torch.empty_like(x0))
+    assert out.device.type == "meta" and out.shape == x0.shape
+    assert set(s._device_tables) == {("sqrt_alpha_bar", "meta"), ("sqrt_one_minus_alpha_bar", "meta")}
+    first = s._device_tables[("sqrt_alpha_bar", "meta")]
+    s.q_sample(x0, t, torch.empty_like(x0))
+    assert s._device_tables[("sqrt_alpha_bar", "meta")] is first
+    # the CPU path reads the master tables (no cache) and keeps the pinned values
+    x = torch.ones(2, 1, 1, 1, dtype=torch.float64)
+    got = s.q_sample(x, torch.tensor([1, 500]), torch.zeros_like(x)).flatten()
+    assert torch.allclose(got, s.alpha_bar[[1, 500]].sqrt()) and len(s._device_tables) == 2
