@@ -127,11 +127,15 @@ class TrainState:
 
     def state_dict(self) -> dict:
         """A snapshot: tensors are copied, so it stays valid while training goes on (a hook may keep it)."""
-        return copy.deepcopy({"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                              "optimizer": self.optimizer.state_dict(), "step": self.step,
-                              "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(),
-                              "epoch_loss_sum": float(self.epoch_loss_sum),
-                              "epoch_loss_count": self.epoch_loss_count})
+        state = copy.deepcopy({"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                               "optimizer": self.optimizer.state_dict(), "step": self.step,
+                               "generator": self.generator.get_state(), "cpu_rng": torch.get_rng_state(),
+                               "epoch_loss_sum": float(self.epoch_loss_sum),
+                               "epoch_loss_count": self.epoch_loss_count})
+        device = next(self.model.parameters()).device
+        if device.type == "cuda":  # dropout masks on a GPU come from its own generator
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -140,6 +144,9 @@ class TrainState:
         self.step = int(state["step"])
         self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu") else state["generator"])
         torch.set_rng_state(state["cpu_rng"])
+        device = next(self.model.parameters()).device
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         self.epoch_loss_sum = float(state["epoch_loss_sum"])
         self.epoch_loss_count = int(state["epoch_loss_count"])
 

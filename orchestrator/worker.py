@@ -194,8 +194,10 @@ class TrialHooks:
 
         tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.trial_id}-r{self.rank}-"))
         try:
-            torch.save({"generator": ctx.state.generator.get_state(), "cpu_rng": torch.get_rng_state()},
-                       tmp / f"rng_rank{self.rank}.pt")
+            rng = {"generator": ctx.state.generator.get_state(), "cpu_rng": torch.get_rng_state()}
+            if ctx.device.type == "cuda":
+                rng["cuda_rng"] = torch.cuda.get_rng_state(ctx.device)
+            torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 torch.save(ctx.state.state_dict(), tmp / "state.pt")
                 (tmp / "config.json").write_text(json.dumps({"trial": self.trial, "step": ctx.step}, indent=1))
@@ -244,6 +246,7 @@ def restore(rank: int) -> tuple[dict | None, int]:
         if rng_file.exists():  # each rank continues its own training-noise stream
             rng = torch.load(rng_file, weights_only=True)
             state["generator"], state["cpu_rng"] = rng["generator"], rng["cpu_rng"]
+            state["cuda_rng"] = rng.get("cuda_rng")
     return state, int(state["step"])
 
 
