@@ -148,7 +148,7 @@ class ResourcesSpec(_Strict):
     workers_per_trial: PositiveInt = 1        # DDP workers (gloo on CPU, NCCL on GPU)
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: NonNegativeFloat = 0.0   # fractional: several small trials share a GPU
-    max_concurrent_trials: Optional[PositiveInt] = None  # null: as many as the cluster fits
+    max_concurrent_trials: Optional[PositiveInt] = None  # null: as many as the cluster fits (--local: 1)
     max_failures: NonNegativeInt = 2          # worker-group restarts from the last checkpoint
     # How a trial's workers are placed: PACK (fewest nodes), SPREAD (across nodes), STRICT_*.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"

@@ -253,20 +253,51 @@ def local_device(spec: StudySpec) -> str:
 
 def _run_local(spec: StudySpec, p: dict, common: dict, todo: list[int], device: str,
                echo: Callable[[str], None]) -> None:
-    """The trials one after another in this process (no Ray): each resumes from its own
+    """The trials without Ray: one after another in this process (with a progress bar), or
+    `resources.max_concurrent_trials` at a time in as many processes sharing the device (packed
+    trials: `benchmarks/bench_packing.py` measures what that buys). Each resumes from its own
     trial_files/<id>/resume.pt, and a failed trial does not stop the others."""
+    r = spec.resources
+    if r.workers_per_trial > 1:
+        echo(f"--local: one process per trial (resources.workers_per_trial={r.workers_per_trial} "
+             f"applies to Ray runs); the global batch is unchanged")
+    k = min(r.max_concurrent_trials or 1, len(todo))
+    if k == 1:
+        for n, i in enumerate(todo, 1):
+            echo(f"[{n}/{len(todo)}] trial {p['trials'][i]['trial_id']} on {device}")
+            error = local_trial(common, i, device)
+            if error:
+                echo(error)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    threads = max(1, int(r.cpus_per_worker))
+    echo(f"{len(todo)} trials, {k} at a time in separate processes on {device} ({threads} CPU thread(s) each)")
+    with cf.ProcessPoolExecutor(max_workers=k, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(local_trial, common, i, device, threads): p["trials"][i]["trial_id"] for i in todo}
+        for n, fut in enumerate(cf.as_completed(futures), 1):
+            try:
+                error = fut.result()
+            except Exception as e:  # the process died (killed, out of memory): its row stays RUNNING
+                error = f"trial {futures[fut]}: its process died ({type(e).__name__}: {e})"
+            echo(f"[{n}/{len(todo)}] {error or f'trial {futures[fut]} finished'}")
+
+
+def local_trial(common: dict, i: int, device: str, threads: int | None = None) -> str | None:
+    """Trial `i` in this process; returns the failure message, None if it completed. With
+    `threads` (packed trials) it trains on that many CPU threads, without a progress bar."""
     from .worker import local_worker
 
-    if spec.resources.workers_per_trial > 1:
-        echo(f"--local: one process per trial (resources.workers_per_trial={spec.resources.workers_per_trial} "
-             f"applies to Ray runs); the global batch is unchanged")
-    for n, i in enumerate(todo, 1):
-        tid = p["trials"][i]["trial_id"]
-        echo(f"[{n}/{len(todo)}] trial {tid} on {device}")
-        try:
-            drive_trial(common, i, lambda cfg: local_worker(cfg, device))
-        except TrialFailed as e:
-            echo(str(e))
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        drive_trial(common, i, lambda cfg: local_worker(cfg, device, progress=threads is None))
+    except TrialFailed as e:
+        return str(e)
+    return None
 
 
 def _run_tune(spec: StudySpec, out: Path, p: dict, common: dict, todo: list[int], address: str | None,

@@ -265,14 +265,15 @@ def train_worker(cfg: dict) -> None:
     _work(cfg, rank, ray.train.torch.get_device(), resume_state, step, TrialHooks)
 
 
-def local_worker(cfg: dict, device: str | torch.device) -> None:
+def local_worker(cfg: dict, device: str | torch.device, progress: bool = True) -> None:
     """The same trial in this process, without Ray (`studyctl launch --local`): one worker,
     a progress bar, and the resume state in a local file instead of a Ray checkpoint."""
     files = trial_files(cfg["study_dir"], cfg["trial"]["trial_id"])
     write_json_atomic(files / "workers" / "rank0.json", {"rank": 0, "pid": os.getpid(), "node_id": "local",
-                                                         "world_size": 1, "device": str(device)})
+                                                         "world_size": 1, "device": str(device),
+                                                         "started_at": time.time()})
     resume_state, step = LocalTrialHooks.restore(files)
-    _work(cfg, 0, torch.device(device), resume_state, step, LocalTrialHooks, progress=True)
+    _work(cfg, 0, torch.device(device), resume_state, step, LocalTrialHooks, progress=progress)
 
 
 def _work(cfg: dict, rank: int, device: torch.device, resume_state: dict | None, step: int,

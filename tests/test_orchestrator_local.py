@@ -75,6 +75,30 @@ def test_local_run_killed_resumes_from_its_file_without_mlflow(tmp_path, data_ro
     assert r.returncode == 0 and "without MLflow" in r.stdout
 
 
+def test_local_packs_trials_into_concurrent_processes(tmp_path, data_root):
+    """resources.max_concurrent_trials: 2 -> two trial processes at once on the one device
+    (what a fractional GPU gives under Ray), each recording exactly what it would alone."""
+    study = tiny_study(data_root, name="localpack", training={"epochs": 4},
+                       sweep={"grid": {"model.base_width": [8, 12]}}, evaluation={"metrics": False},
+                       resources={"max_concurrent_trials": 2})
+    study["analysis"] = {"figures": False}
+    f, out = write_study(tmp_path / "localpack.yaml", study), tmp_path / "out"
+    r = studyctl("launch", f, "--local", "--no-tracking", "--output", out, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "2 at a time in separate processes" in r.stdout
+    trials = pd.read_parquet(out / "trials")
+    assert list(trials["status"]) == ["COMPLETED", "COMPLETED"]
+    runs = [json.loads((out / "trial_files" / t / "workers" / "rank0.json").read_text()) for t in trials["trial_id"]]
+    ends = [json.loads((out / "trial_files" / t / "summary.json").read_text())["updated_at"]
+            for t in trials["trial_id"]]
+    assert runs[0]["pid"] != runs[1]["pid"]
+    assert max(w["started_at"] for w in runs) < min(ends), "the two trials did not overlap in time"
+    logged, _, evals = expected_steps(256, 16, 1, 4, 10, 5, 10, 10)
+    for tid in trials["trial_id"]:
+        assert sorted(pd.read_parquet(out / "train_steps").query("trial_id == @tid")["step"]) == logged
+        assert sorted(pd.read_parquet(out / "evals").query("trial_id == @tid")["step"]) == evals
+
+
 @pytest.mark.parametrize("change, message", [
     ({"resources": {"gpus_per_worker": 1}}, "resources.gpus_per_worker is 1 but torch sees no CUDA device"),
     ({"sweep": {"grid": {"training.lr": [1e-3, 2e-3]}, "asha": {"max_t": 2}}}, "sweep.asha needs Ray Tune"),
