@@ -8,6 +8,10 @@
              -> TorchTrainer(train_worker, N DDP workers, FailureConfig(max_failures))
              -> COMPLETED / FAILED row with the reason, child run ended
 
+    launch(spec, out, local=True)          (no Ray: `studyctl launch --local`)
+      -> the same records, then drive_trial(local_worker) per trial, in this process or in
+         max_concurrent_trials processes sharing the device; resume state in resume.pt
+
 We expand the sweep ourselves (spec.expand) instead of letting Tune sample it: trial ids
 are then deterministic, which is what lets `resume` skip finished trials and lets Ray
 Train find the checkpoints of an interrupted trial (same run name, same storage).

@@ -16,6 +16,9 @@ died (Ray restarts the group) or after `studyctl resume` (Ray Train restores a r
 the same name from storage). Rank 0 then deletes record parts after the restored step,
 so the rows of the lost interval are written exactly once.
 
+Without Ray (`studyctl launch --local`), `local_worker` runs the same loop in one process
+with `LocalTrialHooks`: the full resume state goes to trial_files/<id>/resume.pt instead.
+
 A diverged run (DivergedError: NaN/inf loss) is not retried — retrying a deterministic
 divergence only burns time: every rank catches it (the loss is all-reduced, so all ranks
 see it at the same step), rank 0 writes the reason to `summary.json`, and the trial
