@@ -180,31 +180,30 @@ def fig29b_entropy_plane(study: Study, trial: str):
     return fig
 
 
-def fig30a_fid_vs_epoch(study: Study, trial: str):
-    df = _metric_frame(study, trial, "fid")
+def _metric_vs_epoch(study: Study, trial: str, lines: dict[str, tuple[str, str]], ylabel: str, title: str):
+    """One line per metric column ({column: (marker style, legend label)}) against epoch."""
+    df = _metric_frame(study, trial, *lines)
     if df.empty:
         return None
     fig, ax = _fig()
-    ax.plot(df["epoch"], df["fid"], "o-", label="FID (MNIST classifier features)")
+    for column, (style, label) in lines.items():
+        ax.plot(df["epoch"], df[column], style, label=label)
     _epoch_axis(ax)
-    ax.set_ylabel("FID  (squared feature units)")
-    ax.set_title(f"FID vs epoch — {trial}")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title} — {trial}")
     ax.legend()
     return fig
+
+
+def fig30a_fid_vs_epoch(study: Study, trial: str):
+    return _metric_vs_epoch(study, trial, {"fid": ("o-", "FID (MNIST classifier features)")},
+                            "FID  (squared feature units)", "FID vs epoch")
 
 
 def fig30b_fid_decomposition(study: Study, trial: str):
-    df = _metric_frame(study, trial, "fid_mean_term", "fid_cov_term")
-    if df.empty:
-        return None
-    fig, ax = _fig()
-    ax.plot(df["epoch"], df["fid_mean_term"], "o-", label="mean term ||mu_r - mu_g||^2")
-    ax.plot(df["epoch"], df["fid_cov_term"], "s-", label="covariance term")
-    _epoch_axis(ax)
-    ax.set_ylabel("FID term  (squared feature units)")
-    ax.set_title(f"FID decomposition — {trial}")
-    ax.legend()
-    return fig
+    return _metric_vs_epoch(study, trial, {"fid_mean_term": ("o-", "mean term ||mu_r - mu_g||^2"),
+                                           "fid_cov_term": ("s-", "covariance term")},
+                            "FID term  (squared feature units)", "FID decomposition")
 
 
 TRIAL_FIGURES = {f.__name__: f for f in (fig26a_loss_per_epoch, fig26b_first_1000_iterations, fig27_residual_vs_t,

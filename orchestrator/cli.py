@@ -214,17 +214,14 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
     import os
     import sys
 
-    import yaml
-
-    from .tracking import tracking_uri
+    from .tracking import study_store
 
     d = _study_dir(directory)
-    snap = yaml.safe_load((d / "study.yaml").read_text())
-    if not (snap.get("tracking") or {}).get("enabled", True):
+    _, uri = study_store(d)
+    if uri is None:
         typer.echo(f"{d} was run without MLflow (tracking.enabled: false): its records are the Parquet tables; "
                    f"`studyctl status {d}` and `studyctl figures {d}` read them")
         raise typer.Exit(0)
-    uri = tracking_uri((snap.get("tracking") or {}).get("uri"), d)
     if not uri.startswith("sqlite:") and not uri.startswith("file:"):
         typer.echo(f"this study logs to {uri}: open that server in a browser instead")
         raise typer.Exit(0)

@@ -120,13 +120,13 @@ def drive_trial(common: dict, i: int, fit: Callable[[dict], None]) -> None:
     p = plan(spec, out)
     trial = p["trials"][i]
     tid = trial["trial_id"]
-    writer = trial_writer(out, spec, p, i)
     uri = c["mlflow_uri"]
     params = {"trial_id": tid, "study": spec.name, **p["flat"][i]}
     run_id = tracking.ensure_child_run(uri, c["experiment_id"], c["parent_run_id"], spec.name, tid, params)
     before = _read_summary(out, tid)
     wall_before = float(before.get("wall_seconds") or 0.0)
-    writer.write_trial(status="RUNNING", mlflow_run_id=run_id, wall_seconds=wall_before, updated_at=time.time())
+    trial_writer(out, spec, p, i).write_trial(status="RUNNING", mlflow_run_id=run_id, wall_seconds=wall_before,
+                                              updated_at=time.time())
     worker_cfg = {"trial": trial, "study": spec.name, "study_dir": str(out), "mlflow_uri": uri,
                   "mlflow_run_id": run_id, "eval_seed": spec.evaluation.seed,
                   "row_params": {k: p["flat"][i][k] for k in p["swept"]}, "row_types": p["row_types"],
@@ -140,18 +140,28 @@ def drive_trial(common: dict, i: int, fit: Callable[[dict], None]) -> None:
     s = _read_summary(out, tid)
     if error is None and s.get("status") == "FAILED":
         error = s.get("error") or "failed"
-    status = "FAILED" if error else "COMPLETED"
-    wall = wall_before + time.time() - t0
-    s.update(status=status, error=error, wall_seconds=wall)
-    write_json_atomic(trial_files(out, tid) / "summary.json", s)
-    writer.write_trial(status=status, error=error[:4000] if error else None, parameters=s.get("parameters"),
-                       wall_seconds=wall, step=s.get("step"), total_steps=s.get("total_steps"),
-                       restarts=s.get("restarts"), mlflow_run_id=run_id, updated_at=time.time())
-    tracking.set_tags(uri, run_id, {"status": status, **({"error": error} if error else {})})
-    tracking.log_metrics(uri, run_id, [("wall_seconds", wall, int(s.get("step") or 0))])
-    tracking.end_run(uri, run_id, "FAILED" if error else "FINISHED")
+    s["wall_seconds"] = wall_before + time.time() - t0
+    tracking.log_metrics(uri, run_id, [("wall_seconds", s["wall_seconds"], int(s.get("step") or 0))])
+    _record_outcome(common, spec, p, i, s, "FAILED" if error else "COMPLETED", error, run_id,
+                    "FAILED" if error else "FINISHED")
     if error:
         raise TrialFailed(f"trial {tid} failed: {error}")
+
+
+def _record_outcome(common: dict, spec: StudySpec, p: dict, i: int, summary: dict, status: str,
+                    error: str | None, run_id: str | None, run_status: str) -> None:
+    """A trial's final state, everywhere it is kept: summary.json, its `trials` row, its MLflow
+    run (tags, then ended with run_status: FINISHED | FAILED | KILLED)."""
+    out, tid = Path(common["out"]), p["trials"][i]["trial_id"]
+    summary.update(status=status, error=error)
+    write_json_atomic(trial_files(out, tid) / "summary.json", summary)
+    trial_writer(out, spec, p, i).write_trial(
+        status=status, error=error[:4000] if error else None, parameters=summary.get("parameters"),
+        wall_seconds=summary.get("wall_seconds"), step=summary.get("step"), total_steps=summary.get("total_steps"),
+        restarts=summary.get("restarts"), mlflow_run_id=run_id, updated_at=time.time())
+    if run_id:
+        tracking.set_tags(common["mlflow_uri"], run_id, {"status": status, "error": error or ""})
+        tracking.end_run(common["mlflow_uri"], run_id, run_status)
 
 
 # ----------------------------------------------------------------------------- launching
@@ -408,24 +418,15 @@ def _reconcile(spec: StudySpec, out: Path, p: dict, common: dict, ran: list[int]
     trials = read_table(out, "trials")
     known = {} if trials.empty else dict(zip(trials["trial_id"], trials["status"]))
     run_ids = {} if trials.empty else dict(zip(trials["trial_id"], trials["mlflow_run_id"]))
-    uri = common["mlflow_uri"]
     for i in ran:
         tid = p["trials"][i]["trial_id"]
         if i in tune_errored or known.get(tid) not in ("RUNNING", "FAILED"):
             continue
         s = _read_summary(out, tid)
         finished = s.get("step") is not None and s.get("step") == s.get("total_steps")
-        status = "COMPLETED" if finished else "STOPPED"
-        error = None if finished else f"stopped early by ASHA at step {s.get('step')}"
-        s.update(status=status, error=error)
-        write_json_atomic(trial_files(out, tid) / "summary.json", s)
-        trial_writer(out, spec, p, i).write_trial(
-            status=status, error=error, parameters=s.get("parameters"), step=s.get("step"),
-            total_steps=s.get("total_steps"), wall_seconds=s.get("wall_seconds"),
-            mlflow_run_id=run_ids.get(tid), updated_at=time.time())
-        if run_ids.get(tid):
-            tracking.set_tags(uri, run_ids[tid], {"status": status, "error": error or ""})
-            tracking.end_run(uri, run_ids[tid], "FINISHED" if finished else "KILLED")
+        _record_outcome(common, spec, p, i, s, "COMPLETED" if finished else "STOPPED",
+                        None if finished else f"stopped early by ASHA at step {s.get('step')}",
+                        run_ids.get(tid), "FINISHED" if finished else "KILLED")
 
 
 # -------------------------------------------------------------------------------- status

@@ -172,18 +172,26 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _retry(client(uri).set_terminated, run_id, status)
 
 
-def find_parent_run(study_dir: str | os.PathLike) -> tuple[str, str] | None:
-    """(tracking uri, parent run id) of the study that wrote `study_dir`, without touching the run."""
+def study_store(study_dir: str | os.PathLike) -> tuple[dict, str | None] | None:
+    """(study snapshot, its tracking uri — None when tracking is off) of a study folder;
+    None if the folder holds no study.yaml."""
     import yaml
 
-    d = Path(study_dir).resolve()
-    snap_file = d / "study.yaml"
+    snap_file = Path(study_dir) / "study.yaml"
     if not snap_file.exists():
         return None
     snap = yaml.safe_load(snap_file.read_text())
-    if not (snap.get("tracking") or {}).get("enabled", True):
+    t = snap.get("tracking") or {}
+    return snap, (tracking_uri(t.get("uri"), study_dir) if t.get("enabled", True) else None)
+
+
+def find_parent_run(study_dir: str | os.PathLike) -> tuple[str, str] | None:
+    """(tracking uri, parent run id) of the study that wrote `study_dir`, without touching the run."""
+    d = Path(study_dir).resolve()
+    found = study_store(d)
+    if found is None or found[1] is None:
         return None
-    uri = tracking_uri((snap.get("tracking") or {}).get("uri"), d)
+    snap, uri = found
     c = client(uri)
     exp = c.get_experiment_by_name((snap.get("tracking") or {}).get("experiment") or snap["name"])
     if exp is None:
