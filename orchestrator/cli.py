@@ -12,6 +12,7 @@ app = typer.Typer(
          "Typical use: `studyctl launch quickstart.yaml`, then `studyctl ui runs/quickstart`.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstring paragraphs re-flow to the terminal width
 )
 
 
