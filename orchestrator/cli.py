@@ -145,7 +145,12 @@ def _run_sweep(spec, out: Path, address: str | None, resuming: bool, local: bool
     except TrialFailed as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
+    except KeyboardInterrupt:  # before the trials started (the sweep handles its own interrupts)
+        typer.echo(f"interrupted — `studyctl resume {out}{' --local' if local else ''}` continues", err=True)
+        raise typer.Exit(130)
     typer.echo(f"wall time {time.time() - t0:.0f} s")
+    if code == 130:  # interrupted: the message is printed; no analysis of a half-run sweep
+        raise typer.Exit(code)
     _after_sweep(spec, out)
     raise typer.Exit(code)
 
@@ -259,7 +264,7 @@ def _write_figures(directory, mlflow: bool = True) -> None:
     figs, report, missing = make_figures(directory)
     typer.echo(f"wrote {len(figs.written)} figures (PNG + PDF) and the report {report}")
     for tid, state, err in missing:
-        typer.echo(f"  missing/incomplete trial {tid}: {state}{' - ' + err if err else ''}")
+        typer.echo(f"  missing/incomplete trial {tid}: {state}{' - ' + str(err) if err else ''}")
     if mlflow:
         from .tracking import find_parent_run, log_artifact
 

@@ -18,10 +18,14 @@ Train find the checkpoints of an interrupted trial (same run name, same storage)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -127,16 +131,22 @@ def drive_trial(common: dict, i: int, fit: Callable[[dict], None]) -> None:
     wall_before = float(before.get("wall_seconds") or 0.0)
     trial_writer(out, spec, p, i).write_trial(status="RUNNING", mlflow_run_id=run_id, wall_seconds=wall_before,
                                               updated_at=time.time())
+    t0 = time.time()
     worker_cfg = {"trial": trial, "study": spec.name, "study_dir": str(out), "mlflow_uri": uri,
                   "mlflow_run_id": run_id, "eval_seed": spec.evaluation.seed,
+                  "wall_before": wall_before, "driver_started_at": t0,
                   "row_params": {k: p["flat"][i][k] for k in p["swept"]}, "row_types": p["row_types"],
                   "trial_params": p["flat"][i], "trial_types": p["trial_types"]}
-    t0 = time.time()
     error = None
     try:
         fit(worker_cfg)
     except Exception as e:  # TrainingFailedError after max_failures restarts, or a setup error
         error = f"{type(e).__name__}: {e}"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (launch turns it into KeyboardInterrupt)
+        s = _read_summary(out, tid)
+        s["wall_seconds"] = wall_before + time.time() - t0
+        _record_outcome(common, spec, p, i, s, "INTERRUPTED", None, run_id, "KILLED")
+        raise
     s = _read_summary(out, tid)
     if error is None and s.get("status") == "FAILED":
         error = s.get("error") or "failed"
@@ -369,10 +379,19 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
     done = len(p["trials"]) - len(todo)
     echo(f"study {spec.name}: {len(p['trials'])} trials, {done} already finished, {len(todo)} to run")
     echo(f"records: {out}    MLflow: {common['mlflow_uri'] or 'off (tracking.enabled: false)'}")
-    if todo and local:
-        _run_local(spec, p, common, todo, device, echo)
-    elif todo:
-        _run_tune(spec, out, p, common, todo, address, echo)
+    try:
+        with _sigterm_as_interrupt():
+            if todo and local:
+                _run_local(spec, p, common, todo, device, echo)
+            elif todo:
+                _run_tune(spec, out, p, common, todo, address, echo)
+    except KeyboardInterrupt:
+        _mark_interrupted(spec, out, p, common, todo)
+        tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "KILLED")
+        echo(f"interrupted — `studyctl resume {out}{' --local' if local else ''}` continues")
+        return 130
+    # A trial Tune stopped (its own Ctrl-C handling) or whose process died left a RUNNING row.
+    _mark_interrupted(spec, out, p, common, todo)
     final = statuses(out)
     failed = [t["trial_id"] for t in p["trials"] if final.get(t["trial_id"]) == "FAILED"]
     tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "FAILED" if failed else "FINISHED")
@@ -387,6 +406,41 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
         return 1
     echo(f"all {len(p['trials'])} trials finished. Next: studyctl status {out}   |   studyctl ui {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or `kill`'s stop) takes the Ctrl-C path: records and MLflow runs
+    are closed as interrupted instead of being left RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _mark_interrupted(spec: StudySpec, out: Path, p: dict, common: dict, ran: list[int]) -> None:
+    """After the sweep stopped: trials of this launch still RUNNING have no process left (their
+    driver was stopped with the launch): record them INTERRUPTED and end their runs KILLED."""
+    trials = read_table(out, "trials")
+    if trials.empty:
+        return
+    rows = trials.set_index("trial_id")
+    for i in ran:
+        tid = p["trials"][i]["trial_id"]
+        if tid in rows.index and rows.loc[tid, "status"] == "RUNNING":
+            s = _read_summary(out, tid)
+            s.setdefault("wall_seconds", rows.loc[tid, "wall_seconds"])
+            run_id = rows.loc[tid, "mlflow_run_id"]
+            _record_outcome(common, spec, p, i, s, "INTERRUPTED", None, run_id if isinstance(run_id, str) else None,
+                            "KILLED")
 
 
 def _tune_outcome():
@@ -448,8 +502,14 @@ def status_table(out: Path):
         live[tid] = s
     df["step"] = [max(int(live[t].get("step") or 0), int(x) if pd.notna(x) else 0)
                   for t, x in zip(df["trial_id"], df["step"])]
-    df["total_steps"] = [live[t].get("total_steps") or x for t, x in zip(df["trial_id"], df["total_steps"])]
-    df["progress"] = [f"{100 * s / t:.0f}%" if t and pd.notna(t) else "-" for s, t in zip(df["step"], df["total_steps"])]
+    df["total_steps"] = pd.array([live[t].get("total_steps") or (int(x) if pd.notna(x) else None)
+                                  for t, x in zip(df["trial_id"], df["total_steps"])], dtype="Int64")
+    df["wall_seconds"] = [max(float(live[t].get("wall_seconds") or 0), float(x) if pd.notna(x) else 0) or None
+                          for t, x in zip(df["trial_id"], df["wall_seconds"])]
+    df["status"] = [("INTERRUPTED" if st == "RUNNING" and _stale(out, t) else st)
+                    for t, st in zip(df["trial_id"], df["status"])]
+    df["error"] = df["error"].fillna("") if "error" in df else ""
+    df["progress"] = [f"{100 * s / t:.0f}%" if pd.notna(t) and t else "-" for s, t in zip(df["step"], df["total_steps"])]
     if not steps.empty:
         last = steps.sort_values("step").groupby("trial_id").tail(1).set_index("trial_id")["loss"]
         df["loss"] = df["trial_id"].map(last)
@@ -466,6 +526,23 @@ def status_table(out: Path):
     keep = [c for c in ("trial_id", "status", "progress", "step", "total_steps", "loss", "val_loss", "fid",
                         "inception_score", "wall_seconds", "error") if c in df]
     return df[keep].sort_values("trial_id").reset_index(drop=True)
+
+
+def _stale(out: Path, trial_id: str) -> bool:
+    """A RUNNING trial whose worker process (on this host) is gone: killed with its launch."""
+    try:
+        w = json.loads((trial_files(out, trial_id) / "workers" / "rank0.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if w.get("host") != socket.gethostname():  # another node: its processes are not visible here
+        return False
+    try:
+        os.kill(int(w["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False
 
 
 def summary_lines(out: Path, echo: Callable[[str], None] = print) -> None:
