@@ -231,12 +231,39 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
     if not uri.startswith("sqlite:") and not uri.startswith("file:"):
         typer.echo(f"this study logs to {uri}: open that server in a browser instead")
         raise typer.Exit(0)
+    busy = _port_in_use(host, port)
+    if busy:
+        typer.echo(f"error: port {port} on {host} is already in use ({busy}); another server (perhaps another "
+                   f"study's UI) answers there. Stop it, or pick a free port: --port {_free_port(host)}", err=True)
+        raise typer.Exit(1)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--default-artifact-root", (d / "mlartifacts").as_uri(), "--host", host, "--port", str(port)]
     typer.echo(f"MLflow UI for {d} on http://{host}:{port}  (Ctrl-C stops it)", )
     sys.stdout.flush()
     # Become the MLflow UI (exec): signals sent to `studyctl ui` reach MLflow directly.
     os.execv(sys.executable, cmd)
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on, or None if it can. Checked before exec'ing MLflow,
+    which would print its URL, fail to bind and still exit 0."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "busy"
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ analysis

@@ -125,3 +125,20 @@ def test_ui_serves_the_study_store(tmp_path, data_root):
     cmd = [sys.executable, "-m", "orchestrator.cli", "ui", str(study), "--port", str(port)]
     with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log"):
         assert (study / "mlflow.db").exists()  # the study's own store
+
+
+def test_ui_on_a_busy_port_fails_naming_the_port(tmp_path, data_root):
+    """A port another server listens on: exit 1 naming the port and a free one; MLflow is not started."""
+    import socket
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.yaml").write_text(yaml.safe_dump(_tiny(data_root)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = runner.invoke(app, ["ui", str(study), "--port", str(port)])
+    assert r.exit_code == 1, r.output
+    assert f"port {port} on 127.0.0.1 is already in use" in r.output and "--port " in r.output
+    assert "http://" not in r.output and not (study / "mlflow.db").exists()
