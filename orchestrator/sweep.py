@@ -372,7 +372,30 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
         device = local_device(spec)  # before anything is written: a bad setup changes nothing
         if spec.sweep is not None and spec.sweep.asha is not None:
             raise TrialFailed("sweep.asha needs Ray Tune's scheduler: run without --local, or remove sweep.asha")
+    elif any(statuses(out).get(t["trial_id"]) not in FINISHED for t in expand(spec)):
+        # The cluster must fit one trial before any record or MLflow run exists.
+        init_ray(address or spec.ray_address)
+        try:
+            _concurrency(spec, 1)
+        except TrialFailed:
+            if not address and not spec.ray_address:
+                import ray
+
+                ray.shutdown()
+            raise
     common = prepare(spec, out, resuming=resuming, echo=echo)
+    try:
+        return _launch_prepared(spec, out, common, address, local, device if local else None, echo)
+    except KeyboardInterrupt:  # never leave the study's MLflow run RUNNING
+        tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "KILLED")
+        raise
+    except Exception:
+        tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "FAILED")
+        raise
+
+
+def _launch_prepared(spec: StudySpec, out: Path, common: dict, address: str | None, local: bool,
+                     device: str | None, echo: Callable[[str], None]) -> int:
     p = plan(spec, out)
     known = statuses(out)
     todo = [i for i, t in enumerate(p["trials"]) if known.get(t["trial_id"]) not in FINISHED]

@@ -16,7 +16,7 @@ runner = CliRunner()
 def _tiny(data_root, **over):
     d = {"name": "cli", "data": {"root": str(data_root), "subset_size": 256, "val_size": 128},
          "model": {"base_width": 8, "channel_mult": [1, 2], "blocks_per_level": 1},
-         "training": {"epochs": 1}, "evaluation": {"sampler": "ddim", "steps": 5},
+         "training": {"epochs": 1}, "evaluation": {"sampler": "ddim", "steps": 5, "residual_images": 64},
          "sweep": {"grid": {"model.base_width": [8, 16]}, "seeds": [0, 1]}}
     d.update(over)
     return d
