@@ -238,7 +238,11 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
         raise typer.Exit(1)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--default-artifact-root", (d / "mlartifacts").as_uri(), "--host", host, "--port", str(port)]
-    typer.echo(f"MLflow UI for {d} on http://{host}:{port}  (Ctrl-C stops it)", )
+    from .tracking import experiment_url, study_experiment_id
+
+    exp_id = study_experiment_id(d) if (d / "mlflow.db").exists() or not uri.startswith("sqlite:") else None
+    base = f"http://{host}:{port}"
+    typer.echo(f"MLflow UI for {d} on {experiment_url(base, exp_id) if exp_id else base}  (Ctrl-C stops it)")
     sys.stdout.flush()
     # Become the MLflow UI (exec): signals sent to `studyctl ui` reach MLflow directly.
     os.execv(sys.executable, cmd)

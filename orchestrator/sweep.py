@@ -202,7 +202,22 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # a local Ray sized to this machine, no dashboard (nothing to serve)
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+
+
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Runs in every worker of our local Ray. Ray Train V2 starts a detached PlacementGroupCleaner
+    per TorchTrainer that asks the State API once a second whether the Train controller still
+    lives (ray-project/ray#58515). The State API is served by the dashboard, which a local Ray
+    here runs without: every query fails and logs "Failed to query Ray Train Controller actor
+    state" (hundreds of lines per quickstart). The cleaner only matters when a controller dies
+    while its Ray session goes on; ours ends with the launch (ray.shutdown frees every placement
+    group), so its warnings are noise here: keep that one logger to errors."""
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def warm_metric_cache(trials: list[dict], echo: Callable[[str], None] = print) -> None:

@@ -62,8 +62,9 @@ def runs(tmp_path_factory, data_root):
     child = c.get_run(interrupted["mlflow_run_id"])
     run_states = (child.info.status, c.get_run(child.data.tags["mlflow.parentRunId"]).info.status)
     resumed = launch(_study(data_root, True), cut, resuming=True, local=True, echo=lambda s: None)
+    images = [a.path for a in c.list_artifacts(child.info.run_id, "images")]
     return {"whole": whole, "cut": cut, "code": code, "said": said, "interrupted": interrupted,
-            "run_states": run_states, "resumed": resumed}
+            "run_states": run_states, "resumed": resumed, "images": images}
 
 
 def test_interrupt_is_recorded_and_says_how_to_continue(runs):
@@ -83,6 +84,11 @@ def test_resume_across_an_evaluation_logs_the_uninterrupted_losses(runs):
     trial = pd.read_parquet(runs["cut"] / "trials").iloc[0]
     assert trial["status"] == "COMPLETED" and trial["restarts"] == 1
     assert trial["wall_seconds"] > runs["interrupted"]["wall_seconds"]  # the time before the stop is kept
+    # each evaluation's sample grid is an MLflow image (the run page's image chart), once per step
+    for step in (8, 16, 24):
+        assert sum(p.startswith(f"images/sample_grid+step+{step}+") and p.endswith(".png")
+                   for p in runs["images"]) == 1, \
+            runs["images"]
 
 
 def test_evaluation_leaves_the_global_rng_alone(data_root, mnist_splits):
