@@ -318,7 +318,7 @@ def _run_local(spec: StudySpec, p: dict, common: dict, todo: list[int], device: 
         for n, fut in enumerate(cf.as_completed(futures), 1):
             try:
                 error = fut.result()
-            except Exception as e:  # the process died (killed, out of memory): its row stays RUNNING
+            except Exception as e:  # the process died (killed, out of memory): marked INTERRUPTED after the sweep
                 error = f"trial {futures[fut]}: its process died ({type(e).__name__}: {e})"
             echo(f"[{n}/{len(todo)}] {error or f'trial {futures[fut]} finished'}")
 
@@ -370,6 +370,9 @@ def _run_tune(spec: StudySpec, out: Path, p: dict, common: dict, todo: list[int]
                                       storage_path=str(out / "ray" / "tune"),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1,
                                       callbacks=[outcome]))
+        # Ctrl-C should stop the launch now, as under --local (launch records the interruption);
+        # Tune's own handler would instead wind the sweep down and return as if it had ended.
+        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
         tuner.fit()  # trial errors are in our records (and Tune's table above)
     finally:
         if not address and not spec.ray_address:
