@@ -179,8 +179,6 @@ def _concurrency(spec: StudySpec, n_todo: int) -> int:
     import ray
 
     r = spec.resources
-    if r.max_concurrent_trials:
-        return min(r.max_concurrent_trials, n_todo)
     res = ray.cluster_resources()
     fit = math.floor(res.get("CPU", 1) / (r.workers_per_trial * r.cpus_per_worker))
     if r.gpus_per_worker > 0:
@@ -190,6 +188,8 @@ def _concurrency(spec: StudySpec, n_todo: int) -> int:
             f"one trial needs {r.workers_per_trial} x (CPU {r.cpus_per_worker}, GPU {r.gpus_per_worker}) but the "
             f"Ray cluster has {res}. Lower resources.workers_per_trial / cpus_per_worker / gpus_per_worker, or "
             f"add nodes.")
+    if r.max_concurrent_trials:
+        return min(r.max_concurrent_trials, n_todo)
     # Tune would otherwise start every driver and leave their worker groups waiting for resources.
     return max(1, min(fit, n_todo))
 
@@ -431,7 +431,7 @@ def _launch_prepared(spec: StudySpec, out: Path, common: dict, address: str | No
         tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "KILLED")
         echo(f"interrupted — `studyctl resume {out}{' --local' if local else ''}` continues")
         return 130
-    # A trial Tune stopped (its own Ctrl-C handling) or whose process died left a RUNNING row.
+    # A trial whose driver or process died (killed, out of memory) left a RUNNING row.
     _mark_interrupted(spec, out, p, common, todo)
     final = statuses(out)
     failed = [t["trial_id"] for t in p["trials"] if final.get(t["trial_id"]) == "FAILED"]

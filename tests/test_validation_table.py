@@ -128,8 +128,9 @@ def test_launch_refuses_a_trial_bigger_than_the_cluster_before_writing(data_root
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     d = tiny(data_root)
-    d["resources"] = {"workers_per_trial": 4, "cpus_per_worker": 1}
-    out = tmp_path / "out"
-    with pytest.raises(sweep.TrialFailed, match=r"one trial needs 4 x \(CPU 1.0"):
-        sweep.launch(parse_study(d), out)
-    assert not out.exists()
+    for extra in ({}, {"max_concurrent_trials": 1}):
+        d["resources"] = {"workers_per_trial": 4, "cpus_per_worker": 1, **extra}
+        out = tmp_path / "out"
+        with pytest.raises(sweep.TrialFailed, match=r"one trial needs 4 x \(CPU 1.0"):
+            sweep.launch(parse_study(d), out)
+        assert not out.exists()
