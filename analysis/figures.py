@@ -57,8 +57,20 @@ CAPTIONS = {
 
 
 def _fig(**kw):
-    with plt.rc_context(STYLE):
+    # The size and dpi apply here; the rest of STYLE (fonts, line widths, savefig.*) is read
+    # while drawing and saving, so `write_figures` draws and saves each figure inside `styled()`.
+    with styled():
         return plt.subplots(**kw)
+
+
+def styled():
+    """The figures' rc context: draw *and* save a figure inside it (`save` also pins dpi and bbox)."""
+    return plt.rc_context(STYLE)
+
+
+def _legend_outside(ax, **kw):
+    """A legend right of the axes, never over the data (a dense plot has no empty corner)."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kw)
 
 
 def _epoch_axis(ax):
@@ -91,8 +103,9 @@ def fig26b_first_1000_iterations(study: Study, trial: str):
     ax.loglog(df["step"], df["loss"], "-", lw=0.8, label="training loss per iteration")
     ax.set_xlabel("iteration (optimizer step)")
     ax.set_ylabel("loss  ||eps - eps_theta||^2 / d")
-    ax.set_title(f"First 1,000 iterations — {trial}")
-    ax.legend()
+    # The thesis's figure shows 1,000 iterations; a shorter run shows what it has.
+    ax.set_title(f"First {int(df['step'].max()):,} iterations — {trial}")
+    _legend_outside(ax)
     return fig
 
 
@@ -116,7 +129,7 @@ def fig27_residual_vs_t(study: Study, trial: str):
     ax.set_xlabel("diffusion timestep t")
     ax.set_ylabel("Residual(t)  E||eps - eps_theta||^2 / d")
     ax.set_title(f"Residual vs timestep — {trial}")
-    ax.legend()
+    _legend_outside(ax)
     return fig
 
 
@@ -126,20 +139,35 @@ def fig28_samples_by_epoch(study: Study, trial: str, max_panels: int = 6):
         return None
     df = df.sort_values("step")
     rows = df.iloc[np.unique(np.linspace(0, len(df) - 1, min(max_panels, len(df))).round().astype(int))]
-    grids = [(r.epoch, load_grid(r.sample_grid, study.dir)) for r in rows.itertuples()]
-    grids = [(e, g) for e, g in grids if g is not None]
+    grids = [(r.epoch, load_grid(r.sample_grid, study.dir), ema_init_share(study, trial, r))
+             for r in rows.itertuples()]
+    grids = [(e, g, share) for e, g, share in grids if g is not None]
     if not grids:
         return None
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.5), squeeze=False)
-    for ax, (epoch, g) in zip(axes[0], grids):
+    for ax, (epoch, g, share) in zip(axes[0], grids):
         ax.imshow(g, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(f"epoch {epoch:.1f}")
+        # Early EMA weights are mostly the random initialisation (share lambda^step): their
+        # samples are saturated noise, not a broken sampler. Say so on the panel.
+        note = f"\nEMA weights: {share:.0%} initial" if share is not None and share >= 0.005 else ""
+        ax.set_title(f"epoch {epoch:.1f}{note}")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.grid(False)
     fig.suptitle(f"Samples from fixed noise by epoch — {trial}")
     return fig
+
+
+def ema_init_share(study: Study, trial: str, row) -> float | None:
+    """Share of the random initial weights still in the EMA weights at an evaluation: lambda^step
+    (thesis eq. 101 unrolled). The `evals` table's own column when it has one, else from the
+    trial's training.ema_decay."""
+    recorded = getattr(row, "ema_init_share", None)
+    if recorded is not None and pd.notna(recorded):
+        return float(recorded)
+    decay = study.param(trial, "training.ema_decay")
+    return float(decay) ** int(row.step) if decay is not None and pd.notna(decay) else None
 
 
 def _metric_frame(study: Study, trial: str, *cols: str) -> pd.DataFrame:
@@ -161,7 +189,7 @@ def fig29a_log_is_vs_epoch(study: Study, trial: str):
     _epoch_axis(ax)
     ax.set_ylabel("log Inception Score  (nats)")
     ax.set_title(f"log IS vs epoch — {trial}")
-    ax.legend()
+    _legend_outside(ax)
     return fig
 
 
@@ -176,7 +204,7 @@ def fig29b_entropy_plane(study: Study, trial: str):
     ax.set_xlabel("H(Y)  marginal class entropy (nats)")
     ax.set_ylabel("H(Y|X)  mean conditional entropy (nats)")
     ax.set_title(f"Entropy plane — {trial}")
-    ax.legend()
+    _legend_outside(ax)
     return fig
 
 
@@ -191,7 +219,7 @@ def _metric_vs_epoch(study: Study, trial: str, lines: dict[str, tuple[str, str]]
     _epoch_axis(ax)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} — {trial}")
-    ax.legend()
+    _legend_outside(ax)
     return fig
 
 
@@ -391,7 +419,9 @@ def save(fig, path_stem: Path) -> Path:
     png = path_stem.with_suffix(".png")
     for suffix in (".png", ".pdf"):
         tmp = path_stem.with_name(f".tmp-{path_stem.name}{suffix}")
-        fig.savefig(tmp, format=suffix[1:])
+        # dpi and bbox explicitly: outside STYLE's rc context savefig would crop at the figure's
+        # edge (labels, titles and outside legends cut) at the figure's own dpi.
+        fig.savefig(tmp, format=suffix[1:], dpi=STYLE["savefig.dpi"], bbox_inches=STYLE["savefig.bbox"])
         tmp.replace(path_stem.with_suffix(suffix))
     plt.close(fig)
     return png
@@ -403,14 +433,18 @@ def write_figures(study: Study, out: Path | None = None) -> FigureSet:
     for trial in study.trial_ids():
         for name, fn in TRIAL_FIGURES.items():
             key = f"{trial}/{name}"
-            fig = fn(study, trial)
+            with styled():
+                fig = fn(study, trial)
+                if fig is not None:
+                    result.written[key] = save(fig, out / trial / name)
             if fig is None:
                 result.skipped[key] = f"no data yet (trial status {study.status(trial)})"
-            else:
-                result.written[key] = save(fig, out / trial / name)
-    for name, fig in study_overlays(study).items():
+    with styled():
+        overlays = study_overlays(study)
+        for name, fig in overlays.items():
+            if fig is not None:
+                result.written[name] = save(fig, out / name)
+    for name, fig in overlays.items():
         if fig is None:
             result.skipped[name] = "needs a swept field with >= 2 values and records for it"
-        else:
-            result.written[name] = save(fig, out / name)
     return result

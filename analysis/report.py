@@ -28,7 +28,9 @@ def missing_trials(study: Study) -> list[tuple[str, str, str]]:
     if "status" in study.trials:
         for r in study.trials.itertuples():
             if r.status != "COMPLETED":
-                out.append((r.trial_id, r.status, getattr(r, "error", None) or ""))
+                # A RUNNING/PENDING row has no error: Parquet gives NaN there, which is truthy.
+                err = getattr(r, "error", None)
+                out.append((r.trial_id, r.status, err if isinstance(err, str) else ""))
     return out
 
 
@@ -51,7 +53,7 @@ def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:2px 6px}pre{background:#f6f6f6;padding:.5em;overflow:auto}"
-             ".warn{color:#a00}</style></head><body>",
+             ".warn{color:#a00}.wide{max-width:100%;overflow-x:auto}</style></head><body>",
              f"<h1>Study {html.escape(study.name)}</h1>"]
     missing = missing_trials(study)
     if missing:
@@ -61,7 +63,9 @@ def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
                          f"{' — ' + html.escape(str(err)) if err else ''} (its figures show what exists)</li>")
         parts.append("</ul>")
     parts.append("<h2>Trials and final metrics</h2>")
-    parts.append(trial_summary(study).to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="—"))
+    # Many swept fields and metric columns are wider than the page: the table scrolls in its own box.
+    parts.append("<div class='wide'>" + trial_summary(study).to_html(index=False, float_format=lambda v: f"{v:.4g}",
+                                                                      na_rep="—") + "</div>")
     study_figs = {k: v for k, v in figs.written.items() if "/" not in k}
     if study_figs:
         parts.append("<h2>Study-level figures</h2>")

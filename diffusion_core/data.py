@@ -21,6 +21,10 @@ DATA_ROOT_ENV = "STUDYCTL_DATA_ROOT"
 DATASETS = ("mnist", "cifar10")
 SUBSET_MODES = ("disjoint", "bootstrap")
 MNIST_TRAIN, MNIST_VAL = 48_000, 12_000  # thesis 2.5.3: 80/20 split of the 60k training images
+CIFAR10_TRAIN, CIFAR10_VAL = 40_000, 10_000  # the 50k training images, same 80/20 split
+# The one place the split sizes and native image sizes live (study validation reads them here).
+SPLIT_SIZES = {"mnist": (MNIST_TRAIN, MNIST_VAL), "cifar10": (CIFAR10_TRAIN, CIFAR10_VAL)}
+NATIVE_IMAGE_SIZE = {"mnist": 28, "cifar10": 32}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -163,7 +167,7 @@ def load_cifar10(root: str | os.PathLike | None = None, train: bool = True, down
     return ImageSet(images, torch.as_tensor(targets, dtype=torch.long), "cifar10-train" if train else "cifar10-test")
 
 
-def cifar10_splits(root=None, *, split_seed: int = 0, n_val: int = 10_000, with_test: bool = False,
+def cifar10_splits(root=None, *, split_seed: int = 0, n_val: int = CIFAR10_VAL, with_test: bool = False,
                    download: bool = False, verify_checksums: bool = True) -> Splits:
     full = load_cifar10(root, True, download, verify_checksums)
     if not 0 < n_val < len(full):

@@ -200,6 +200,14 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None = None) -> EvalResult:
+        """Residuals, samples and metrics of the given weights. The global torch RNG (the training's
+        dropout stream) is left exactly as it was: every draw here has its own generator, and what
+        the metrics build lazily (their classifier) consumes the global RNG only inside a fork."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return self._evaluate(ema_model, raw_model)
+
+    def _evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None) -> EvalResult:
         t0 = time.time()
         residuals = {}
         for name, net in (("ema", ema_model), ("raw", raw_model)):

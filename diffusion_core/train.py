@@ -349,7 +349,11 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                 call("on_epoch", completed, train_loss, val_loss)
                 state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
             if should_eval(state.step):
-                call("on_eval")
+                # Evaluation draws from its own seeded generators, but what it builds (e.g. the
+                # metrics classifier, made at the first evaluation) would consume the global RNG
+                # that drives dropout: isolate it, or a resumed run leaves the uninterrupted one.
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    call("on_eval")
                 call("on_eval_all_ranks", all_ranks=True)
                 net.train()
             if state.step >= total_steps:

@@ -145,7 +145,12 @@ def _run_sweep(spec, out: Path, address: str | None, resuming: bool, local: bool
     except TrialFailed as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
+    except KeyboardInterrupt:  # before the trials started (the sweep handles its own interrupts)
+        typer.echo(f"interrupted — `studyctl resume {out}{' --local' if local else ''}` continues", err=True)
+        raise typer.Exit(130)
     typer.echo(f"wall time {time.time() - t0:.0f} s")
+    if code == 130:  # interrupted: the message is printed; no analysis of a half-run sweep
+        raise typer.Exit(code)
     _after_sweep(spec, out)
     raise typer.Exit(code)
 
@@ -226,12 +231,43 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
     if not uri.startswith("sqlite:") and not uri.startswith("file:"):
         typer.echo(f"this study logs to {uri}: open that server in a browser instead")
         raise typer.Exit(0)
+    busy = _port_in_use(host, port)
+    if busy:
+        typer.echo(f"error: port {port} on {host} is already in use ({busy}); another server (perhaps another "
+                   f"study's UI) answers there. Stop it, or pick a free port: --port {_free_port(host)}", err=True)
+        raise typer.Exit(1)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--default-artifact-root", (d / "mlartifacts").as_uri(), "--host", host, "--port", str(port)]
-    typer.echo(f"MLflow UI for {d} on http://{host}:{port}  (Ctrl-C stops it)", )
+    from .tracking import experiment_url, study_experiment_id
+
+    exp_id = study_experiment_id(d) if (d / "mlflow.db").exists() or not uri.startswith("sqlite:") else None
+    base = f"http://{host}:{port}"
+    typer.echo(f"MLflow UI for {d} on {experiment_url(base, exp_id) if exp_id else base}  (Ctrl-C stops it)")
     sys.stdout.flush()
     # Become the MLflow UI (exec): signals sent to `studyctl ui` reach MLflow directly.
     os.execv(sys.executable, cmd)
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on, or None if it can. Checked before exec'ing MLflow,
+    which would print its URL, fail to bind and still exit 0."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is not "busy"
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ analysis
@@ -259,7 +295,7 @@ def _write_figures(directory, mlflow: bool = True) -> None:
     figs, report, missing = make_figures(directory)
     typer.echo(f"wrote {len(figs.written)} figures (PNG + PDF) and the report {report}")
     for tid, state, err in missing:
-        typer.echo(f"  missing/incomplete trial {tid}: {state}{' - ' + err if err else ''}")
+        typer.echo(f"  missing/incomplete trial {tid}: {state}{' - ' + str(err) if err else ''}")
     if mlflow:
         from .tracking import find_parent_run, log_artifact
 

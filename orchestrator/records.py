@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from diffusion_core.evaluation import METRIC_KEYS
 
 KINDS = ("trials", "train_steps", "epochs", "residuals", "evals")
-STATUSES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "STOPPED")
+STATUSES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "STOPPED", "INTERRUPTED")  # INTERRUPTED: resumable
 
 _BASE = {
     "trials": [("study", pa.string()), ("trial_id", pa.string()), ("status", pa.string()), ("error", pa.string()),

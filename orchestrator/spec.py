@@ -44,6 +44,7 @@ StrictInt = Annotated[int, Strict()]
 PositiveInt = Annotated[int, Strict(), Field(gt=0)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 StrictBool = Annotated[bool, Strict()]
+UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]   # [0, 1): Adam's betas
 
 SECTIONS = ("data", "model", "diffusion", "training", "evaluation")
 PACKAGED_STUDIES = Path(__file__).parent / "studies"
@@ -93,7 +94,7 @@ class TrainingSpec(_Strict):
     epochs: PositiveInt = 25
     batch_size: PositiveInt = 16              # global batch, split over the DDP workers
     lr: PositiveFloat = 2e-4
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_betas: tuple[UnitInterval, UnitInterval] = (0.9, 0.999)
     adam_eps: PositiveFloat = 1e-8
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     seed: StrictInt = 0
@@ -200,13 +201,26 @@ def resolve_study_path(file: str | os.PathLike) -> Path:
                      f"({known}). Give a path to a YAML file or one of those names.")
 
 
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The keys allowed beside loc[-1]: the fields of the section (model) that loc[:-1] leads to."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        ann = field.annotation if field is not None else None
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_errors(err: ValidationError, prefix: str = "", model: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = prefix + ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"field '{loc}': unknown key (check the spelling; allowed keys are listed in "
-                         f"orchestrator/spec.py and studyctl validate --help)")
+            allowed = _allowed_keys(model or StudySpec, e["loc"])
+            lines.append(f"field '{loc}': unknown key (check the spelling); allowed keys here: "
+                         f"{', '.join(allowed) if allowed else 'see orchestrator/spec.py'}")
         elif e["type"] == "missing":
             lines.append(f"field '{loc}': required but missing")
         else:
@@ -226,17 +240,50 @@ def parse_study(raw: Any, source: str = "<study>") -> StudySpec:
     return spec
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently, so `lr: 1e-3` further down would quietly win over the `lr` the reader sees first."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    first: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in first:
+                raise StudyError(f"field {key!r}: given twice in the same section (lines {first[key]} and {line}); "
+                                 f"YAML would keep only the last: allowed once")
+            first[key] = line
+        except TypeError:  # an unhashable key: PyYAML itself reports it below
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml(text: str):
+    """A study file's YAML (duplicate keys are errors)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_study(file: str | os.PathLike, overrides: list[str] = ()) -> StudySpec:
     """Read and validate a study file; `overrides` ("evaluation.n_samples=10000", values in YAML
     syntax) replace fields first, so they are validated (and snapshotted) like the file's own."""
     path = resolve_study_path(file)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise StudyError(f"{path}: not valid YAML: {e}") from None
+    except StudyError as e:
+        raise StudyError(f"{path}: {e}") from None
     if overrides and isinstance(raw, dict):
         raw = apply_overrides(raw, overrides)
     return parse_study(raw, str(path) + (f" with --set {' '.join(overrides)}" if overrides else ""))
+
+
+DOTTED_CONTAINERS = ("sweep.grid", "sweep.random")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -249,7 +296,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise StudyError(f"--set {item!r}: the value is not valid YAML: {e}") from None
-        *parents, leaf = key.strip().split(".")
+        key = key.strip()
+        # sweep.grid / sweep.random map dotted field names to lists: in
+        # `sweep.grid.model.base_width=[8]` the container is sweep.grid, the key model.base_width.
+        container = next((c for c in DOTTED_CONTAINERS if key.startswith(c + ".")), None)
+        if container is not None:
+            parents, leaf = container.split("."), key[len(container) + 1:]
+        else:
+            *parents, leaf = key.split(".")
         cur = raw
         for part in parents:
             if cur.get(part) is None:
@@ -362,7 +416,7 @@ def _validate_trial(spec: StudySpec, trial: dict) -> None:
         try:
             model.model_validate(trial["config"][section])
         except ValidationError as e:
-            raise StudyError(f"{where}: invalid swept value\n{_format_errors(e, prefix=section + '.')}") from None
+            raise StudyError(f"{where}: invalid swept value\n{_format_errors(e, section + '.', model)}") from None
     cfg = trial["config"]
     n_workers = spec.resources.workers_per_trial
     bs = cfg["training"]["batch_size"]
@@ -373,6 +427,9 @@ def _validate_trial(spec: StudySpec, trial: dict) -> None:
     if size is not None and size < bs:
         raise StudyError(f"{where}: field 'data.subset_size': bad value {size}: smaller than the batch "
                          f"size {bs}; allowed: >= training.batch_size")
+    problem = _doomed_value(cfg)
+    if problem:
+        raise StudyError(f"{where}: {problem}")
     if cfg["evaluation"]["sampler"] == "ddim" and (cfg["evaluation"]["steps"] or 50) > cfg["diffusion"]["T"]:
         raise StudyError(f"{where}: field 'evaluation.steps': bad value {cfg['evaluation']['steps']}: "
                          f"allowed 1..diffusion.T={cfg['diffusion']['T']}")
@@ -380,6 +437,58 @@ def _validate_trial(spec: StudySpec, trial: dict) -> None:
         to_core(cfg)
     except (ValueError, TypeError) as e:
         raise StudyError(f"{where}: {e}") from None
+
+
+def _doomed_value(cfg: dict) -> str | None:
+    """A value the schema accepts but the trial would fail on, or silently change: the message
+    naming the field, the value and what is allowed; None if the trial config is sound."""
+    from diffusion_core.data import NATIVE_IMAGE_SIZE, SPLIT_SIZES
+
+    d, m, f, e = cfg["data"], cfg["model"], cfg["diffusion"], cfg["evaluation"]
+    n_train, n_val = SPLIT_SIZES[d["dataset"]]
+    split = f"the {d['dataset']} split has {n_train:,} training / {n_val:,} validation images"
+    size = d["subset_size"]
+    if size is not None and size > n_train:
+        return f"field 'data.subset_size': bad value {size}: {split}; allowed: 1..{n_train}"
+    if size is not None and d["subset_mode"] == "disjoint" and (d["subset_index"] + 1) * size > n_train:
+        return (f"field 'data.subset_index': bad value {d['subset_index']}: disjoint subsets of {size} images "
+                f"fit {n_train // size} times in {n_train:,}; allowed: 0..{n_train // size - 1} "
+                f"(or data.subset_mode: bootstrap)")
+    if size is None and d["subset_index"] != 0:
+        return (f"field 'data.subset_index': bad value {d['subset_index']}: without data.subset_size the whole "
+                f"split is used; allowed: 0 (or set data.subset_size)")
+    if d["val_size"] is not None and d["val_size"] > n_val:
+        return f"field 'data.val_size': bad value {d['val_size']}: {split}; allowed: 1..{n_val}"
+    native = NATIVE_IMAGE_SIZE[d["dataset"]]
+    if d["image_size"] is not None and d["image_size"] < native:
+        return (f"field 'data.image_size': bad value {d['image_size']}: {d['dataset']} images are {native}x{native} "
+                f"and are zero-padded, never shrunk; allowed: null or >= {native}")
+    if m["attention"]:
+        channels = m["base_width"] * m["channel_mult"][-1]
+        if channels % m["attention_heads"]:
+            return (f"field 'model.attention_heads': bad value {m['attention_heads']}: must divide the "
+                    f"{channels} channels where attention runs (base_width x channel_mult[-1]); allowed: "
+                    f"{', '.join(str(h) for h in range(1, channels + 1) if channels % h == 0)}")
+    if f["schedule"] != "cosine" and f["beta_start"] > f["beta_end"]:
+        return (f"field 'diffusion.beta_start': bad value {f['beta_start']}: above diffusion.beta_end="
+                f"{f['beta_end']}; allowed: 0 < beta_start <= beta_end < 1")
+    T = f["T"]
+    if isinstance(e["t_grid"], int) and not 2 <= e["t_grid"] <= T:
+        return (f"field 'evaluation.t_grid': bad value {e['t_grid']}: the number of residual timesteps; "
+                f"allowed: 2..diffusion.T={T}, or an explicit list of timesteps")
+    if isinstance(e["t_grid"], list):
+        if not e["t_grid"] or max(e["t_grid"]) > T or len(set(e["t_grid"])) != len(e["t_grid"]):
+            return (f"field 'evaluation.t_grid': bad value {e['t_grid']}: allowed: distinct timesteps in "
+                    f"1..diffusion.T={T}")
+    val = d["val_size"] or n_val
+    if e["residual_images"] > val:
+        return (f"field 'evaluation.residual_images': bad value {e['residual_images']}: more than the {val} "
+                f"validation images; allowed: 1..{val} (data.val_size)")
+    if e["metrics"] and e["is_splits"] > e["n_samples"] // 2:
+        # A split of one sample has IS exactly 1 (p(y|x) is its own marginal): a meaningless number.
+        return (f"field 'evaluation.is_splits': bad value {e['is_splits']}: each IS split needs >= 2 of the "
+                f"{e['n_samples']} samples; allowed: 1..{max(1, e['n_samples'] // 2)}")
+    return None
 
 
 def check_study(spec: StudySpec, source: str = "<study>") -> None:

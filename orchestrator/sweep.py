@@ -18,10 +18,14 @@ Train find the checkpoints of an interrupted trial (same run name, same storage)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -127,16 +131,22 @@ def drive_trial(common: dict, i: int, fit: Callable[[dict], None]) -> None:
     wall_before = float(before.get("wall_seconds") or 0.0)
     trial_writer(out, spec, p, i).write_trial(status="RUNNING", mlflow_run_id=run_id, wall_seconds=wall_before,
                                               updated_at=time.time())
+    t0 = time.time()
     worker_cfg = {"trial": trial, "study": spec.name, "study_dir": str(out), "mlflow_uri": uri,
                   "mlflow_run_id": run_id, "eval_seed": spec.evaluation.seed,
+                  "wall_before": wall_before, "driver_started_at": t0,
                   "row_params": {k: p["flat"][i][k] for k in p["swept"]}, "row_types": p["row_types"],
                   "trial_params": p["flat"][i], "trial_types": p["trial_types"]}
-    t0 = time.time()
     error = None
     try:
         fit(worker_cfg)
     except Exception as e:  # TrainingFailedError after max_failures restarts, or a setup error
         error = f"{type(e).__name__}: {e}"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (launch turns it into KeyboardInterrupt)
+        s = _read_summary(out, tid)
+        s["wall_seconds"] = wall_before + time.time() - t0
+        _record_outcome(common, spec, p, i, s, "INTERRUPTED", None, run_id, "KILLED")
+        raise
     s = _read_summary(out, tid)
     if error is None and s.get("status") == "FAILED":
         error = s.get("error") or "failed"
@@ -169,8 +179,6 @@ def _concurrency(spec: StudySpec, n_todo: int) -> int:
     import ray
 
     r = spec.resources
-    if r.max_concurrent_trials:
-        return min(r.max_concurrent_trials, n_todo)
     res = ray.cluster_resources()
     fit = math.floor(res.get("CPU", 1) / (r.workers_per_trial * r.cpus_per_worker))
     if r.gpus_per_worker > 0:
@@ -180,6 +188,8 @@ def _concurrency(spec: StudySpec, n_todo: int) -> int:
             f"one trial needs {r.workers_per_trial} x (CPU {r.cpus_per_worker}, GPU {r.gpus_per_worker}) but the "
             f"Ray cluster has {res}. Lower resources.workers_per_trial / cpus_per_worker / gpus_per_worker, or "
             f"add nodes.")
+    if r.max_concurrent_trials:
+        return min(r.max_concurrent_trials, n_todo)
     # Tune would otherwise start every driver and leave their worker groups waiting for resources.
     return max(1, min(fit, n_todo))
 
@@ -192,7 +202,22 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # a local Ray sized to this machine, no dashboard (nothing to serve)
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+
+
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Runs in every worker of our local Ray. Ray Train V2 starts a detached PlacementGroupCleaner
+    per TorchTrainer that asks the State API once a second whether the Train controller still
+    lives (ray-project/ray#58515). The State API is served by the dashboard, which a local Ray
+    here runs without: every query fails and logs "Failed to query Ray Train Controller actor
+    state" (hundreds of lines per quickstart). The cleaner only matters when a controller dies
+    while its Ray session goes on; ours ends with the launch (ray.shutdown frees every placement
+    group), so its warnings are noise here: keep that one logger to errors."""
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def warm_metric_cache(trials: list[dict], echo: Callable[[str], None] = print) -> None:
@@ -293,7 +318,7 @@ def _run_local(spec: StudySpec, p: dict, common: dict, todo: list[int], device: 
         for n, fut in enumerate(cf.as_completed(futures), 1):
             try:
                 error = fut.result()
-            except Exception as e:  # the process died (killed, out of memory): its row stays RUNNING
+            except Exception as e:  # the process died (killed, out of memory): marked INTERRUPTED after the sweep
                 error = f"trial {futures[fut]}: its process died ({type(e).__name__}: {e})"
             echo(f"[{n}/{len(todo)}] {error or f'trial {futures[fut]} finished'}")
 
@@ -345,6 +370,9 @@ def _run_tune(spec: StudySpec, out: Path, p: dict, common: dict, todo: list[int]
                                       storage_path=str(out / "ray" / "tune"),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1,
                                       callbacks=[outcome]))
+        # Ctrl-C should stop the launch now, as under --local (launch records the interruption);
+        # Tune's own handler would instead wind the sweep down and return as if it had ended.
+        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
         tuner.fit()  # trial errors are in our records (and Tune's table above)
     finally:
         if not address and not spec.ray_address:
@@ -362,17 +390,49 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
         device = local_device(spec)  # before anything is written: a bad setup changes nothing
         if spec.sweep is not None and spec.sweep.asha is not None:
             raise TrialFailed("sweep.asha needs Ray Tune's scheduler: run without --local, or remove sweep.asha")
+    elif any(statuses(out).get(t["trial_id"]) not in FINISHED for t in expand(spec)):
+        # The cluster must fit one trial before any record or MLflow run exists.
+        init_ray(address or spec.ray_address)
+        try:
+            _concurrency(spec, 1)
+        except TrialFailed:
+            if not address and not spec.ray_address:
+                import ray
+
+                ray.shutdown()
+            raise
     common = prepare(spec, out, resuming=resuming, echo=echo)
+    try:
+        return _launch_prepared(spec, out, common, address, local, device if local else None, echo)
+    except KeyboardInterrupt:  # never leave the study's MLflow run RUNNING
+        tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "KILLED")
+        raise
+    except Exception:
+        tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "FAILED")
+        raise
+
+
+def _launch_prepared(spec: StudySpec, out: Path, common: dict, address: str | None, local: bool,
+                     device: str | None, echo: Callable[[str], None]) -> int:
     p = plan(spec, out)
     known = statuses(out)
     todo = [i for i, t in enumerate(p["trials"]) if known.get(t["trial_id"]) not in FINISHED]
     done = len(p["trials"]) - len(todo)
     echo(f"study {spec.name}: {len(p['trials'])} trials, {done} already finished, {len(todo)} to run")
     echo(f"records: {out}    MLflow: {common['mlflow_uri'] or 'off (tracking.enabled: false)'}")
-    if todo and local:
-        _run_local(spec, p, common, todo, device, echo)
-    elif todo:
-        _run_tune(spec, out, p, common, todo, address, echo)
+    try:
+        with _sigterm_as_interrupt():
+            if todo and local:
+                _run_local(spec, p, common, todo, device, echo)
+            elif todo:
+                _run_tune(spec, out, p, common, todo, address, echo)
+    except KeyboardInterrupt:
+        _mark_interrupted(spec, out, p, common, todo)
+        tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "KILLED")
+        echo(f"interrupted — `studyctl resume {out}{' --local' if local else ''}` continues")
+        return 130
+    # A trial whose driver or process died (killed, out of memory) left a RUNNING row.
+    _mark_interrupted(spec, out, p, common, todo)
     final = statuses(out)
     failed = [t["trial_id"] for t in p["trials"] if final.get(t["trial_id"]) == "FAILED"]
     tracking.end_run(common["mlflow_uri"], common["parent_run_id"], "FAILED" if failed else "FINISHED")
@@ -387,6 +447,41 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
         return 1
     echo(f"all {len(p['trials'])} trials finished. Next: studyctl status {out}   |   studyctl ui {out}")
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler's or `kill`'s stop) takes the Ctrl-C path: records and MLflow runs
+    are closed as interrupted instead of being left RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _mark_interrupted(spec: StudySpec, out: Path, p: dict, common: dict, ran: list[int]) -> None:
+    """After the sweep stopped: trials of this launch still RUNNING have no process left (their
+    driver was stopped with the launch): record them INTERRUPTED and end their runs KILLED."""
+    trials = read_table(out, "trials")
+    if trials.empty:
+        return
+    rows = trials.set_index("trial_id")
+    for i in ran:
+        tid = p["trials"][i]["trial_id"]
+        if tid in rows.index and rows.loc[tid, "status"] == "RUNNING":
+            s = _read_summary(out, tid)
+            s.setdefault("wall_seconds", rows.loc[tid, "wall_seconds"])
+            run_id = rows.loc[tid, "mlflow_run_id"]
+            _record_outcome(common, spec, p, i, s, "INTERRUPTED", None, run_id if isinstance(run_id, str) else None,
+                            "KILLED")
 
 
 def _tune_outcome():
@@ -448,8 +543,14 @@ def status_table(out: Path):
         live[tid] = s
     df["step"] = [max(int(live[t].get("step") or 0), int(x) if pd.notna(x) else 0)
                   for t, x in zip(df["trial_id"], df["step"])]
-    df["total_steps"] = [live[t].get("total_steps") or x for t, x in zip(df["trial_id"], df["total_steps"])]
-    df["progress"] = [f"{100 * s / t:.0f}%" if t and pd.notna(t) else "-" for s, t in zip(df["step"], df["total_steps"])]
+    df["total_steps"] = pd.array([live[t].get("total_steps") or (int(x) if pd.notna(x) else None)
+                                  for t, x in zip(df["trial_id"], df["total_steps"])], dtype="Int64")
+    df["wall_seconds"] = [max(float(live[t].get("wall_seconds") or 0), float(x) if pd.notna(x) else 0) or None
+                          for t, x in zip(df["trial_id"], df["wall_seconds"])]
+    df["status"] = [("INTERRUPTED" if st == "RUNNING" and _stale(out, t) else st)
+                    for t, st in zip(df["trial_id"], df["status"])]
+    df["error"] = df["error"].fillna("") if "error" in df else ""
+    df["progress"] = [f"{100 * s / t:.0f}%" if pd.notna(t) and t else "-" for s, t in zip(df["step"], df["total_steps"])]
     if not steps.empty:
         last = steps.sort_values("step").groupby("trial_id").tail(1).set_index("trial_id")["loss"]
         df["loss"] = df["trial_id"].map(last)
@@ -466,6 +567,23 @@ def status_table(out: Path):
     keep = [c for c in ("trial_id", "status", "progress", "step", "total_steps", "loss", "val_loss", "fid",
                         "inception_score", "wall_seconds", "error") if c in df]
     return df[keep].sort_values("trial_id").reset_index(drop=True)
+
+
+def _stale(out: Path, trial_id: str) -> bool:
+    """A RUNNING trial whose worker process (on this host) is gone: killed with its launch."""
+    try:
+        w = json.loads((trial_files(out, trial_id) / "workers" / "rank0.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if w.get("host") != socket.gethostname():  # another node: its processes are not visible here
+        return False
+    try:
+        os.kill(int(w["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False
 
 
 def summary_lines(out: Path, echo: Callable[[str], None] = print) -> None:

@@ -24,6 +24,10 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 900  # MLflow accepts up to 1,000 metrics per log_batch
+# Tell the MLflow 3 UI an experiment is model training (runs table, charts), not GenAI traces.
+# The 3.x UI also keeps a global GenAI / model-training switch (default GenAI) that overrides
+# the tag: `experiment_url` asks for model training in the URL (workflowType=machine_learning).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def _needs_store(off_value=None):
@@ -67,14 +71,15 @@ def ensure_experiment(uri: str, name: str, study_dir: str | os.PathLike) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older studyctl
+            _retry(c.set_experiment_tag, exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
         # A local store keeps artifacts beside it; a server decides its own location.
         artifact_location = (Path(study_dir).resolve() / "mlartifacts").as_uri()
-    # Tell the MLflow 3 UI this is model training (its runs table and charts), not GenAI traces.
     return _retry(c.create_experiment, name, artifact_location=artifact_location,
-                  tags={"mlflow.experimentKind": "custom_model_development"})
+                  tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def _find(c, exp_id: str, filter_string: str):
@@ -160,6 +165,19 @@ def log_artifact(uri: str, run_id: str, path: str | os.PathLike, artifact_path: 
 
 
 @_needs_store()
+def log_image(uri: str, run_id: str, png: str | os.PathLike, key: str, step: int) -> None:
+    """An image per step (MLflow >= 2.12): the run page's charts show it with a step slider,
+    where an artifact would sit in a folder tree."""
+    try:
+        from PIL import Image
+
+        with Image.open(png) as im:
+            client(uri).log_image(run_id, im.copy(), key=key, step=int(step), synchronous=True)
+    except Exception as e:  # like log_artifact: the grid is on disk whatever MLflow says
+        log.warning("could not log image %s to MLflow run %s: %s", png, run_id, e)
+
+
+@_needs_store()
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = client(uri)
     for k, v in tags.items():
@@ -183,6 +201,26 @@ def study_store(study_dir: str | os.PathLike) -> tuple[dict, str | None] | None:
     snap = yaml.safe_load(snap_file.read_text())
     t = snap.get("tracking") or {}
     return snap, (tracking_uri(t.get("uri"), study_dir) if t.get("enabled", True) else None)
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs as model training, trials listed flat: the UI
+    nests child runs (collapsed) under their parent only when sorted by start time."""
+    from urllib.parse import urlencode
+
+    query = urlencode({"workflowType": "machine_learning", "orderByKey": "tags.`mlflow.runName`",
+                       "orderByAsc": "true"})
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def study_experiment_id(study_dir: str | os.PathLike) -> str | None:
+    """The MLflow experiment id of a study folder's own store (None without one)."""
+    found = study_store(study_dir)
+    if found is None or found[1] is None:
+        return None
+    snap, uri = found
+    exp = client(uri).get_experiment_by_name((snap.get("tracking") or {}).get("experiment") or snap["name"])
+    return exp.experiment_id if exp is not None else None
 
 
 def find_parent_run(study_dir: str | os.PathLike) -> tuple[str, str] | None:

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -171,6 +172,8 @@ class TrialHooks:
         # Records of this interval, before the checkpoint (see the module docstring).
         self.flush(step)
         tracking.log_artifact(self.uri, self.run_id, png, "samples")
+        if step > self.mlflow_through:  # a replayed interval's image is already there (see on_start)
+            tracking.log_image(self.uri, self.run_id, png, "sample_grid", step)  # the run page's image chart
         self.write_summary(ctx, status="RUNNING")
 
     def flush(self, step: int) -> None:
@@ -181,10 +184,12 @@ class TrialHooks:
         self.metrics = []
 
     def write_summary(self, ctx: TrainContext, status: str, error: str | None = None) -> None:
+        # wall_seconds so far, across earlier launches: a killed launch keeps the time up to here.
+        wall = self.cfg.get("wall_before", 0.0) + time.time() - self.cfg.get("driver_started_at", self.t0)
         write_json_atomic(self.files / "summary.json", {
             "trial_id": self.trial_id, "status": status, "error": error, "step": ctx.step,
             "total_steps": ctx.total_steps, "parameters": getattr(self, "parameters", None),
-            "restarts": self.restarts, "updated_at": time.time()})
+            "restarts": self.restarts, "wall_seconds": wall, "updated_at": time.time()})
 
     def on_diverged(self, err: DivergedError) -> None:
         ctx = self.ctx
@@ -263,7 +268,7 @@ def train_worker(cfg: dict) -> None:
     rank = ctx.get_world_rank()
     write_json_atomic(trial_files(cfg["study_dir"], cfg["trial"]["trial_id"]) / "workers" / f"rank{rank}.json",
                       {"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                       "world_size": ctx.get_world_size()})
+                       "host": socket.gethostname(), "world_size": ctx.get_world_size()})
     resume_state, step = restore(rank)
     _work(cfg, rank, ray.train.torch.get_device(), resume_state, step, TrialHooks)
 
@@ -273,6 +278,7 @@ def local_worker(cfg: dict, device: str | torch.device, progress: bool = True) -
     a progress bar, and the resume state in a local file instead of a Ray checkpoint."""
     files = trial_files(cfg["study_dir"], cfg["trial"]["trial_id"])
     write_json_atomic(files / "workers" / "rank0.json", {"rank": 0, "pid": os.getpid(), "node_id": "local",
+                                                         "host": socket.gethostname(),
                                                          "world_size": 1, "device": str(device),
                                                          "started_at": time.time()})
     resume_state, step = LocalTrialHooks.restore(files)

@@ -16,7 +16,7 @@ runner = CliRunner()
 def _tiny(data_root, **over):
     d = {"name": "cli", "data": {"root": str(data_root), "subset_size": 256, "val_size": 128},
          "model": {"base_width": 8, "channel_mult": [1, 2], "blocks_per_level": 1},
-         "training": {"epochs": 1}, "evaluation": {"sampler": "ddim", "steps": 5},
+         "training": {"epochs": 1}, "evaluation": {"sampler": "ddim", "steps": 5, "residual_images": 64},
          "sweep": {"grid": {"model.base_width": [8, 16]}, "seeds": [0, 1]}}
     d.update(over)
     return d
@@ -125,3 +125,45 @@ def test_ui_serves_the_study_store(tmp_path, data_root):
     cmd = [sys.executable, "-m", "orchestrator.cli", "ui", str(study), "--port", str(port)]
     with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log"):
         assert (study / "mlflow.db").exists()  # the study's own store
+
+
+def test_ui_on_a_busy_port_fails_naming_the_port(tmp_path, data_root):
+    """A port another server listens on: exit 1 naming the port and a free one; MLflow is not started."""
+    import socket
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.yaml").write_text(yaml.safe_dump(_tiny(data_root)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = runner.invoke(app, ["ui", str(study), "--port", str(port)])
+    assert r.exit_code == 1, r.output
+    assert f"port {port} on 127.0.0.1 is already in use" in r.output and "--port " in r.output
+    assert "http://" not in r.output and not (study / "mlflow.db").exists()
+
+
+def test_ui_prints_the_experiment_in_model_training_view(tmp_path, data_root, monkeypatch):
+    """MLflow 3's UI opens in GenAI mode whatever the experiment tag says: the printed address
+    asks for model training and a flat, name-sorted runs table (trials not collapsed)."""
+    import os
+    import socket
+
+    from orchestrator import tracking
+
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "study.yaml").write_text(yaml.safe_dump(_tiny(data_root)))
+    uri = tracking.default_uri(study)
+    exp_id = tracking.ensure_experiment(uri, "cli", study)
+    assert tracking.client(uri).get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    execs = []
+    monkeypatch.setattr(os, "execv", lambda exe, cmd: execs.append(cmd))
+    with socket.socket() as s:  # a port free now (ui checks it again before MLflow would bind it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = runner.invoke(app, ["ui", str(study), "--port", str(port)])
+    assert r.exit_code == 0 and execs and execs[0][-1] == str(port), r.output
+    assert (f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+            f"&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true") in r.output

@@ -20,7 +20,7 @@ def tiny(data_root, **over) -> dict:
         "model": {"base_width": 8, "channel_mult": [1, 2], "blocks_per_level": 1, "bottleneck_blocks": 1},
         "diffusion": {"T": 200},
         "training": {"epochs": 1, "batch_size": 16},
-        "evaluation": {"every": 10, "start": 10, "n_samples": 16, "sampler": "ddim", "steps": 5},
+        "evaluation": {"every": 10, "start": 10, "n_samples": 16, "sampler": "ddim", "steps": 5, "residual_images": 64},
         "sweep": {"grid": {"model.base_width": [8, 16]}},
         "resources": {"workers_per_trial": 2},
     }
