@@ -102,14 +102,15 @@ def _shade_ema_lag(ax, df: pd.DataFrame, x: str) -> None:
                label=f"EMA holds > {EMA_LAG_SHARE:.0%} of the initial weights\n(its losses show that lag)")
 
 
-def _real_data_line(ax, df: pd.DataFrame, column: str, transform=None) -> None:
+def _real_data_line(ax, df: pd.DataFrame, column: str, transform=None, with_value: bool = True) -> None:
     """The metric of real test images at the run's sample count (a horizontal dotted line)."""
     if column not in df or df[column].isna().all():
         return
     value = float(df[column].dropna().mean())
     n = int(df["real_n_samples"].dropna().iloc[0]) if "real_n_samples" in df else None
     shown = transform(value) if transform else value
-    ax.axhline(shown, color="0.35", ls=":", lw=1.2, label=f"real data ({n} test images): {shown:.3g}")
+    label = f"real data ({n} test images)" + (f": {shown:.3g}" if with_value else "")
+    ax.axhline(shown, color="0.35", ls=":", lw=1.2, label=label)
 
 
 def _legend_below(ax, ncol: int = 2) -> None:
@@ -275,19 +276,29 @@ TRIAL_FIGURES = {f.__name__: f for f in (fig26a_loss_per_epoch, fig26b_first_100
 
 
 # ------------------------------------------------------------------ study-level figures
-def _panels(n: int, width: float = 4.2, height: float = 3.3):
+def _panels(n: int, width: float = 4.6, height: float = 3.5):
     cols = min(n, 3)
     rows = -(-n // cols)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
+                                 layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
 
 
+def _figure_legend(fig, axes, loc: str = "outside lower center") -> None:
+    """One legend for all panels (curves share their labels across panels), outside the axes."""
+    seen = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen), loc=loc, frameon=False, ncol=min(3, len(seen)))
+
+
 def _mean_line(ax, s: pd.DataFrame, x: str, label: str, style: str = "o-", color=None):
-    """Mean over seeds with its 95% t-interval band (where n >= 2); label gets the seed count."""
-    line, = ax.plot(s[x], s["mean"], style, color=color, label=f"{label} ({n_label(s['n'])})")
+    """Mean over seeds with its 95% t-interval band (where n >= 2)."""
+    line, = ax.plot(s[x], s["mean"], style, color=color, label=label)
     band = s["n"] >= 2
     if band.any():
         ax.fill_between(s[x], s["low"].where(band), s["high"].where(band), color=line.get_color(), alpha=0.15,
@@ -311,11 +322,14 @@ def _overlay(study: Study, df: pd.DataFrame, col: str, x: str, y: str, xlabel: s
         return None
     fig, axes = _panels(len(panels))
     for ax, (ctx, g) in zip(axes, panels):
+        counts = []
         for value, gv in groups(g, [col]):
-            _mean_line(ax, summarize(gv, x, y), x, f"{short(col)} = {fmt_value(value[col])}")
+            s = summarize(gv, x, y)
+            counts.append(s["n"])
+            _mean_line(ax, s, x, f"{short(col)} = {fmt_value(value[col])}")
         if real_data:
             _real_floor_in(ax, g, real_data)
-        ax.set_title(describe(ctx), fontsize=8)
+        ax.set_title(f"{describe(ctx)}\n{n_label(pd.concat(counts))} seeds per point", fontsize=8, wrap=True)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if logx:
@@ -324,8 +338,8 @@ def _overlay(study: Study, df: pd.DataFrame, col: str, x: str, y: str, xlabel: s
             ax.set_yscale("log")
         if invert_x:
             ax.invert_xaxis()
-        _legend_below(ax, ncol=1)
-    fig.suptitle(f"{title}\nmean over seeds ± 95% t-interval (n seeds per curve in its label)", fontsize=9)
+    _figure_legend(fig, axes)
+    fig.suptitle(f"{title}: mean over seeds ± 95% t-interval", fontsize=10)
     return fig
 
 
@@ -351,7 +365,7 @@ def study_overlays(study: Study) -> dict[str, object]:
             continue
         figs[f"study_val_loss_by_{name}"] = _overlay(
             study, study.epochs, col, x, "val_loss", xlabel,
-            "validation loss (EMA)  ||eps - eps_theta||^2 / d", f"Validation loss by {short(col)}")
+            "validation loss, EMA  ‖ε − ε_θ‖² / d", f"Validation loss by {short(col)}")
         figs[f"study_fid_by_{name}"] = _overlay(
             study, study.evals, col, x, "fid", xlabel, "FID  (squared feature units)", f"FID by {short(col)}",
             real_data="real_fid")
@@ -360,7 +374,7 @@ def study_overlays(study: Study) -> dict[str, object]:
             last = last.assign(log_snr=log_snr(last))
             figs[f"study_residual_by_{name}"] = _overlay(
                 study, last, col, "log_snr", "residual",
-                "log-SNR  λ_t = log(ᾱ_t / (1 − ᾱ_t))   (noisier →)", "Residual(t)  E||eps - eps_theta||^2 / d",
+                "log-SNR  λ_t = log(ᾱ_t / (1 − ᾱ_t))   (noisier →)", "Residual  E‖ε − ε_θ‖² / d",
                 f"Residual at the last common evaluation by {short(col)}", logy=True, invert_x=True)
     figs["study_fid_bias_variance_vs_capacity"] = fig_fid_bias_variance_vs_capacity(study)
     figs["study_pr_memorization_vs_size"] = fig_pr_memorization_vs_size(study)
@@ -386,10 +400,11 @@ def fig_fid_bias_variance_vs_capacity(study: Study):
     if not curves:
         return None
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6.0, 3.8))
+        fig, ax = plt.subplots(figsize=(6.0, 3.8), layout="constrained")
         for i, (ctx, g) in enumerate(curves):
-            step = int(g["step"].max())
-            _mean_line(ax, summarize(g, col, "fid"), col, f"{describe(ctx)}, step {step}", color=f"C{i}")
+            s = summarize(g, col, "fid")
+            _mean_line(ax, s, col, f"{describe(ctx)}: step {int(g['step'].max())}, {n_label(s['n'])} seeds",
+                       color=f"C{i}")
         _real_floor_in(ax, fe, "real_fid")
         _width_axis(ax, fe[col].dropna())
         ax.set_ylabel("FID  (squared feature units)")
@@ -403,7 +418,7 @@ def fig_fid_bias_variance_vs_capacity(study: Study):
             ax2.set_ylabel("per-dimension error at t")
             ax2.grid(False)
             ax2.legend(loc="upper right")
-        _legend_below(ax, ncol=1)
+        _figure_legend(fig, [ax], loc="outside lower center")
         ax.set_title("Final FID vs capacity: mean over seeds ± 95% t-interval")
     return fig
 
@@ -421,21 +436,22 @@ def fig_pr_memorization_vs_size(study: Study):
     fig, axes = _panels(3, width=3.6, height=3.3)
     for ax, metric in zip(axes, needed):
         for i, (ctx, g) in enumerate(curves):
-            _mean_line(ax, summarize(g, col, metric), col, describe(ctx), color=f"C{i}")
+            s = summarize(g, col, metric)
+            _mean_line(ax, s, col, f"{describe(ctx)}: {n_label(s['n'])} seeds", color=f"C{i}")
         real = f"real_{metric}"
         if real in fe and fe[real].notna().any():
             if metric == "memorized_fraction":  # depends on the training set: one value per size
                 r = fe.groupby(col)[real].mean()
                 n = int(fe["real_n_samples"].dropna().iloc[0])
-                ax.plot(r.index, r.to_numpy(), ":", color="0.35", label=f"real data ({n} test images)")
+                ax.plot(r.index, r.to_numpy(), ":", color="0.35", lw=1.2, label=f"real data ({n} test images)")
             else:
-                _real_data_line(ax, fe, real)
+                _real_data_line(ax, fe, real, with_value=False)
         ax.set_xscale("log")
         ax.set_xlabel("training-set size (images)")
-        ax.set_ylabel(metric.replace("_", " ") + "  (fraction)")
+        ax.set_ylabel(metric.replace("_", " "))
         ax.set_ylim(-0.02, 1.02)
-        _legend_below(ax, ncol=1)
-    fig.suptitle("Precision, recall, memorization vs training-set size (equal optimizer steps)\n"
+    _figure_legend(fig, axes, loc="outside lower center")
+    fig.suptitle("Precision, recall, memorized fraction of samples vs training-set size (equal optimizer steps)\n"
                  "mean over seeds ± 95% t-interval, at the last evaluation every trial of a curve reached",
                  fontsize=9)
     return fig
@@ -517,7 +533,7 @@ def save(fig, path_stem: Path) -> Path:
     png = path_stem.with_suffix(".png")
     for suffix in (".png", ".pdf"):
         tmp = path_stem.with_name(f".tmp-{path_stem.name}{suffix}")
-        fig.savefig(tmp, format=suffix[1:])
+        fig.savefig(tmp, format=suffix[1:], bbox_inches="tight")  # legends placed outside the axes included
         tmp.replace(path_stem.with_suffix(suffix))
     plt.close(fig)
     return png

@@ -96,7 +96,7 @@ def test_fid_vs_capacity_plots_each_group_mean_and_no_pooled_kink(synthetic):
     lines = data_lines(ax)
     assert len(lines) == 2   # linear and cosine at the full set; the arms have one width each: no curve
     for ln, schedule in zip(lines, ("cosine", "linear")):
-        assert f"schedule={schedule}" in ln.get_label() and "n=3" in ln.get_label()
+        assert f"schedule={schedule}" in ln.get_label() and "n=3 seeds" in ln.get_label()
         np.testing.assert_allclose(ln.get_xdata(), [8, 16, 32, 64, 128])
         expected = [truth(p, lambda c: fid_of(c, 75000), **{"model.base_width": w, "diffusion.schedule": schedule,
                                                             "data.subset_size": 48000, "data.subset_index": 0})
@@ -113,11 +113,11 @@ def test_capacity_overlays_have_one_panel_per_schedule(synthetic, overlays):
     p, study = synthetic
     fig = overlays["study_fid_by_capacity"]
     axes = [a for a in fig.axes if a.get_visible()]
-    assert [a.get_title() for a in axes] == ["subset_index=0, subset_size=48000, schedule=cosine",
-                                             "subset_index=0, subset_size=48000, schedule=linear"]
+    assert [a.get_title() for a in axes] == ["subset_index=0, subset_size=48000, schedule=cosine\nn=3 seeds per point",
+                                             "subset_index=0, subset_size=48000, schedule=linear\nn=3 seeds per point"]
     for ax, schedule in zip(axes, ("cosine", "linear")):
         lines = data_lines(ax)
-        assert [ln.get_label().split(" (")[0] for ln in lines] == [f"base_width = {w}" for w in (8, 16, 32, 64, 128)]
+        assert [ln.get_label() for ln in lines] == [f"base_width = {w}" for w in (8, 16, 32, 64, 128)]
         for ln, w in zip(lines, (8, 16, 32, 64, 128)):
             np.testing.assert_allclose(ln.get_xdata(), np.array(EVAL_STEPS) / 3000)   # epochs of the 48k set
             expected = [truth(p, lambda c, s=s: fid_of(c, s), **{"model.base_width": w, "diffusion.schedule": schedule,
@@ -132,7 +132,7 @@ def test_data_size_curves_are_against_optimizer_steps_per_subset(synthetic, over
     assert len(axes) == 1 and "subset_index=0" in axes[0].get_title() and "schedule=linear" in axes[0].get_title()
     assert axes[0].get_xlabel() == "optimizer step"
     lines = data_lines(axes[0])
-    assert [ln.get_label().split(" (")[0] for ln in lines] == [f"subset_size = {n}" for n in (1000, 6000, 24000, 48000)]
+    assert [ln.get_label() for ln in lines] == [f"subset_size = {n}" for n in (1000, 6000, 24000, 48000)]
     for ln, n in zip(lines, (1000, 6000, 24000, 48000)):
         np.testing.assert_allclose(ln.get_xdata(), EVAL_STEPS)
         expected = [truth(p, lambda c, s=s: val_of(c, s), **{"data.subset_size": n, "data.subset_index": 0,
