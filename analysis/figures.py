@@ -99,7 +99,7 @@ def _shade_ema_lag(ax, df: pd.DataFrame, x: str) -> None:
     last = int(np.flatnonzero(lag)[-1])
     right = (xs[last] + xs[last + 1]) / 2 if last + 1 < len(xs) else xs[last]
     ax.axvspan(0, right, color="0.88", zorder=0,
-               label=f"EMA holds > {EMA_LAG_SHARE:.0%} of the initial weights\n(its losses show that lag)")
+               label=f"EMA holds > {EMA_LAG_SHARE:.0%} of the initial weights\n(EMA numbers here show that lag)")
 
 
 def _real_data_line(ax, df: pd.DataFrame, column: str, transform=None, with_value: bool = True) -> None:

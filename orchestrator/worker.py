@@ -130,7 +130,8 @@ class TrialHooks:
         values = {"train_loss": losses.train, "val_loss": losses.val, "val_loss_raw": losses.val_raw,
                   "train_loss_eval": losses.train_eval, "ema_init_share": losses.ema_init_share}
         self.rows["epochs"].append({"epoch": losses.epoch, "step": ctx.step, **values})
-        self.metrics += [(k, v, ctx.step) for k, v in values.items() if v is not None]
+        # ema_init_share goes to MLflow with the evaluations only (one point per step in its history)
+        self.metrics += [(k, v, ctx.step) for k, v in values.items() if v is not None and k != "ema_init_share"]
         self.metrics.append(("epoch", losses.epoch, ctx.step))
         self.last_report.update(train_loss=losses.train, val_loss=losses.val, epoch=losses.epoch, val_step=ctx.step)
 
