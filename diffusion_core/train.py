@@ -65,6 +65,9 @@ class TrainConfig:
     val_every_epoch: bool = True     # at each epoch end: validation loss (EMA and raw weights, fixed t/eps)
     #                                  and the raw weights' loss on a fixed training batch (EpochLosses)
     train_eval_images: int = 512     # size of that fixed training batch (capped at the training set)
+    val_every_steps: int | None = None   # None: those losses at every epoch end; N: only at the epoch ends
+    #   that pass a multiple of N steps (and the last step) -- a 1,000-image set has 1,210 epochs in
+    #   75,000 steps, and 1,210 passes over a 12,000-image validation split would outweigh the training
     # Fast path (see BENCHMARKS.md); the defaults are the plain fp32 thesis loop.
     precision: str = "fp32"          # fp32 | bf16 (autocast of the forward pass; loss and Adam in fp32)
     channels_last: bool = False      # NHWC memory layout for convolutions
@@ -330,6 +333,10 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         if fn is not None and (is_main or all_ranks):
             fn(ctx, *args)
 
+    def validate_now(step: int) -> bool:  # a function of the step only, so a resumed run agrees
+        n = training.val_every_steps
+        return n is None or step == total_steps or step // n > (step - spe) // n
+
     def should_eval(step: int) -> bool:
         return step == total_steps or (step >= training.eval_start and step % training.eval_every == 0)
 
@@ -388,7 +395,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                     raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1} "
                                         f"(step {state.step}); lower the learning rate or check the data")
                 val_loss = val_raw = train_eval = None
-                if training.val_every_epoch:  # eval mode, fixed draws: no training RNG is consumed
+                if training.val_every_epoch and validate_now(state.step):  # eval mode, fixed draws: no RNG
                     val_loss = validation_loss(ema.module, schedule, splits.val, val_t, val_eps,
                                                rank=rank, world_size=world)
                     val_raw = eval_mode_loss(net, schedule, splits.val, val_t, val_eps, rank, world)

@@ -111,6 +111,8 @@ class TrainingSpec(_Strict):
 class EvaluationSpec(_Strict):
     every: PositiveInt = 2000                 # evaluate every N iterations ...
     start: NonNegativeInt = 8000              # ... from iteration M on (and always at the end)
+    val_every: Optional[PositiveInt] = None   # epoch-end validation losses only at epochs passing a multiple
+    #                                           of N steps (small training sets have many epochs); null: every epoch
     seed: StrictInt = 0                             # study-level evaluation seed, identical for all trials
     n_samples: PositiveInt = 1000             # samples for FID/IS/precision/recall
     grid_images: PositiveInt = 64             # images in the saved sample grid
@@ -444,7 +446,8 @@ def to_core(cfg: dict, *, image_channels: int | None = None):
                            ema_warmup=t["ema_warmup"],
                            seed=t["seed"], max_steps=t["max_steps"], grad_clip=t["grad_clip"],
                            log_every_first=t["log_every_first"], log_every=t["log_every"],
-                           eval_every=e["every"], eval_start=e["start"], precision=t["precision"],
+                           eval_every=e["every"], eval_start=e["start"], val_every_steps=e["val_every"],
+                           precision=t["precision"],
                            channels_last=t["channels_last"], compile=t["compile"],
                            compile_mode=t["compile_mode"])
     t_grid = e["t_grid"] if isinstance(e["t_grid"], int) else tuple(e["t_grid"])

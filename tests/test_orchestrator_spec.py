@@ -68,6 +68,7 @@ def test_packaged_studies_validate(name, data_root, monkeypatch, tmp_path):
         assert set(swept_fields(trials)) == {"model.base_width", "diffusion.schedule", "training.seed",
                                              "data.subset_size", "data.subset_index"}
         assert spec.training.ema_warmup and spec.diffusion.reverse_variance == "beta_tilde"
+        assert spec.evaluation.val_every == 3000 and to_core(trials[0]["config"])[3].val_every_steps == 3000
         from diffusion_core.data import steps_per_epoch
         for t in trials:  # every trial runs exactly the thesis's 75,000 optimizer steps
             tr, size = t["config"]["training"], t["config"]["data"]["subset_size"]
