@@ -133,7 +133,9 @@ class TrialHooks:
         # ema_init_share goes to MLflow with the evaluations only (one point per step in its history)
         self.metrics += [(k, v, ctx.step) for k, v in values.items() if v is not None and k != "ema_init_share"]
         self.metrics.append(("epoch", losses.epoch, ctx.step))
-        self.last_report.update(train_loss=losses.train, val_loss=losses.val, epoch=losses.epoch, val_step=ctx.step)
+        self.last_report.update(train_loss=losses.train, epoch=losses.epoch)
+        if losses.val is not None:  # else on_eval measures it (evaluation.val_every may skip this epoch)
+            self.last_report.update(val_loss=losses.val, val_step=ctx.step)
 
     def on_eval(self, ctx: TrainContext) -> None:
         res = self.evaluator.evaluate(ctx.ema_model, ctx.model)
