@@ -17,7 +17,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .tables import Study, final_evals, load_grid  # noqa: E402
+from .groups import (REPLICATE_FIELD, SCHEDULE_FIELDS, at_common_last_step, describe, group_fields,  # noqa: E402
+                     fmt_value, groups, log_snr, n_label, short, summarize)
+from .tables import Study, load_grid  # noqa: E402
 
 STYLE = {
     "figure.figsize": (5.0, 3.6), "figure.dpi": 120, "savefig.dpi": 150, "savefig.bbox": "tight",
@@ -28,8 +30,12 @@ STYLE = {
 
 # One sentence per figure, for the report.
 CAPTIONS = {
-    "fig26a_loss_per_epoch": "Training loss (mean over the epoch's iterations) and validation loss (EMA weights, "
-                             "fixed t and noise) per epoch; a widening gap would signal variance.",
+    "fig26a_loss_per_epoch": "Loss per epoch. The thesis's two curves: training loss (running mean over the epoch's "
+                             "iterations, raw weights with dropout on) and validation loss (EMA weights, eval mode, "
+                             "fixed t and noise). Beside them, like for like: the raw weights in eval mode on a fixed "
+                             "training batch and on the validation draws. Shaded: epochs where the EMA still holds "
+                             "more than 5% of the initial weights, where its loss measures that lag, not "
+                             "generalization.",
     "fig26b_first_1000_iterations": "Training loss of every iteration of the first 1,000, log-log: how fast the "
                                     "noise predictor leaves the trivial solution.",
     "fig27_residual_vs_t": "Residual(t) = E||eps - eps_theta(x_t, t)||^2 / d on a fixed validation batch, per "
@@ -37,19 +43,31 @@ CAPTIONS = {
     "fig28_samples_by_epoch": "Samples from the same starting noise at chosen epochs: how fidelity and diversity "
                               "develop in image space.",
     "fig29a_log_is_vs_epoch": "log Inception Score (MNIST classifier) per evaluation, mean and std over splits; "
-                              "the bound is log 10.",
+                              "the bound is log 10, and the IS of real test images at the same sample count "
+                              "(n in the legend) is the attainable ceiling.",
     "fig29b_entropy_plane": "Trajectory in the (H(Y), H(Y|X)) plane, coloured by epoch: diversity to the right, "
                             "confidence (fidelity) downwards.",
     "fig30a_fid_vs_epoch": "FID in the MNIST classifier's feature space per evaluation, against the validation "
-                           "split.",
+                           "split; the floor is the FID of real test images at the same sample count (n in the "
+                           "legend).",
     "fig30b_fid_decomposition": "FID split into the mean term ||mu_r - mu_g||^2 and the covariance term: which "
                                 "moment of the feature distribution is still wrong.",
-    "study_val_loss_by": "Validation loss per epoch, overlaid by a swept field (mean over seeds, band = min..max).",
-    "study_fid_by": "FID per evaluation, overlaid by a swept field (mean over seeds).",
-    "study_residual_by": "Final Residual(t), overlaid by a swept field (mean over seeds).",
-    "study_fid_bias_variance_vs_capacity": "Final FID, bias^2 and variance against the U-Net's base width: the "
-                                           "classical U-curve, or its absence.",
-    "study_pr_memorization_vs_size": "Precision, recall and memorized fraction against the training-set size.",
+    "study_val_loss_by": "Validation loss (EMA weights, fixed draws), one curve per value of the swept field and "
+                         "one panel per combination of the other swept fields: mean over seeds +- 95% t-interval "
+                         "(n seeds in the legend). Training-set sizes are compared at equal optimizer steps.",
+    "study_fid_by": "FID per evaluation, one curve per value of the swept field, one panel per combination of the "
+                    "other swept fields: mean over seeds +- 95% t-interval (n in the legend); dotted: real test "
+                    "images at the same sample count.",
+    "study_residual_by": "Residual(t) at the last evaluation every seed of a curve reached, against the log-SNR "
+                         "lambda_t = log(alpha_bar_t / (1 - alpha_bar_t)) so schedules compare at equal noise level: "
+                         "mean over seeds +- 95% t-interval, one panel per combination of the other swept fields.",
+    "study_fid_bias_variance_vs_capacity": "Final FID against the U-Net's base width, one curve per combination "
+                                           "of the other swept fields (mean over seeds +- 95% t-interval, n in "
+                                           "the legend), with the real-data floor at the same sample count.",
+    "study_pr_memorization_vs_size": "Precision, recall and memorized fraction against the training-set size at "
+                                     "equal optimizer steps, one curve per combination of the other swept fields "
+                                     "(mean over seeds +- 95% t-interval); dotted: real test images at the same "
+                                     "sample count.",
     "decomposition_stacked": "Per-timestep bias^2 / variance / noise floor, stacked, for each group of trials "
                              "differing only in seed and/or training subset.",
     "decomposition_vs_capacity": "bias^2 and variance against base width at a few timesteps.",
@@ -78,19 +96,58 @@ def _epoch_axis(ax):
 
 
 # ------------------------------------------------------------------ per-trial figures
+EMA_LAG_SHARE = 0.05  # shade where the EMA still holds more than this share of the initial weights
+
+
+def _shade_ema_lag(ax, df: pd.DataFrame, x: str) -> None:
+    """Shade from the start of training to the last point whose ema_init_share > 5% (the share only
+    falls, so that is one interval), ending halfway to the next point."""
+    if "ema_init_share" not in df or df["ema_init_share"].isna().all():
+        return
+    lag = df["ema_init_share"].to_numpy() > EMA_LAG_SHARE
+    if not lag.any():
+        return
+    xs = df[x].to_numpy(dtype=float)
+    last = int(np.flatnonzero(lag)[-1])
+    right = (xs[last] + xs[last + 1]) / 2 if last + 1 < len(xs) else xs[last]
+    ax.axvspan(0, right, color="0.88", zorder=0,
+               label=f"EMA holds > {EMA_LAG_SHARE:.0%} of the initial weights\n(EMA numbers here show that lag)")
+
+
+def _real_data_line(ax, df: pd.DataFrame, column: str, transform=None, with_value: bool = True) -> None:
+    """The metric of real test images at the run's sample count (a horizontal dotted line)."""
+    if column not in df or df[column].isna().all():
+        return
+    value = float(df[column].dropna().mean())
+    n = int(df["real_n_samples"].dropna().iloc[0]) if "real_n_samples" in df else None
+    shown = transform(value) if transform else value
+    label = f"real data ({n} test images)" + (f": {shown:.3g}" if with_value else "")
+    ax.axhline(shown, color="0.35", ls=":", lw=1.2, label=label)
+
+
+def _legend_below(ax, ncol: int = 2) -> None:
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False)
+
+
 def fig26a_loss_per_epoch(study: Study, trial: str):
     df = study.of(study.epochs, trial)
     if df.empty:  # no epoch has ended yet (a run stopped early in its first epoch)
         return None
     df = df.sort_values("epoch")
     fig, ax = _fig()
-    ax.plot(df["epoch"], df["train_loss"], "o-", label="training (mean over epoch)")
+    # The thesis's Fig. 26a first (these two lines reproduce it), then the like-for-like pair.
+    ax.plot(df["epoch"], df["train_loss"], "o-", label="training: running mean, dropout on (thesis)")
     if df["val_loss"].notna().any():
-        ax.plot(df["epoch"], df["val_loss"], "s--", label="validation (EMA, fixed draws)")
+        ax.plot(df["epoch"], df["val_loss"], "s--", label="validation: EMA weights, eval mode (thesis)")
+    for column, style, label in (("train_loss_eval", "^-", "training batch: raw weights, eval mode"),
+                                 ("val_loss_raw", "v-", "validation: raw weights, eval mode")):
+        if column in df and df[column].notna().any():
+            ax.plot(df["epoch"], df[column], style, ms=3, lw=1.1, label=label)
+    _shade_ema_lag(ax, df, "epoch")
     _epoch_axis(ax)
     ax.set_ylabel("loss  ||eps - eps_theta||^2 / d")
     ax.set_title(f"Loss per epoch — {trial}")
-    ax.legend()
+    _legend_below(ax, ncol=1)
     return fig
 
 
@@ -185,7 +242,9 @@ def fig29a_log_is_vs_epoch(study: Study, trial: str):
     log_is = np.log(df["inception_score"].to_numpy())
     err = (df["inception_score_std"] / df["inception_score"]).to_numpy() if "inception_score_std" in df else None
     ax.errorbar(df["epoch"], log_is, yerr=err, fmt="o-", capsize=2, label="log IS (std over splits)")
-    ax.axhline(np.log(10), color="grey", ls=":", label="bound log 10")
+    ax.axhline(np.log(10), color="grey", ls="-.", lw=1, label="bound log 10")
+    _real_data_line(ax, df, "real_inception_score", transform=np.log)
+    _shade_ema_lag(ax, df, "epoch")
     _epoch_axis(ax)
     ax.set_ylabel("log Inception Score  (nats)")
     ax.set_title(f"log IS vs epoch — {trial}")
@@ -208,14 +267,19 @@ def fig29b_entropy_plane(study: Study, trial: str):
     return fig
 
 
-def _metric_vs_epoch(study: Study, trial: str, lines: dict[str, tuple[str, str]], ylabel: str, title: str):
-    """One line per metric column ({column: (marker style, legend label)}) against epoch."""
+def _metric_vs_epoch(study: Study, trial: str, lines: dict[str, tuple[str, str]], ylabel: str, title: str,
+                     real_data: str | None = None):
+    """One line per metric column ({column: (marker style, legend label)}) against epoch; `real_data`:
+    the column of the same metric on real test images, drawn as a floor."""
     df = _metric_frame(study, trial, *lines)
     if df.empty:
         return None
     fig, ax = _fig()
     for column, (style, label) in lines.items():
         ax.plot(df["epoch"], df[column], style, label=label)
+    if real_data:
+        _real_data_line(ax, df, real_data)
+        _shade_ema_lag(ax, df, "epoch")
     _epoch_axis(ax)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title} — {trial}")
@@ -225,7 +289,7 @@ def _metric_vs_epoch(study: Study, trial: str, lines: dict[str, tuple[str, str]]
 
 def fig30a_fid_vs_epoch(study: Study, trial: str):
     return _metric_vs_epoch(study, trial, {"fid": ("o-", "FID (MNIST classifier features)")},
-                            "FID  (squared feature units)", "FID vs epoch")
+                            "FID  (squared feature units)", "FID vs epoch", real_data="real_fid")
 
 
 def fig30b_fid_decomposition(study: Study, trial: str):
@@ -240,54 +304,106 @@ TRIAL_FIGURES = {f.__name__: f for f in (fig26a_loss_per_epoch, fig26b_first_100
 
 
 # ------------------------------------------------------------------ study-level figures
-def _with_params(study: Study, df: pd.DataFrame, col: str) -> pd.DataFrame:
-    if df.empty or col is None or col not in study.trials:
-        return pd.DataFrame()
-    return df.drop(columns=[col], errors="ignore").merge(study.trials[["trial_id", col]], on="trial_id")
+def _panels(n: int, width: float = 4.6, height: float = 3.5):
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
+                                 layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _figure_legend(fig, axes, loc: str = "outside lower center") -> None:
+    """One legend for all panels (curves share their labels across panels), outside the axes."""
+    seen = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen), loc=loc, frameon=False, ncol=min(3, len(seen)))
+
+
+def _mean_line(ax, s: pd.DataFrame, x: str, label: str, style: str = "o-", color=None):
+    """Mean over seeds with its 95% t-interval band (where n >= 2)."""
+    line, = ax.plot(s[x], s["mean"], style, color=color, label=label)
+    band = s["n"] >= 2
+    if band.any():
+        ax.fill_between(s[x], s["low"].where(band), s["high"].where(band), color=line.get_color(), alpha=0.15,
+                        lw=0)
+    return line
+
+
+def _real_floor_in(ax, rows: pd.DataFrame, column: str) -> None:
+    if column in rows and rows[column].notna().any():
+        _real_data_line(ax, rows, column)
 
 
 def _overlay(study: Study, df: pd.DataFrame, col: str, x: str, y: str, xlabel: str, ylabel: str, title: str,
-             logx=False, logy=False):
-    d = _with_params(study, df, col)
-    if d.empty or d[y].notna().sum() == 0 or d[col].nunique() < 2:
+             logx=False, logy=False, real_data: str | None = None, invert_x: bool = False):
+    """One panel per group of the other swept fields (seed excepted), one curve per value of `col`."""
+    if df.empty or col not in df or y not in df or df[y].notna().sum() == 0:
         return None
-    fig, ax = _fig()
-    for value, g in sorted(d.groupby(col), key=lambda kv: (str(type(kv[0])), kv[0])):
-        agg = g.groupby(x)[y].agg(["mean", "min", "max"]).reset_index()
-        line, = ax.plot(agg[x], agg["mean"], "o-", label=f"{col.split('.')[-1]} = {value}")
-        if (agg["max"] > agg["min"]).any():
-            ax.fill_between(agg[x], agg["min"], agg["max"], color=line.get_color(), alpha=0.15)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    ax.legend(title=col)
+    d = df.dropna(subset=[y])
+    panels = [(ctx, g) for ctx, g in groups(d, group_fields(study.swept, col)) if g[col].nunique() >= 2]
+    if not panels:
+        return None
+    fig, axes = _panels(len(panels))
+    for ax, (ctx, g) in zip(axes, panels):
+        counts = []
+        for value, gv in groups(g, [col]):
+            s = summarize(gv, x, y)
+            counts.append(s["n"])
+            _mean_line(ax, s, x, f"{short(col)} = {fmt_value(value[col])}")
+        if real_data:
+            _real_floor_in(ax, g, real_data)
+        ax.set_title(f"{describe(ctx)}\n{n_label(pd.concat(counts))} seeds per point", fontsize=8, wrap=True)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if logx:
+            ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        if invert_x:
+            ax.invert_xaxis()
+    _figure_legend(fig, axes)
+    fig.suptitle(f"{title}: mean over seeds ± 95% t-interval", fontsize=10)
     return fig
+
+
+def _with_schedule(study: Study, df: pd.DataFrame) -> pd.DataFrame:
+    """Rows with the schedule fields from the trials table (rows carry only the swept fields)."""
+    missing = [c for c in SCHEDULE_FIELDS if c not in df]
+    if not missing or study.trials.empty or any(c not in study.trials for c in missing):
+        return df
+    return df.merge(study.trials[["trial_id", *missing]], on="trial_id", how="left")
 
 
 def study_overlays(study: Study) -> dict[str, object]:
     figs = {}
-    by = {"capacity": study.column("base_width"), "schedule": study.column("schedule"),
-          "train_size": study.column("subset_size")}
-    last_res = study.residuals
-    if len(last_res):
-        last_res = last_res[last_res["weights"] == "ema"]
-        last_res = last_res[last_res["step"] == last_res.groupby("trial_id")["step"].transform("max")]
-    for name, col in by.items():
-        if col is None:
+    # Exact dotted names; a training-set size is compared at equal optimizer steps, not epochs.
+    by = {"capacity": ("model.base_width", "epoch", "epoch (passes over the training set)"),
+          "schedule": ("diffusion.schedule", "epoch", "epoch (passes over the training set)"),
+          "train_size": ("data.subset_size", "step", "optimizer step")}
+    res = study.residuals
+    if len(res):
+        res = _with_schedule(study, res[res["weights"] == "ema"])
+    for name, (col, x, xlabel) in by.items():
+        if col not in study.swept:
             continue
         figs[f"study_val_loss_by_{name}"] = _overlay(
-            study, study.epochs, col, "epoch", "val_loss", "epoch (passes over the training set)",
-            "validation loss  ||eps - eps_theta||^2 / d", f"Validation loss by {name}")
+            study, study.epochs, col, x, "val_loss", xlabel,
+            "validation loss, EMA  ‖ε − ε_θ‖² / d", f"Validation loss by {short(col)}")
         figs[f"study_fid_by_{name}"] = _overlay(
-            study, study.evals, col, "epoch", "fid", "epoch (passes over the training set)",
-            "FID  (squared feature units)", f"FID by {name}")
-        figs[f"study_residual_by_{name}"] = _overlay(
-            study, last_res, col, "t", "residual", "diffusion timestep t", "Residual(t)  E||eps - eps_theta||^2 / d",
-            f"Final Residual(t) by {name}", logx=True, logy=True)
+            study, study.evals, col, x, "fid", xlabel, "FID  (squared feature units)", f"FID by {short(col)}",
+            real_data="real_fid")
+        if len(res) and all(c in res for c in SCHEDULE_FIELDS):
+            last = at_common_last_step(res, [c for c in study.swept if c != REPLICATE_FIELD])
+            last = last.assign(log_snr=log_snr(last))
+            figs[f"study_residual_by_{name}"] = _overlay(
+                study, last, col, "log_snr", "residual",
+                "log-SNR  λ_t = log(ᾱ_t / (1 − ᾱ_t))   (noisier →)", "Residual  E‖ε − ε_θ‖² / d",
+                f"Residual at the last common evaluation by {short(col)}", logy=True, invert_x=True)
     figs["study_fid_bias_variance_vs_capacity"] = fig_fid_bias_variance_vs_capacity(study)
     figs["study_pr_memorization_vs_size"] = fig_pr_memorization_vs_size(study)
     figs["decomposition_stacked"] = fig_decomposition_stacked(study)
@@ -295,16 +411,30 @@ def study_overlays(study: Study) -> dict[str, object]:
     return figs
 
 
+def _final_by_group(study: Study, col: str) -> pd.DataFrame:
+    """Each trial's evaluation at the last step every trial of its curve (its group, all values of col) reached."""
+    if study.evals.empty or col not in study.evals:
+        return pd.DataFrame()
+    return at_common_last_step(study.evals, group_fields(study.swept, col))
+
+
 def fig_fid_bias_variance_vs_capacity(study: Study):
-    col = study.column("base_width")
-    fe = final_evals(study)
-    if col is None or fe.empty or col not in fe or fe["fid"].isna().all():
+    col = "model.base_width"
+    fe = _final_by_group(study, col)
+    if col not in study.swept or fe.empty or "fid" not in fe or fe["fid"].isna().all():
+        return None
+    curves = [(ctx, g) for ctx, g in groups(fe.dropna(subset=["fid"]), group_fields(study.swept, col))
+              if g[col].nunique() >= 2]
+    if not curves:
         return None
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots()
-        agg = fe.groupby(col)["fid"].agg(["mean", "std"]).reset_index()
-        ax.errorbar(agg[col], agg["mean"], yerr=agg["std"].fillna(0), fmt="o-", capsize=3, label="final FID")
-        _width_axis(ax, agg[col])
+        fig, ax = plt.subplots(figsize=(6.0, 3.8), layout="constrained")
+        for i, (ctx, g) in enumerate(curves):
+            s = summarize(g, col, "fid")
+            _mean_line(ax, s, col, f"{describe(ctx)}: step {int(g['step'].max())}, {n_label(s['n'])} seeds",
+                       color=f"C{i}")
+        _real_floor_in(ax, fe, "real_fid")
+        _width_axis(ax, fe[col].dropna())
         ax.set_ylabel("FID  (squared feature units)")
         dec = study.decomposition
         if len(dec) and col in dec:
@@ -316,30 +446,42 @@ def fig_fid_bias_variance_vs_capacity(study: Study):
             ax2.set_ylabel("per-dimension error at t")
             ax2.grid(False)
             ax2.legend(loc="upper right")
-        ax.legend(loc="upper left")
-        ax.set_title("FID, bias² and variance vs capacity")
+        _figure_legend(fig, [ax], loc="outside lower center")
+        ax.set_title("Final FID vs capacity: mean over seeds ± 95% t-interval")
     return fig
 
 
 def fig_pr_memorization_vs_size(study: Study):
-    col = study.column("subset_size")
-    fe = final_evals(study)
+    col = "data.subset_size"
     needed = ("precision", "recall", "memorized_fraction")
-    if col is None or fe.empty or col not in fe or any(c not in fe for c in needed):
+    fe = _final_by_group(study, col)
+    if col not in study.swept or fe.empty or any(c not in fe for c in needed):
         return None
-    fe = fe.dropna(subset=[col])  # only the data-size arm: trials that name a subset size
-    if fe[col].nunique() < 2:
+    fe = fe.dropna(subset=[col])  # trials that name a subset size
+    curves = [(ctx, g) for ctx, g in groups(fe, group_fields(study.swept, col)) if g[col].nunique() >= 2]
+    if not curves:
         return None
-    agg = fe.groupby(col)[list(needed)].mean().reset_index().sort_values(col)
-    fig, ax = _fig()
-    for c, m in zip(needed, "os^"):
-        ax.plot(agg[col], agg[c], m + "-", label=c.replace("_", " "))
-    ax.set_xscale("log")
-    ax.set_xlabel("training-set size (images)")
-    ax.set_ylabel("fraction")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Precision, recall, memorization vs training-set size")
-    ax.legend()
+    fig, axes = _panels(3, width=3.6, height=3.3)
+    for ax, metric in zip(axes, needed):
+        for i, (ctx, g) in enumerate(curves):
+            s = summarize(g, col, metric)
+            _mean_line(ax, s, col, f"{describe(ctx)}: {n_label(s['n'])} seeds", color=f"C{i}")
+        real = f"real_{metric}"
+        if real in fe and fe[real].notna().any():
+            if metric == "memorized_fraction":  # depends on the training set: one value per size
+                r = fe.groupby(col)[real].mean()
+                n = int(fe["real_n_samples"].dropna().iloc[0])
+                ax.plot(r.index, r.to_numpy(), ":", color="0.35", lw=1.2, label=f"real data ({n} test images)")
+            else:
+                _real_data_line(ax, fe, real, with_value=False)
+        ax.set_xscale("log")
+        ax.set_xlabel("training-set size (images)")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_ylim(-0.02, 1.02)
+    _figure_legend(fig, axes, loc="outside lower center")
+    fig.suptitle("Precision, recall, memorized fraction of samples vs training-set size (equal optimizer steps)\n"
+                 "mean over seeds ± 95% t-interval, at the last evaluation every trial of a curve reached",
+                 fontsize=9)
     return fig
 
 

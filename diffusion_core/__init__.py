@@ -13,7 +13,7 @@ from .losses import diffusion_loss, per_example_mse
 from .residuals import default_t_grid, residual_curve
 from .samplers import DDIMSampler, DDPMSampler, make_sampler
 from .schedules import SCHEDULES, NoiseSchedule, ScheduleConfig, make_betas
-from .train import (DiffusionConfig, DivergedError, TrainConfig, TrainContext, TrainResult, TrainState, train,
+from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainResult, TrainState, train,
                     validation_loss)
 from .unet import UNet, UNetConfig, count_parameters
 

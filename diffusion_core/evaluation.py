@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 # of the `evals` table. Kept here so records have a fixed schema even without the module.
 METRIC_KEYS = ("fid", "fid_mean_term", "fid_cov_term", "inception_score", "inception_score_std",
                "h_y", "h_y_given_x", "precision", "recall", "memorized_fraction")
+# The same metrics of real data: n_samples held-out images (the MNIST test set, drawn with the
+# evaluation seed) in place of the samples. What a perfect generator would score at this sample
+# count -- the floor (FID) or ceiling (IS, precision, recall) every curve should be read against.
+REAL_DATA_KEYS = ("real_fid", "real_inception_score", "real_precision", "real_recall",
+                  "real_memorized_fraction", "real_n_samples")
 
 
 @dataclass(frozen=True)
@@ -146,6 +151,7 @@ class Evaluator:
                                     reverse_variance=reverse_variance)
         self._classifier = None
         self._reference = None
+        self._real: dict[str, float] | None = None
         self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
 
     def _sampling_network(self, model: nn.Module) -> nn.Module:
@@ -193,10 +199,27 @@ class Evaluator:
             train = self.train_images.images if self.train_images is not None else None
             rec = m.evaluate_samples(samples_uint8, self._reference, self._classifier, train,
                                      splits=min(self.cfg.is_splits, samples_uint8.shape[0]))
+            if self._real is None:
+                self._real = self._real_data_metrics(m, samples_uint8.shape[0], train)
         except Exception as e:  # a metrics failure must not kill a training run
             log.warning("metrics failed (%s: %s); this evaluation records no metric columns", type(e).__name__, e)
             return {}
-        return {k: float(rec[k]) for k in METRIC_KEYS if k in rec}
+        return {**{k: float(rec[k]) for k in METRIC_KEYS if k in rec}, **self._real}
+
+    def _real_data_metrics(self, m, n: int, train) -> dict[str, float]:
+        """REAL_DATA_KEYS: the metrics of n MNIST test images (seeded by the evaluation seed; at most
+        the 10,000 there are), computed once per run: they depend on the weights not at all."""
+        from .data import load_mnist
+
+        test = load_mnist(self.data_root, train=False).images
+        g = torch.Generator().manual_seed(self.cfg.seed + 2)  # apart from x_T's and the sampler's streams
+        real = test[torch.randperm(len(test), generator=g)[:n]]
+        rec = m.evaluate_samples(real, self._reference, self._classifier, train,
+                                 splits=min(self.cfg.is_splits, real.shape[0]))
+        out = {f"real_{k}": float(rec[k]) for k in ("fid", "inception_score", "precision", "recall",
+                                                    "memorized_fraction")}
+        out["real_n_samples"] = float(real.shape[0])
+        return out
 
     @torch.no_grad()
     def evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None = None) -> EvalResult:
@@ -225,4 +248,4 @@ class Evaluator:
                           time.time() - t0)
 
 
-__all__ = ["EvalConfig", "EvalResult", "Evaluator", "METRIC_KEYS", "compile_for_sampling", "grid_image"]
+__all__ = ["EvalConfig", "EvalResult", "Evaluator", "METRIC_KEYS", "REAL_DATA_KEYS", "compile_for_sampling", "grid_image"]

@@ -54,6 +54,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     ema_decay: float = 0.9999        # thesis: 0.9999
+    ema_warmup: bool = False         # decay min(ema_decay, (1+k)/(10+k)) at update k (diffusers); thesis: off
     seed: int = 0                    # initialisation, data order, training noise
     max_steps: int | None = None     # stop after this many optimizer steps (tests, short runs)
     grad_clip: float | None = None   # None = no clipping (thesis)
@@ -61,7 +62,12 @@ class TrainConfig:
     log_every: int = 100             # ... then every N steps
     eval_every: int = 2000           # call hooks.on_eval every N steps ...
     eval_start: int = 8000           # ... from this step on (and always at the last step)
-    val_every_epoch: bool = True     # validation loss (EMA weights, fixed t/eps) at each epoch end
+    val_every_epoch: bool = True     # at each epoch end: validation loss (EMA and raw weights, fixed t/eps)
+    #                                  and the raw weights' loss on a fixed training batch (EpochLosses)
+    train_eval_images: int = 512     # size of that fixed training batch (capped at the training set)
+    val_every_steps: int | None = None   # None: those losses at every epoch end; N: only at the epoch ends
+    #   that pass a multiple of N steps (and the last step) -- a 1,000-image set has 1,210 epochs in
+    #   75,000 steps, and 1,210 passes over a 12,000-image validation split would outweigh the training
     # Fast path (see BENCHMARKS.md); the defaults are the plain fp32 thesis loop.
     precision: str = "fp32"          # fp32 | bf16 (autocast of the forward pass; loss and Adam in fp32)
     channels_last: bool = False      # NHWC memory layout for convolutions
@@ -107,11 +113,27 @@ class TrainContext:
 class TrainHooks(Protocol):  # every method optional; called on rank 0 only unless noted
     def on_start(self, ctx: TrainContext) -> None: ...
     def on_step(self, ctx: TrainContext, loss: float) -> None: ...
-    def on_epoch(self, ctx: TrainContext, epoch: int, train_loss: float, val_loss: float | None) -> None: ...
+    def on_epoch(self, ctx: TrainContext, losses: "EpochLosses") -> None: ...
     def on_eval(self, ctx: TrainContext) -> None: ...
     def on_eval_all_ranks(self, ctx: TrainContext) -> None: ...  # every rank, after on_eval (collectives
     #   such as a checkpoint that each DDP rank must report, e.g. ray.train.report, belong here)
     def on_end(self, ctx: TrainContext) -> None: ...
+
+
+@dataclass(frozen=True)
+class EpochLosses:
+    """The losses at an epoch's end. `train` is what the optimizer saw (a running mean over the
+    epoch's steps, raw weights in train mode: dropout on, the weights moving); the three
+    evaluation-mode numbers use fixed (t, eps) draws of the evaluation seed, so they compare like
+    with like: train_eval vs val_raw is the generalization gap of the raw weights, val_raw vs val
+    the effect of averaging (and of the EMA's lag while ema_init_share is large)."""
+    epoch: int
+    step: int
+    train: float                     # mean step loss over the epoch (dropout on)
+    val: float | None                # EMA weights, eval mode, fixed validation draws
+    val_raw: float | None            # raw weights, eval mode, the same validation draws
+    train_eval: float | None         # raw weights, eval mode, fixed draws on a fixed training batch
+    ema_init_share: float            # the initial weights' share of the EMA (lambda^k without warm-up)
 
 
 @dataclass
@@ -139,7 +161,7 @@ class TrainState:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
+        self.ema.load_state_dict(state["ema"], updates_if_missing=int(state["step"]))
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.generator.set_state(state["generator"].cpu() if hasattr(state["generator"], "cpu") else state["generator"])
@@ -156,7 +178,7 @@ class TrainResult:
     step: int
     epochs: int
     train_losses: list[tuple[int, float]]           # (step, loss) as logged
-    epoch_losses: list[tuple[int, float, float | None]]  # (epoch, train, val)
+    epoch_losses: list[EpochLosses]
     model: nn.Module
     ema_model: nn.Module
     schedule: NoiseSchedule
@@ -210,6 +232,32 @@ def fixed_validation_draws(val: ImageSet, schedule: NoiseSchedule, eval_seed: in
     return t.to(val.images.device), eps.to(val.images.device)
 
 
+def fixed_train_draws(train: ImageSet, schedule: NoiseSchedule, eval_seed: int,
+                      n_images: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed training batch (min(n_images, N) images chosen by the evaluation seed) and its
+    fixed (t, eps): the training-set counterpart of the validation draws. Its own generator
+    (not the training streams, not the validation draws' generator) so adding it changes neither."""
+    g = torch.Generator().manual_seed(eval_seed + 7_919)  # a stream apart from the validation draws
+    n = min(n_images, len(train))
+    idx = torch.randperm(len(train), generator=g)[:n].sort().values
+    t = schedule.sample_timesteps(n, generator=g)
+    eps = torch.randn((n, *train.shape), generator=g)
+    device = train.images.device
+    return idx.to(device), t.to(device), eps.to(device)
+
+
+@torch.no_grad()
+def eval_mode_loss(model: nn.Module, schedule: NoiseSchedule, images: ImageSet, t: torch.Tensor, eps: torch.Tensor,
+                   rank: int = 0, world_size: int = 1) -> float:
+    """`validation_loss` of a model in eval mode (dropout off), restoring its mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return validation_loss(model, schedule, images, t, eps, rank=rank, world_size=world_size)
+    finally:
+        model.train(was_training)
+
+
 def build_model(model_cfg: UNetConfig, seed: int, device: torch.device) -> UNet:
     torch.manual_seed(seed)
     return UNet(model_cfg).to(device)
@@ -256,7 +304,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     net = build_model(model, training.seed, device)
     memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
-    ema = EMA(net, training.ema_decay)
+    ema = EMA(net, training.ema_decay, warmup=training.ema_warmup)
     forward = net
     if world > 1:
         forward = nn.parallel.DistributedDataParallel(
@@ -274,6 +322,8 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         state.load_state_dict(resume_state)
 
     val_t, val_eps = fixed_validation_draws(splits.val, schedule, eval_seed)
+    tr_idx, tr_t, tr_eps = fixed_train_draws(splits.train, schedule, eval_seed, training.train_eval_images)
+    train_batch = splits.train.subset(tr_idx)
     ctx = TrainContext(state.step, state.step / spe, net, ema.module, schedule, splits, device, rank, world,
                        spe, total_steps, state)
     is_main = rank == 0
@@ -283,11 +333,15 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         if fn is not None and (is_main or all_ranks):
             fn(ctx, *args)
 
+    def validate_now(step: int) -> bool:  # a function of the step only, so a resumed run agrees
+        n = training.val_every_steps
+        return n is None or step == total_steps or step // n > (step - spe) // n
+
     def should_eval(step: int) -> bool:
         return step == total_steps or (step >= training.eval_start and step % training.eval_every == 0)
 
     train_losses: list[tuple[int, float]] = []
-    epoch_losses: list[tuple[int, float, float | None]] = []
+    epoch_losses: list[EpochLosses] = []
     call("on_start")
     bar = None
     if progress and is_main:
@@ -340,13 +394,16 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                 if not math.isfinite(train_loss):
                     raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1} "
                                         f"(step {state.step}); lower the learning rate or check the data")
-                val_loss = None
-                if training.val_every_epoch:
+                val_loss = val_raw = train_eval = None
+                if training.val_every_epoch and validate_now(state.step):  # eval mode, fixed draws: no RNG
                     val_loss = validation_loss(ema.module, schedule, splits.val, val_t, val_eps,
                                                rank=rank, world_size=world)
-                completed = math.ceil(state.step / spe)
-                epoch_losses.append((completed, train_loss, val_loss))
-                call("on_epoch", completed, train_loss, val_loss)
+                    val_raw = eval_mode_loss(net, schedule, splits.val, val_t, val_eps, rank, world)
+                    train_eval = eval_mode_loss(net, schedule, train_batch, tr_t, tr_eps, rank, world)
+                losses = EpochLosses(math.ceil(state.step / spe), state.step, train_loss, val_loss, val_raw,
+                                     train_eval, ema.init_share)
+                epoch_losses.append(losses)
+                call("on_epoch", losses)
                 state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
             if should_eval(state.step):
                 # Evaluation draws from its own seeded generators, but what it builds (e.g. the

@@ -83,6 +83,16 @@ def _print_table(spec, trials) -> None:
     r = spec.resources
     typer.echo(f"{len(trials)} trial(s); each: {r.workers_per_trial} DDP worker(s) x "
                f"(CPU {r.cpus_per_worker:g}, GPU {r.gpus_per_worker:g})")
+    _print_duplicates(spec)
+
+
+def _print_duplicates(spec) -> None:
+    from .spec import expand_with_duplicates
+
+    dropped = expand_with_duplicates(spec)[1]
+    if dropped:
+        typer.echo(f"{len(dropped)} duplicate trial(s) dropped (same resolved config as a listed trial): "
+                   + "; ".join(", ".join(f"{k}={v}" for k, v in ov.items()) for ov in dropped))
 
 
 @app.command()

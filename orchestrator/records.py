@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffusion_core.evaluation import METRIC_KEYS
+from diffusion_core.evaluation import METRIC_KEYS, REAL_DATA_KEYS
 
 KINDS = ("trials", "train_steps", "epochs", "residuals", "evals")
 STATUSES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "STOPPED", "INTERRUPTED")  # INTERRUPTED: resumable
@@ -39,12 +39,13 @@ _BASE = {
     "train_steps": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()),
                     ("epoch", pa.float64()), ("loss", pa.float64())],
     "epochs": [("study", pa.string()), ("trial_id", pa.string()), ("epoch", pa.int64()), ("step", pa.int64()),
-               ("train_loss", pa.float64()), ("val_loss", pa.float64())],
+               ("train_loss", pa.float64()), ("val_loss", pa.float64()), ("val_loss_raw", pa.float64()),
+               ("train_loss_eval", pa.float64()), ("ema_init_share", pa.float64())],
     "residuals": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
                   ("t", pa.int64()), ("residual", pa.float64()), ("weights", pa.string())],
     "evals": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
               ("eval_seconds", pa.float64()), ("images_per_second", pa.float64()), ("sample_grid", pa.string())]
-             + [(k, pa.float64()) for k in METRIC_KEYS],
+             + [(k, pa.float64()) for k in METRIC_KEYS + REAL_DATA_KEYS] + [("ema_init_share", pa.float64())],
 }
 
 

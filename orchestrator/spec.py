@@ -97,6 +97,7 @@ class TrainingSpec(_Strict):
     adam_betas: tuple[UnitInterval, UnitInterval] = (0.9, 0.999)
     adam_eps: PositiveFloat = 1e-8
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
+    ema_warmup: StrictBool = False            # decay min(ema_decay, (1+k)/(10+k)) at update k; thesis: off
     seed: StrictInt = 0
     max_steps: Optional[PositiveInt] = None
     grad_clip: Optional[PositiveFloat] = None
@@ -111,6 +112,8 @@ class TrainingSpec(_Strict):
 class EvaluationSpec(_Strict):
     every: PositiveInt = 2000                 # evaluate every N iterations ...
     start: NonNegativeInt = 8000              # ... from iteration M on (and always at the end)
+    val_every: Optional[PositiveInt] = None   # epoch-end validation losses only at epochs passing a multiple
+    #                                           of N steps (small training sets have many epochs); null: every epoch
     seed: StrictInt = 0                             # study-level evaluation seed, identical for all trials
     n_samples: PositiveInt = 1000             # samples for FID/IS/precision/recall
     grid_images: PositiveInt = 64             # images in the saved sample grid
@@ -358,6 +361,12 @@ def trial_id(index: int, overrides: dict) -> str:
 
 def expand(spec: StudySpec) -> list[dict]:
     """Trial configs: [{"trial_id", "overrides": {dotted: value}, "config": {section: {...}}}]."""
+    return expand_with_duplicates(spec)[0]
+
+
+def expand_with_duplicates(spec: StudySpec) -> tuple[list[dict], list[dict]]:
+    """(trials, dropped): sweep points whose resolved config equals an earlier trial's are run
+    once; `dropped` lists their overrides (for `studyctl validate` to say so)."""
     base = spec.model_dump(include=set(SECTIONS), mode="json")
     sw = spec.sweep
     if sw is None:
@@ -387,19 +396,20 @@ def expand(spec: StudySpec) -> list[dict]:
         elif sw.num_samples != 1:
             raise StudyError(f"field 'sweep.num_samples': bad value {sw.num_samples}: only meaningful with "
                              f"sweep.random; allowed without it: 1")
-    trials, seen = [], set()
+    trials, seen, dropped = [], set(), []
     for i, ov in enumerate(points):
         cfg = copy.deepcopy(base)
         for k, v in ov.items():
             _set(cfg, k, v)
         key = json.dumps(cfg, sort_keys=True)
         if key in seen:  # e.g. an arm repeating a grid point: run it once
+            dropped.append(ov)
             continue
         seen.add(key)
         trials.append({"trial_id": trial_id(len(trials), ov), "overrides": ov, "config": cfg})
     for t in trials:
         _validate_trial(spec, t)
-    return trials
+    return trials, dropped
 
 
 def swept_fields(trials: list[dict]) -> list[str]:
@@ -542,9 +552,11 @@ def to_core(cfg: dict, *, image_channels: int | None = None):
                                 reverse_variance=f["reverse_variance"], loss=f["loss"])
     training = TrainConfig(epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
                            adam_betas=tuple(t["adam_betas"]), adam_eps=t["adam_eps"], ema_decay=t["ema_decay"],
+                           ema_warmup=t["ema_warmup"],
                            seed=t["seed"], max_steps=t["max_steps"], grad_clip=t["grad_clip"],
                            log_every_first=t["log_every_first"], log_every=t["log_every"],
-                           eval_every=e["every"], eval_start=e["start"], precision=t["precision"],
+                           eval_every=e["every"], eval_start=e["start"], val_every_steps=e["val_every"],
+                           precision=t["precision"],
                            channels_last=t["channels_last"], compile=t["compile"],
                            compile_mode=t["compile_mode"])
     t_grid = e["t_grid"] if isinstance(e["t_grid"], int) else tuple(e["t_grid"])

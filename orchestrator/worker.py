@@ -40,7 +40,7 @@ import torch
 
 from diffusion_core.data import load_splits
 from diffusion_core.evaluation import Evaluator, grid_image
-from diffusion_core.train import DivergedError, TrainContext, fixed_validation_draws, train, validation_loss
+from diffusion_core.train import DivergedError, EpochLosses, TrainContext, fixed_validation_draws, train, validation_loss
 from diffusion_core.unet import count_parameters
 
 from . import tracking
@@ -127,13 +127,16 @@ class TrialHooks:
         self.metrics.append(("loss", loss, ctx.step))
         self.last_report["loss"] = loss
 
-    def on_epoch(self, ctx: TrainContext, epoch: int, train_loss: float, val_loss: float | None) -> None:
-        self.rows["epochs"].append({"epoch": epoch, "step": ctx.step, "train_loss": train_loss,
-                                    "val_loss": val_loss})
-        self.metrics += [("train_loss", train_loss, ctx.step), ("epoch", epoch, ctx.step)]
-        if val_loss is not None:
-            self.metrics.append(("val_loss", val_loss, ctx.step))
-        self.last_report.update(train_loss=train_loss, val_loss=val_loss, epoch=epoch, val_step=ctx.step)
+    def on_epoch(self, ctx: TrainContext, losses: EpochLosses) -> None:
+        values = {"train_loss": losses.train, "val_loss": losses.val, "val_loss_raw": losses.val_raw,
+                  "train_loss_eval": losses.train_eval, "ema_init_share": losses.ema_init_share}
+        self.rows["epochs"].append({"epoch": losses.epoch, "step": ctx.step, **values})
+        # ema_init_share goes to MLflow with the evaluations only (one point per step in its history)
+        self.metrics += [(k, v, ctx.step) for k, v in values.items() if v is not None and k != "ema_init_share"]
+        self.metrics.append(("epoch", losses.epoch, ctx.step))
+        self.last_report.update(train_loss=losses.train, epoch=losses.epoch)
+        if losses.val is not None:  # else on_eval measures it (evaluation.val_every may skip this epoch)
+            self.last_report.update(val_loss=losses.val, val_step=ctx.step)
 
     def on_eval(self, ctx: TrainContext) -> None:
         res = self.evaluator.evaluate(ctx.ema_model, ctx.model)
@@ -150,9 +153,11 @@ class TrialHooks:
         n_img = self.eval_cfg.n_samples
         row = {"step": step, "epoch": epoch, "eval_seconds": res.seconds,
                "images_per_second": n_img / res.seconds if res.seconds > 0 else None,
-               "sample_grid": str(png.relative_to(self.study_dir)), **res.metrics}
+               "sample_grid": str(png.relative_to(self.study_dir)), **res.metrics,
+               "ema_init_share": ctx.state.ema.init_share}
         self.rows["evals"].append(row)
-        self.metrics += [(k, v, step) for k, v in res.metrics.items()] + [("eval_seconds", res.seconds, step)]
+        self.metrics += [(k, v, step) for k, v in res.metrics.items()] + [("eval_seconds", res.seconds, step),
+                                                                        ("ema_init_share", row["ema_init_share"], step)]
         self.last_report.update(step=step, **res.metrics)
         # Every report to Tune carries the metrics an ASHA scheduler may rank by, measured at
         # this evaluation: the EMA validation loss on the fixed draws (an evaluation need not

@@ -123,10 +123,14 @@ def test_sample_grid_figure_shows_the_saved_grids(study):
 
 
 def test_capacity_overlay_is_the_mean_over_seeds(study):
+    """One panel per value of the other swept fields (here training.lr: the diverged arm has one width,
+    so no panel), one curve per width, each the mean over seeds of exactly that width's trials."""
     fig = F.study_overlays(study)["study_val_loss_by_capacity"]
-    col = study.column("base_width")
+    col = "model.base_width"
     ep = study.epochs.dropna(subset=["val_loss"])
-    lines = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("base_width")]
+    axes = [a for a in fig.axes if a.get_visible()]
+    assert len(axes) == 1 and "lr=0.001" in axes[0].get_title()
+    lines = [ln for ln in axes[0].lines if ln.get_label().startswith("base_width")]
     assert len(lines) == 2
     for ln, (width, g) in zip(lines, sorted(ep[ep["training.lr"] < 1].groupby(col))):
         expected = g.groupby("epoch")["val_loss"].mean()

@@ -49,7 +49,7 @@ def test_validate_packaged_study_by_bare_name_from_any_folder(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     r = runner.invoke(app, ["validate", "bias_variance.yaml"])
     assert r.exit_code == 0, r.output
-    assert "39 trial(s)" in r.output
+    assert "42 trial(s)" in r.output and "3 duplicate trial(s) dropped" in r.output
     r = runner.invoke(app, ["validate", "quickstart"])
     assert r.exit_code == 0, r.output
 

@@ -9,6 +9,7 @@ FAILED with its reason while the others go on, and `launch` must exit 1 naming i
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -85,13 +86,14 @@ def test_parquet_tables_columns_and_row_counts(launched):
         assert steps["loss"].notna().all()
         ep = tables["epochs"].query("trial_id == @tid").sort_values("epoch")
         assert ep["epoch"].tolist() == list(range(1, tr["epochs"] + 1)) and ep["step"].tolist() == ends
-        assert ep[["train_loss", "val_loss"]].notna().all().all()
+        assert ep[["train_loss", "val_loss", "val_loss_raw", "train_loss_eval", "ema_init_share"]].notna().all().all()
         res = tables["residuals"].query("trial_id == @tid")
         assert len(res) == len(evals) * n_t * 2
         assert set(res["weights"]) == {"ema", "raw"} and sorted(res["step"].unique()) == evals
         assert (res["residual"] > 0).all()
         e = tables["evals"].query("trial_id == @tid").sort_values("step")
         assert e["step"].tolist() == evals
+        assert np.allclose(e["ema_init_share"], tr["ema_decay"] ** e["step"], rtol=1e-9)   # no warm-up: decay^k
         for k in METRIC_KEYS:
             assert k in e.columns, k
         if _metrics_available():  # wired once diffusion_core.metrics ships its classifier

@@ -31,13 +31,21 @@ def test_local_launch_records_tracks_and_isolates_a_diverged_trial(tmp_path, dat
     logged, _, evals = expected_steps(256, 16, 1, 2, 10, 5, 10, 10)
     steps = pd.read_parquet(out / "train_steps").query("trial_id == @good")["step"]
     assert sorted(steps) == logged
-    assert sorted(pd.read_parquet(out / "evals").query("trial_id == @good")["step"]) == evals
+    ev = pd.read_parquet(out / "evals").query("trial_id == @good")
+    assert sorted(ev["step"]) == evals
+    # the EMA's initial-weight share: decay^step (tiny_study: decay 0.9, no warm-up)
+    assert ev["ema_init_share"].to_numpy() == pytest.approx(0.9 ** ev["step"].to_numpy(), rel=1e-9)
+    ep = pd.read_parquet(out / "epochs").query("trial_id == @good")
+    assert ep[["val_loss", "val_loss_raw", "train_loss_eval", "ema_init_share"]].notna().all().all()
+    assert (ep["val_loss_raw"] != ep["val_loss"]).all()   # raw and EMA weights differ
     assert (out / "trial_files" / good / "resume.pt").exists() and not (out / "ray").exists()
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     run = c.get_run(trials.loc[1e-3, "mlflow_run_id"])
     assert run.info.status == "FINISHED" and len(c.get_metric_history(run.info.run_id, "loss")) == len(logged)
+    for name in ("val_loss_raw", "train_loss_eval", "ema_init_share"):
+        assert name in run.data.metrics, name
     assert c.get_run(trials.loc[NAN_LR, "mlflow_run_id"]).info.status == "FAILED"
     # finished and failed trials are not run again
     r = studyctl("resume", out, "--local", timeout=120)

@@ -5,11 +5,12 @@ No Ray, no training: these run in well under a second each.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import yaml
 
-from orchestrator.spec import (PACKAGED_STUDIES, StudyError, expand, load_study, parse_study, resolve_study_path,
+from orchestrator.spec import (PACKAGED_STUDIES, StudyError, expand, expand_with_duplicates, load_study, parse_study, resolve_study_path,
                                swept_fields, to_core)
 
 
@@ -58,15 +59,22 @@ def test_packaged_studies_validate(name, data_root, monkeypatch, tmp_path):
         assert (spec.diffusion.T, spec.diffusion.schedule, spec.diffusion.beta_start,
                 spec.diffusion.beta_end) == (1000, "linear", 1e-4, 0.02)
         assert spec.data.subset_size is None
+        assert spec.diffusion.reverse_variance == "beta_tilde" and not spec.training.ema_warmup  # sigma_q^2 (eq. 40)
     if name == "bias_variance":
-        assert len(trials) == 5 * 2 * 3 + 3 * 3
+        # 5 x 2 grid + the 1,000 / 6,000 arm + 2 disjoint 24,000 subsets, x 3 seeds; the arm's 48,000
+        # point is the width-32 linear grid trial, run once
+        assert len(trials) == (5 * 2 + 2 + 2) * 3 == 42
+        assert len(expand_with_duplicates(spec)[1]) == 3
         assert set(swept_fields(trials)) == {"model.base_width", "diffusion.schedule", "training.seed",
-                                             "data.subset_size", "training.epochs"}
+                                             "data.subset_size", "data.subset_index"}
+        assert spec.training.ema_warmup and spec.diffusion.reverse_variance == "beta_tilde"
+        assert spec.evaluation.val_every == 3000 and to_core(trials[0]["config"])[3].val_every_steps == 3000
         from diffusion_core.data import steps_per_epoch
-        for t in trials:  # every data-size trial runs the thesis's ~75,000 iterations
-            size, epochs = t["config"]["data"]["subset_size"], t["config"]["training"]["epochs"]
-            if size is not None:
-                assert abs(steps_per_epoch(size, 16) * epochs - 75_000) <= 0.01 * 75_000
+        for t in trials:  # every trial runs exactly the thesis's 75,000 optimizer steps
+            tr, size = t["config"]["training"], t["config"]["data"]["subset_size"]
+            assert min(steps_per_epoch(size, 16) * tr["epochs"], tr["max_steps"]) == 75_000
+        halves = [t for t in trials if t["config"]["data"]["subset_size"] == 24000]
+        assert sorted({t["config"]["data"]["subset_index"] for t in halves}) == [0, 1] and len(halves) == 6
         assert "prefix" in (PACKAGED_STUDIES / "bias_variance.yaml").read_text()  # the epochs comment
     if name == "quickstart":
         assert len(trials) >= 4 and spec.resources.workers_per_trial == 2
@@ -105,6 +113,28 @@ def test_epochs_can_be_swept_and_configs_convert(data_root):
     data, model, diffusion, training, ev = to_core(trials[1]["config"])
     assert training.epochs == 3 and model.base_width == 8 and diffusion.schedule.T == 200
     assert training.eval_every == 10 and ev.sampler == "ddim" and data.subset_size == 256
+
+
+def test_identical_trials_are_expanded_once_and_validate_says_so(data_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    d = tiny(data_root)
+    d["data"]["subset_size"] = 256
+    # 3 sweep points, 2 configs: the second arm's point (seed 0 = the default) repeats the first arm's 256
+    d["sweep"] = {"arms": [{"data.subset_size": [128, 256]}, {"training.seed": [0]}], "seeds": [0]}
+    spec = parse_study(d)
+    trials, dropped = expand_with_duplicates(spec)
+    assert [t["config"]["data"]["subset_size"] for t in trials] == [128, 256] and len(dropped) == 1
+    assert expand(spec) == trials
+    keys = [json.dumps(t["config"], sort_keys=True) for t in trials]
+    assert len(set(keys)) == len(keys)
+    f = tmp_path / "dup.yaml"
+    f.write_text(yaml.safe_dump(d))
+    r = CliRunner().invoke(app, ["validate", str(f)])
+    assert r.exit_code == 0, r.output
+    assert "2 trial(s)" in r.output and "1 duplicate trial(s) dropped" in r.output
 
 
 def test_no_sweep_is_one_trial(data_root):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffusion_core.data import ImageSet
-from diffusion_core.evaluation import METRIC_KEYS, EvalConfig, Evaluator, grid_image
+from diffusion_core.evaluation import METRIC_KEYS, REAL_DATA_KEYS, EvalConfig, Evaluator, grid_image
 from diffusion_core.schedules import NoiseSchedule
 from diffusion_core.unet import UNet, UNetConfig
 from orchestrator.records import RecordWriter, param_types, read_table
@@ -124,5 +124,10 @@ def test_evaluation_records_the_metrics(tiny_eval, data_root):
         pytest.skip("classifier weights not shipped yet")
     val, schedule, net, cfg = tiny_eval
     cfg = EvalConfig(**{**cfg.__dict__, "metrics": True, "n_samples": 16, "is_splits": 2})
-    r = Evaluator(schedule, val, cfg, train_images=val, data_root=str(data_root)).evaluate(net)
+    ev = Evaluator(schedule, val, cfg, train_images=val, data_root=str(data_root))
+    r = ev.evaluate(net)
     assert set(METRIC_KEYS) <= set(r.metrics) and r.metrics["fid"] > 0
+    # the same metrics of 16 real test images: what a perfect generator scores at this sample count
+    assert set(REAL_DATA_KEYS) <= set(r.metrics) and r.metrics["real_n_samples"] == 16
+    assert 0 < r.metrics["real_fid"] < r.metrics["fid"] and r.metrics["real_inception_score"] > 1
+    assert r.metrics["real_memorized_fraction"] == 0.0    # test images are not in the (validation) "training" set
