@@ -30,8 +30,8 @@ from .losses import LOSSES
 from .schedules import NoiseSchedule
 from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
-from .train import (DiffusionConfig, DivergedError, TrainConfig, TrainContext, TrainHooks, TrainResult, build_model,
-                    fixed_validation_draws, pick_device)
+from .train import (DiffusionConfig, DivergedError, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
+                    build_model, fixed_validation_draws, pick_device)
 from .unet import UNet, UNetConfig, count_parameters
 
 # Fields every member of a group must share (the rest may differ member by member).
@@ -224,7 +224,8 @@ class _Group:
             ts.append(r.schedule.sample_timesteps(x0.shape[0], generator=r.generator))  # train()'s order: t, eps
             epss.append(torch.randn(x0.shape, generator=r.generator))
             x0s.append(x0)
-        x0, t, eps = torch.stack(x0s), torch.stack(ts).to(self.device), torch.stack(epss).to(self.device)
+        x0 = torch.stack(x0s)
+        t, eps = _host_to_device(torch.stack(ts), self.device), _host_to_device(torch.stack(epss), self.device)
         err = self.losses(x0, t, eps)
         for k, r in enumerate(self.runs):
             d = r.member.diffusion
@@ -234,7 +235,7 @@ class _Group:
         params = self.model.param_list()
         grads = torch.autograd.grad(loss.sum(), params)
         grad = self.model.flatten_grads(grads)
-        if torch.isfinite(self.clip).any():  # torch.nn.utils.clip_grad_norm_, member by member
+        if any(r.member.training.grad_clip is not None for r in self.runs):  # clip_grad_norm_, member by member
             norms = torch.stack([torch.linalg.vector_norm(g.reshape(len(self.runs), -1), 2, dim=1) for g in grads], 1)
             coef = (self.clip / (torch.linalg.vector_norm(norms, 2, dim=1) + 1e-6)).clamp(max=1.0)
             grad = grad * coef[:, None]

@@ -3,19 +3,22 @@
 The K parameter sets live in one flat (K, N) tensor — member k's parameters are the contiguous
 row k, in `named_parameters()` order — and the per-parameter tensors the forward sees are views
 of it, so Adam and EMA (stacked_optim.py) update all K members with a few whole-tensor ops, and
-dropping a member is one row selection. The forward is `torch.func.vmap` over
-`functional_call` of one template module: each convolution becomes one grouped convolution
-over the K members, GroupNorm and Linear batch likewise.
+dropping a member is one row selection. Two forwards over the K parameter sets:
+- grouped (default; stacked_grouped.py): the network written with grouped convolutions in one
+  (B, K*C, H, W) layout, channels_last — nothing moves between ops;
+- vmap: `torch.func.vmap` over `functional_call` of one template module (each convolution also
+  becomes a grouped convolution, with the member dimension moved in and out around every op);
+  the only path for configs with self-attention.
 
 Dropout, member by member, bit-identical to `train()` on the CPU: in `train()` a model's dropout
 masks come from the global CPU generator, which `build_model` seeded and the initialisation
 advanced; each mask is `empty_like(h).bernoulli_(1 - p) / (1 - p)`, drawn in forward order. Here
 every member keeps its own generator holding that state, and its masks are drawn the same way,
-with the same shapes, in the same order, before the vmapped forward (vmap itself cannot give
-each member its own generator); the template's `nn.Dropout` layers are replaced by `FedDropout`,
-which multiplies by the next mask. On a GPU, `train()` draws masks with CUDA's fused dropout
-kernel (its own Philox stream), so there a member's masks are statistically equivalent to a
-separate run's, not identical.
+with the same shapes, in the same order (vmap itself cannot give each member its own
+generator: for vmap they are drawn before the forward and fed to `FedDropout`, which replaces
+the template's `nn.Dropout`; the grouped forward draws them in place). On a GPU, `train()`
+draws masks with CUDA's fused dropout kernel (its own Philox stream), so there a member's
+masks are statistically equivalent to a separate run's, not identical.
 """
 from __future__ import annotations
 

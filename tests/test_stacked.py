@@ -1,8 +1,8 @@
 """K trials trained as one stacked model equal K separate `train()` runs (issue 11, CPU part).
 
 Three members that differ in everything a group may differ in — seed, noise schedule, learning
-rate, EMA decay, training subset — with dropout 0.1, 12 steps of batch 16 on real MNIST. Each
-member's per-step losses, epoch train losses and EMA validation losses must equal its own
+rate, EMA decay, training subset, gradient clipping — with dropout 0.1, 12 steps of batch 16 on
+real MNIST. Each member's per-step losses, epoch train losses and EMA validation losses must equal its own
 `train()` run's. Measured on the 2-core dev CPU (torch 2.14): max relative difference 2.2e-7
 per step (grouped convolutions and vmap sum in another order than K separate convolutions;
 the dropout masks are the same bits, see stacked_model.py); tolerance 1e-5, ~50x that, while
@@ -41,11 +41,12 @@ def members_and_runs(mnist_splits):
     cosine = DiffusionConfig(schedule=ScheduleConfig(name="cosine"))
     specs = [dict(training=tc(seed=0), splits=subset(0)),
              dict(training=tc(seed=1, lr=2e-3, ema_decay=0.5), splits=subset(1), diffusion=cosine),
-             dict(training=tc(seed=2), splits=Splits(mnist_splits.train.subset(torch.arange(256)), val))]
+             dict(training=tc(seed=2, grad_clip=0.5), splits=Splits(mnist_splits.train.subset(torch.arange(256)),
+                                                                    val))]
     separate = []
     for s in specs:
-        r = train(model=TINY, training=s["training"], splits=s["splits"], diffusion=s.get("diffusion", DiffusionConfig()),
-                  device="cpu")
+        r = train(model=TINY, training=s["training"], splits=s["splits"],
+                  diffusion=s.get("diffusion", DiffusionConfig()), device="cpu")
         separate.append(r)
     return specs, separate
 
