@@ -6,7 +6,7 @@ Contenders, all `diffusion_core.train` / `train_stacked` on real MNIST at --batc
   graph            the above + cuda_graph (forward + backward + capturable fused Adam, one CUDA graph)
   stacked K        train_stacked, K members (seeds 0..K-1), deferred sync; img/s counts all members
 Every trial logs every step for its first --log-first steps (the thesis's log_every_first) and then
-every 100th, as a real trial does. Then a check that the graph replays the eager step: with dropout 0
+every 100th (or every --warmup-th, if fewer), as a real trial does. Then a check that the graph replays the eager step: with dropout 0
 and the same device noise, the per-step losses of eager+nosync and graph over --check-steps steps.
 
     python benchmarks/bench_no_host.py --device cuda --steps 2000          # a GPU (what run_gpu.sh graph runs)
@@ -52,7 +52,7 @@ def main() -> None:
     def tc(seed=0, **kw):
         total = args.warmup + args.steps
         return TrainConfig(epochs=10 ** 6, batch_size=args.batch, max_steps=total, seed=seed,
-                           log_every_first=args.log_first, log_every=100, eval_start=10 ** 9, eval_every=10 ** 9,
+                           log_every_first=args.log_first, log_every=min(100, args.warmup), eval_start=10 ** 9, eval_every=10 ** 9,
                            val_every_epoch=False, **kw)
 
     model = UNetConfig(base_width=args.width)
@@ -64,7 +64,7 @@ def main() -> None:
         clock = Clock(args.warmup, device)
         try:
             train(model=model, training=tc(**kw), splits=splits, device=device, hooks=clock)
-            rows[label] = args.steps / (clock.t_end - clock.t_warm)
+            rows[label] = clock.steps_per_s()
         except Exception as e:  # report and go on: one broken contender must not hide the others
             print(f"{label}: FAILED {type(e).__name__}: {e}")
         print(f"{label:<16} {rows.get(label, float('nan')):>9.1f} steps/s  "
@@ -74,7 +74,7 @@ def main() -> None:
         members = [Member(tc(seed=s), model, splits=splits, hooks=clock if s == 0 else None) for s in range(args.k)]
         try:
             train_stacked(members, device=device, deferred_sync=True)
-            rows[f"stacked K={args.k}"] = args.steps / (clock.t_end - clock.t_warm)
+            rows[f"stacked K={args.k}"] = clock.steps_per_s()
             r = rows[f"stacked K={args.k}"]
             print(f"{f'stacked K={args.k}':<16} {r:>9.1f} steps/s  {r * args.batch * args.k:>9.0f} img/s "
                   f"(all members; x{r * args.k / rows['eager']:.2f} the eager trial's img/s)", flush=True)

@@ -28,10 +28,13 @@ import torch  # noqa: E402
 
 
 class Clock:
-    """Hooks: stamp the warmup step and the end (syncing the device first)."""
+    """Hooks: stamp the first logged loss once training has reached the warmup step, and the end
+    (syncing the device first). With deferred sync a loss reaches its hook later than its step,
+    so the clock counts from the step training has reached (ctx.state.step)."""
 
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device, self.t_warm, self.t_end = warmup, device, None, None
+        self.step_warm = self.step_end = None
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -39,11 +42,14 @@ class Clock:
         return time.perf_counter()
 
     def on_step(self, ctx, loss):
-        if ctx.step == self.warmup:
-            self.t_warm = self._now()
+        if self.t_warm is None and ctx.state.step >= self.warmup:
+            self.t_warm, self.step_warm = self._now(), ctx.state.step
 
     def on_end(self, ctx):
-        self.t_end = self._now()
+        self.t_end, self.step_end = self._now(), ctx.state.step
+
+    def steps_per_s(self) -> float:
+        return (self.step_end - self.step_warm) / (self.t_end - self.t_warm)
 
 
 def configs(args, seed: int):
@@ -64,12 +70,12 @@ def run_sequential(args, splits, device) -> float:
         model, training = configs(args, seed)
         clock = Clock(args.warmup, device)
         train(model=model, training=training, splits=splits, device=device, hooks=clock)
-        images += args.steps * args.batch
+        images += (clock.step_end - clock.step_warm) * args.batch
         seconds += clock.t_end - clock.t_warm
     return images / seconds
 
 
-def run_stacked(args, splits, device, k: int, backend: str) -> float:
+def run_stacked(args, splits, device, k: int, backend: str, channels_last: bool = True) -> float:
     from diffusion_core.stacked import Member, train_stacked
 
     clock = Clock(args.warmup, device)
@@ -77,8 +83,9 @@ def run_stacked(args, splits, device, k: int, backend: str) -> float:
     for seed in range(k):
         model, training = configs(args, seed)
         members.append(Member(training, model, splits=splits, hooks=clock if seed == 0 else None))
-    train_stacked(members, device=device, backend=backend, deferred_sync=args.deferred_sync)
-    return k * args.steps * args.batch / (clock.t_end - clock.t_warm)
+    train_stacked(members, device=device, backend=backend, deferred_sync=args.deferred_sync,
+                  channels_last=channels_last)
+    return k * args.batch * clock.steps_per_s()
 
 
 def main() -> None:
@@ -92,6 +99,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backends", nargs="+", default=["grouped", "vmap"], choices=("grouped", "vmap"))
+    ap.add_argument("--grouped-nchw", action="store_true", help="also the grouped backend in NCHW memory")
     ap.add_argument("--deferred-sync", action="store_true", help="stacked: fetch losses once per log interval")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--subset", type=int, default=4096, help="training images (real MNIST)")
@@ -113,6 +121,9 @@ def main() -> None:
     contenders = {f"{args.k} trials sequential (train())": lambda: run_sequential(args, splits, device)}
     for b in args.backends:
         contenders[f"stacked K={args.k} ({b})"] = lambda b=b: run_stacked(args, splits, device, args.k, b)
+    if args.grouped_nchw:
+        contenders[f"stacked K={args.k} (grouped, NCHW)"] = lambda: run_stacked(args, splits, device, args.k,
+                                                                                 "grouped", False)
     contenders[f"stacked K=1 ({args.backends[0]})"] = lambda: run_stacked(args, splits, device, 1, args.backends[0])
     rates: dict[str, list[float]] = {c: [] for c in contenders}
     for r in range(args.rounds):

@@ -158,10 +158,12 @@ class _Run:
             nn.utils.vector_to_parameters(self.group.model.flat[row], self.net.parameters())
             nn.utils.vector_to_parameters(self.group.ema.flat[row], self.ema_net.parameters())
 
-    def call(self, name: str, *args) -> None:
+    def call(self, name: str, *args, step: int | None = None) -> None:
+        """A hook of this member; `step`: the step a deferred loss belongs to (as train() reports it)."""
         fn = getattr(self.member.hooks, name, None) if self.member.hooks is not None else None
         if fn is not None:
-            self.ctx.step, self.ctx.epoch = self.group.step, self.group.step / self.spe
+            step = self.group.step if step is None else step
+            self.ctx.step, self.ctx.epoch = step, step / self.spe
             self.refresh_modules()
             fn(self.ctx, *args) if name != "on_diverged" else fn(*args)
 
@@ -354,7 +356,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                                f"lower the learning rate or check the data")
                     continue
                 r.train_losses.append((step, value))
-                r.call("on_step", value)
+                r.call("on_step", value, step=step)
         pending.clear()
 
     for r in runs:
