@@ -3,7 +3,7 @@
 Each "trial" is what a sweep runs: `diffusion_core.train` (the U-Net at --width, batch --batch,
 dropout 0.1, real MNIST) with seed k. The sequential peer calls `train()` K times; the stacked
 path calls `train_stacked()` once with the K members (backend grouped: grouped convolutions in
-channels_last, no vmap; backend vmap: torch.func.vmap over functional_call). Per run the clock
+NCHW, no vmap; backend vmap: torch.func.vmap over functional_call). Per run the clock
 runs from the --warmup-th step to the last (setup, data loading and the first steps excluded);
 throughput = images trained / seconds. Rounds alternate between the contenders so a busy
 neighbour hits them alike; the table gives the median of the rounds.
@@ -75,7 +75,7 @@ def run_sequential(args, splits, device) -> float:
     return images / seconds
 
 
-def run_stacked(args, splits, device, k: int, backend: str, channels_last: bool = True) -> float:
+def run_stacked(args, splits, device, k: int, backend: str, channels_last: bool = False) -> float:
     from diffusion_core.stacked import Member, train_stacked
 
     clock = Clock(args.warmup, device)
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backends", nargs="+", default=["grouped", "vmap"], choices=("grouped", "vmap"))
-    ap.add_argument("--grouped-nchw", action="store_true", help="also the grouped backend in NCHW memory")
+    ap.add_argument("--grouped-nhwc", action="store_true", help="also the grouped backend in channels_last memory")
     ap.add_argument("--deferred-sync", action="store_true", help="stacked: fetch losses once per log interval")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--subset", type=int, default=4096, help="training images (real MNIST)")
@@ -121,9 +121,9 @@ def main() -> None:
     contenders = {f"{args.k} trials sequential (train())": lambda: run_sequential(args, splits, device)}
     for b in args.backends:
         contenders[f"stacked K={args.k} ({b})"] = lambda b=b: run_stacked(args, splits, device, args.k, b)
-    if args.grouped_nchw:
-        contenders[f"stacked K={args.k} (grouped, NCHW)"] = lambda: run_stacked(args, splits, device, args.k,
-                                                                                 "grouped", False)
+    if args.grouped_nhwc:
+        contenders[f"stacked K={args.k} (grouped, NHWC)"] = lambda: run_stacked(args, splits, device, args.k,
+                                                                                 "grouped", True)
     contenders[f"stacked K=1 ({args.backends[0]})"] = lambda: run_stacked(args, splits, device, 1, args.backends[0])
     rates: dict[str, list[float]] = {c: [] for c in contenders}
     for r in range(args.rounds):

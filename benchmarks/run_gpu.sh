@@ -118,7 +118,7 @@ graph() {  # one thesis trial with the host in / out of the loop, and K=8 stacke
       | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
   echo "### bench_stacked --k 8 (stacked vs sequential train())" | tee -a "$OUT/graph.txt"
   { "$PY" benchmarks/bench_stacked.py --device "$DEVICE" --k "$k" --width "$width" --steps "$((steps / 8))" \
-      --warmup 20 --rounds 1 --deferred-sync --json "$OUT/graph.jsonl" 2>&1 || echo "FAILED: exit $?"; } \
+      --warmup 20 --rounds 1 --deferred-sync --grouped-nhwc --json "$OUT/graph.jsonl" 2>&1 || echo "FAILED: exit $?"; } \
       | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
 }
 

@@ -179,7 +179,7 @@ class _Run:
 class _Group:
     """The stacked tensors of the active members, row r <-> runs[r]."""
 
-    def __init__(self, runs: list[_Run], device: torch.device, backend: str = "auto", channels_last: bool = True):
+    def __init__(self, runs: list[_Run], device: torch.device, backend: str = "auto", channels_last: bool = False):
         self.runs, self.device, self.step = runs, device, 0
         self.model = StackedUNet([r.net for r in runs], [r.dropout_generator for r in runs], backend, channels_last)
         tr = [r.member.training for r in runs]
@@ -289,12 +289,14 @@ def _load_member_state(group: _Group, run: _Run, state: dict) -> None:
 
 
 def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | torch.device | None = None,
-                  deferred_sync: bool = False, backend: str = "auto", channels_last: bool = True) -> list[MemberResult]:
+                  deferred_sync: bool = False, backend: str = "auto", channels_last: bool = False) -> list[MemberResult]:
     """Train the members as one stacked model; one MemberResult per member, in order.
 
     backend:       grouped (convolutions with groups=K, no vmap; default) | vmap (torch.func.vmap over
                    functional_call; also handles self-attention) | auto (grouped unless attention).
-    channels_last: the grouped backend's memory layout (oneDNN's grouped kernels want NHWC).
+    channels_last: the grouped backend's memory layout. Off by default: on the dev CPU NHWC makes the
+                   grouped convolutions ~2x faster but GroupNorm over K*G groups 3-5x slower, a net
+                   loss (BENCHMARKS.md); on a GPU `bench_stacked.py --grouped-nhwc` compares both.
     deferred_sync: fetch logged losses (one device sync for all members) only every `log_every`
     steps, at epoch ends, evaluations and a member's last step, instead of at every logged step;
     hooks see the same calls with the same values, later.

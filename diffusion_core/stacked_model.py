@@ -59,7 +59,7 @@ class StackedUNet:
     """K members with the same UNetConfig. `nets` give the initial weights (copied, not kept)."""
 
     def __init__(self, nets: list[UNet], dropout_generators: list[torch.Generator], backend: str = "auto",
-                 channels_last: bool = True):
+                 channels_last: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"stacked backend={backend!r}; allowed: {', '.join(BACKENDS)}")
         if not nets:

@@ -275,6 +275,8 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     if training.cuda_graph and (device.type != "cuda" or world > 1):
         raise ValueError(f"TrainConfig.cuda_graph=True needs one CUDA device and no DDP (device {device}, "
                          f"world size {world}); allowed on this run: cuda_graph=False")
+    if training.cuda_graph and diffusion.loss != "simple":  # the ELBO weight is looked up on the host
+        raise ValueError(f"TrainConfig.cuda_graph=True needs diffusion.loss='simple' (got {diffusion.loss!r})")
     fused = training.fused_adam if training.fused_adam is not None else device.type == "cuda"
     optimizer = torch.optim.Adam(net.parameters(), lr=training.lr, betas=training.adam_betas,
                                  eps=training.adam_eps, fused=fused or None, capturable=training.cuda_graph)
