@@ -13,6 +13,8 @@
 #      bash benchmarks/run_gpu.sh train-compile    # the same, torch.compile         (~6-8 min)
 #      bash benchmarks/run_gpu.sh sampling         # DDIM-50 + DDPM-1000: fp32, bf16, bf16 + compile (~5 min)
 #      bash benchmarks/run_gpu.sh packing          # 1, 2, 4 thesis trials sharing the GPU, fp32 + bf16 (~2 min)
+#      bash benchmarks/run_gpu.sh graph            # issue 11: steps/s at batch 16, eager vs no-sync vs CUDA graph
+#                                                  #   vs 8 stacked trials, + graph-vs-eager loss check (~3 min)
 #      bash benchmarks/run_gpu.sh all              # everything (over 10 minutes: split it as above)
 #      bash benchmarks/run_gpu.sh thesis           # studies/thesis.yaml end to end, without Ray/MLflow
 #          (`studyctl launch thesis --local --no-tracking`, 10,000-sample evaluations, the fast path of
@@ -48,12 +50,14 @@ fi
 mkdir -p "$OUT"
 # --- wheels (diffusers is the benchmark peer; our code needs only torch + torchvision)
 SITE=/tmp/studyctl_site
-if ! "$PY" -c "import diffusers, pydantic" 2>/dev/null; then
+NEED="diffusers, pydantic"
+[[ "$PART" == graph ]] && NEED=torch  # diffusion_core only: no peer, no orchestrator
+if ! "$PY" -c "import $NEED" 2>/dev/null; then
   if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .whl/*.whl
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   fi
-  "$PY" -c "import diffusers, pydantic" || { echo "diffusers/pydantic are missing: run 'benchmarks/run_gpu.sh prepare' on the dev machine and carry .whl" >&2; exit 2; }
+  "$PY" -c "import $NEED" || { echo "diffusers/pydantic are missing: run 'benchmarks/run_gpu.sh prepare' on the dev machine and carry .whl" >&2; exit 2; }
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # --- data: an existing root, else the carried gzipped IDX files
@@ -70,7 +74,7 @@ if [[ -z "${STUDYCTL_DATA_ROOT:-}" || ! -d "${STUDYCTL_DATA_ROOT:-}/MNIST/raw" ]
   fi
 fi
 
-{ date -u; nvidia-smi 2>/dev/null || echo "(no nvidia-smi)"; "$PY" -c "import torch, diffusers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)"; } >> "$OUT/env.txt" 2>&1
+{ date -u; nvidia-smi 2>/dev/null || echo "(no nvidia-smi)"; "$PY" -c "import importlib.metadata as m, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', m.version('diffusers') if m.packages_distributions().get('diffusers') else None)"; } >> "$OUT/env.txt" 2>&1
 
 if [[ "${SMOKE:-0}" == 1 ]]; then
   BATCHES=(4 8); IMAGES=16; ROUNDS=1; SBATCH=4; DDIM=(5); DDPM=()
@@ -105,6 +109,19 @@ packing() {  # k trials sharing the GPU (what a fractional gpus_per_worker gives
   done
 }
 
+graph() {  # one thesis trial with the host in / out of the loop, and K=8 stacked trials (issue 11)
+  local steps=2000 k=8 width=32
+  [[ "${SMOKE:-0}" == 1 ]] && { steps=12; k=2; width=8; GRAPH_WARMUP="${GRAPH_WARMUP:-3}"; }
+  echo "### bench_no_host --steps $steps --k $k" | tee -a "$OUT/graph.txt"
+  { "$PY" benchmarks/bench_no_host.py --device "$DEVICE" --steps "$steps" --warmup "${GRAPH_WARMUP:-100}" \
+      --k "$k" --width "$width" --json "$OUT/graph.jsonl" 2>&1 || echo "FAILED: exit $?"; } \
+      | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
+  echo "### bench_stacked --k 8 (stacked vs sequential train())" | tee -a "$OUT/graph.txt"
+  { "$PY" benchmarks/bench_stacked.py --device "$DEVICE" --k "$k" --width "$width" --steps "$((steps / 8))" \
+      --warmup 20 --rounds 1 --deferred-sync --grouped-nhwc --json "$OUT/graph.jsonl" 2>&1 || echo "FAILED: exit $?"; } \
+      | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
+}
+
 thesis() {
   # Table 1 of the thesis, plus what only the GPU run changes: 10,000-sample evaluations and the
   # fast path (override with THESIS_SET="FIELD=VALUE ..."; see `studyctl launch --help`).
@@ -131,7 +148,8 @@ case "$PART" in
   sampling)      sampling ;;
   all)           train_step; train_step --compile; sampling; packing ;;
   packing)       packing ;;
+  graph)         graph ;;
   thesis)        thesis ;;
-  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | packing | all | thesis" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | packing | graph | all | thesis" >&2; exit 2 ;;
 esac
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

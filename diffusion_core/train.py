@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .data import DataConfig, ImageSet, epoch_batches, load_splits, steps_per_epoch
 from .ema import EMA
+from .graph_step import GraphedStep
 from .losses import LOSSES, diffusion_loss, per_example_mse
 from .schedules import NoiseSchedule, ScheduleConfig
 from .unet import UNet, UNetConfig, count_parameters
@@ -74,6 +75,11 @@ class TrainConfig:
     compile: bool = False            # torch.compile the training forward ...
     compile_mode: str = "default"    # ... default | reduce-overhead (CUDA graphs) | max-autotune
     fused_adam: bool | None = None   # None: fused Adam on CUDA, the reference loop elsewhere
+    # No host in the loop (issue 11). device_noise draws (t, eps) from a seeded generator on the
+    # training device: on a GPU that is another random stream than the default CPU one (same on a CPU).
+    device_noise: bool = False
+    deferred_sync: bool = False      # fetch logged losses every log_every steps (and at epoch/eval/end), not each
+    cuda_graph: bool = False         # replay forward+backward+Adam as one CUDA graph (graph_step.py; CUDA only)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "log_every", "eval_every"):
@@ -87,6 +93,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.compile_mode={self.compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.cuda_graph and self.compile:
+            raise ValueError("TrainConfig.cuda_graph=True and compile=True: choose one "
+                             "(compile_mode=reduce-overhead is compile's own CUDA graphs)")
 
 
 class DivergedError(RuntimeError):
@@ -267,7 +276,7 @@ def _host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The CPU-drawn training noise onto the device. A copy from pageable memory makes PyTorch
     sync the stream (the host waits for the GPU to drain, every step); from pinned memory
     it is queued and the host runs ahead to launch the next kernels."""
-    if device.type != "cuda":
+    if device.type != "cuda" or x.device.type == "cuda":
         return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
 
@@ -311,12 +320,19 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             net, device_ids=[device.index] if device.type == "cuda" else None)
     if training.compile:
         forward = torch.compile(forward, mode=training.compile_mode)
+    if training.cuda_graph and (device.type != "cuda" or world > 1):
+        raise ValueError(f"TrainConfig.cuda_graph=True needs one CUDA device and no DDP (device {device}, "
+                         f"world size {world}); allowed on this run: cuda_graph=False")
+    if training.cuda_graph and diffusion.loss != "simple":  # the ELBO weight is looked up on the host
+        raise ValueError(f"TrainConfig.cuda_graph=True needs diffusion.loss='simple' (got {diffusion.loss!r})")
     fused = training.fused_adam if training.fused_adam is not None else device.type == "cuda"
     optimizer = torch.optim.Adam(net.parameters(), lr=training.lr, betas=training.adam_betas,
-                                 eps=training.adam_eps, fused=fused or None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.precision == "bf16")
-    # Per-rank training noise (t, eps); on the CPU so the stream is identical on any device.
-    generator = torch.Generator().manual_seed(training.seed * 1_000_003 + rank)
+                                 eps=training.adam_eps, fused=fused or None, capturable=training.cuda_graph)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.precision == "bf16",
+                              cache_enabled=not training.cuda_graph)  # cached casts must not outlive a capture
+    # Per-rank training noise (t, eps); on the CPU so the stream is identical on any device (unless device_noise).
+    noise_device = device if training.device_noise else torch.device("cpu")
+    generator = torch.Generator(noise_device).manual_seed(training.seed * 1_000_003 + rank)
     state = TrainState(net, ema, optimizer, generator)
     if resume_state is not None:
         state.load_state_dict(resume_state)
@@ -349,6 +365,34 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
 
     cuda_graphs = training.compile and training.compile_mode == "reduce-overhead" and device.type == "cuda"
+
+    def step_fn(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            loss = diffusion_loss(forward, schedule, x0, kind=diffusion.loss,
+                                  reverse_variance=diffusion.reverse_variance, t=t, eps=eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if training.grad_clip is not None:
+            nn.utils.clip_grad_norm_(net.parameters(), training.grad_clip)
+        optimizer.step()
+        return loss
+
+    graphed = GraphedStep(step_fn) if training.cuda_graph else None
+    pending_losses: list[tuple[int, torch.Tensor]] = []  # logged steps' losses, still on the device
+
+    def flush_losses() -> None:
+        """Fetch the pending logged losses (one sync, one all-reduce) and report them in step order."""
+        values = _all_mean(torch.stack([v for _, v in pending_losses]).float(), world).tolist()
+        now = ctx.step, ctx.epoch
+        for (step, _), value in zip(pending_losses, values):
+            if not math.isfinite(value):
+                raise DivergedError(f"training loss became {value} at step {step} "
+                                    f"(epoch {step / spe:.2f}); lower the learning rate or check the data")
+            train_losses.append((step, value))
+            ctx.step, ctx.epoch = step, step / spe  # what hooks see is the step the loss belongs to
+            call("on_step", value)
+        ctx.step, ctx.epoch = now
+        pending_losses.clear()
     net.train()
     while state.step < total_steps:
         epoch = state.step // spe
@@ -358,16 +402,10 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            t = _host_to_device(schedule.sample_timesteps(x0.shape[0], generator=generator), device)
-            eps = _host_to_device(torch.randn(x0.shape, generator=generator), device)
-            with autocast:
-                loss = diffusion_loss(forward, schedule, x0, kind=diffusion.loss,
-                                      reverse_variance=diffusion.reverse_variance, t=t, eps=eps)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if training.grad_clip is not None:
-                nn.utils.clip_grad_norm_(net.parameters(), training.grad_clip)
-            optimizer.step()
+            t = _host_to_device(schedule.sample_timesteps(x0.shape[0], generator=generator, device=noise_device),
+                                device)
+            eps = _host_to_device(torch.randn(x0.shape, generator=generator, device=noise_device), device)
+            loss = graphed(x0, t, eps) if graphed is not None else step_fn(x0, t, eps)
             ema.update(net)
             state.step += 1
             ctx.step, ctx.epoch = state.step, state.step / spe
@@ -377,16 +415,14 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             # Losses accumulate on the device; they are fetched (a sync) only when logged.
             state.epoch_loss_sum = state.epoch_loss_sum + loss.detach().double()
             state.epoch_loss_count += 1
-            if log_now:
-                value = float(_all_mean(loss.detach(), world))
-                if not math.isfinite(value):
-                    raise DivergedError(f"training loss became {value} at step {state.step} "
-                                        f"(epoch {state.step / spe:.2f}); lower the learning rate or check the data")
-                train_losses.append((state.step, value))
-                call("on_step", value)
+            if log_now:  # a graph's loss is overwritten by the next replay: keep a copy
+                pending_losses.append((state.step, loss.detach().clone() if graphed else loss.detach()))
+            if pending_losses and (not training.deferred_sync or state.step % training.log_every == 0
+                                   or end_of_epoch or should_eval(state.step) or state.step >= total_steps):
+                flush_losses()
             if bar is not None:
                 bar.update(1)
-                if log_now:
+                if log_now and train_losses:
                     bar.set_postfix(loss=f"{train_losses[-1][1]:.4f}", epoch=f"{ctx.epoch:.2f}")
             if end_of_epoch:
                 train_loss = float(_all_mean(torch.as_tensor(state.epoch_loss_sum, dtype=torch.float64,

@@ -1,0 +1,99 @@
+"""Training steps/s of one thesis trial with the host in and out of the loop, and K stacked trials.
+
+Contenders, all `diffusion_core.train` / `train_stacked` on real MNIST at --batch (16: the thesis):
+  eager            the default loop (CPU-drawn noise, a loss fetch at each logged step)
+  eager+nosync     device_noise + deferred_sync (no host sync inside a logging interval)
+  graph            the above + cuda_graph (forward + backward + capturable fused Adam, one CUDA graph)
+  stacked K        train_stacked, K members (seeds 0..K-1), deferred sync; img/s counts all members
+Every trial logs every step for its first --log-first steps (the thesis's log_every_first) and then
+every 100th (or every --warmup-th, if fewer), as a real trial does. Then a check that the graph replays the eager step: with dropout 0
+and the same device noise, the per-step losses of eager+nosync and graph over --check-steps steps.
+
+    python benchmarks/bench_no_host.py --device cuda --steps 2000          # a GPU (what run_gpu.sh graph runs)
+    .venv/bin/python benchmarks/bench_no_host.py --device cpu --steps 20 --width 8 --k 2   # plumbing on a CPU
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+from bench_stacked import Clock  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--width", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2000, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=100, help="untimed steps first (graph capture is behind it)")
+    ap.add_argument("--log-first", type=int, default=1000, help="log every step for the first N steps")
+    ap.add_argument("--k", type=int, default=8, help="members of the stacked contender (0: skip it)")
+    ap.add_argument("--check-steps", type=int, default=50)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from diffusion_core import TrainConfig, UNetConfig, mnist_splits, train
+    from diffusion_core.data import Splits
+    from diffusion_core.stacked import Member, train_stacked
+
+    device = torch.device(args.device)
+    full = mnist_splits(args.data_root)
+    splits = Splits(full.train.subset(torch.arange(8192)), full.val.subset(torch.arange(256)))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"device {device} ({name}), torch {torch.__version__}; U-Net width {args.width}, batch {args.batch}, "
+          f"{args.steps} timed steps after {args.warmup}")
+
+    def tc(seed=0, **kw):
+        total = args.warmup + args.steps
+        return TrainConfig(epochs=10 ** 6, batch_size=args.batch, max_steps=total, seed=seed,
+                           log_every_first=args.log_first, log_every=min(100, args.warmup), eval_start=10 ** 9, eval_every=10 ** 9,
+                           val_every_epoch=False, **kw)
+
+    model = UNetConfig(base_width=args.width)
+    variants = {"eager": {}, "eager+nosync": dict(device_noise=True, deferred_sync=True)}
+    if device.type == "cuda":
+        variants["graph"] = dict(device_noise=True, deferred_sync=True, cuda_graph=True)
+    rows = {}
+    for label, kw in variants.items():
+        clock = Clock(args.warmup, device)
+        try:
+            train(model=model, training=tc(**kw), splits=splits, device=device, hooks=clock)
+            rows[label] = clock.steps_per_s()
+        except Exception as e:  # report and go on: one broken contender must not hide the others
+            print(f"{label}: FAILED {type(e).__name__}: {e}")
+        print(f"{label:<16} {rows.get(label, float('nan')):>9.1f} steps/s  "
+              f"{rows.get(label, float('nan')) * args.batch:>9.0f} img/s", flush=True)
+    if args.k:
+        clock = Clock(args.warmup, device)
+        members = [Member(tc(seed=s), model, splits=splits, hooks=clock if s == 0 else None) for s in range(args.k)]
+        try:
+            train_stacked(members, device=device, deferred_sync=True)
+            rows[f"stacked K={args.k}"] = clock.steps_per_s()
+            r = rows[f"stacked K={args.k}"]
+            print(f"{f'stacked K={args.k}':<16} {r:>9.1f} steps/s  {r * args.batch * args.k:>9.0f} img/s "
+                  f"(all members; x{r * args.k / rows['eager']:.2f} the eager trial's img/s)", flush=True)
+        except Exception as e:
+            print(f"stacked K={args.k}: FAILED {type(e).__name__}: {e}")
+    if device.type == "cuda":  # does the graph replay the eager step? (dropout 0: the masks' streams differ)
+        quiet = UNetConfig(base_width=args.width, dropout=0.0)
+        check = dict(device_noise=True, deferred_sync=True, max_steps=args.check_steps, log_every_first=10 ** 6)
+        a = train(model=quiet, training=TrainConfig(**{**tc().__dict__, **check}), splits=splits, device=device)
+        b = train(model=quiet, training=TrainConfig(**{**tc().__dict__, **check, "cuda_graph": True}),
+                  splits=splits, device=device)
+        la = torch.tensor([v for _, v in a.train_losses]); lb = torch.tensor([v for _, v in b.train_losses])
+        rel = ((la - lb).abs() / la).max().item()
+        print(f"graph vs eager, dropout 0, {args.check_steps} steps: max relative loss difference {rel:.2e}")
+        rows["graph_check_max_rel"] = rel
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({**vars(args), "device_name": name, "steps_per_s": rows}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""K trials in one process, stacked (diffusion_core.stacked) vs the same K trials one after another.
+
+Each "trial" is what a sweep runs: `diffusion_core.train` (the U-Net at --width, batch --batch,
+dropout 0.1, real MNIST) with seed k. The sequential peer calls `train()` K times; the stacked
+path calls `train_stacked()` once with the K members (backend grouped: grouped convolutions in
+NCHW, no vmap; backend vmap: torch.func.vmap over functional_call). Per run the clock
+runs from the --warmup-th step to the last (setup, data loading and the first steps excluded);
+throughput = images trained / seconds. Rounds alternate between the contenders so a busy
+neighbour hits them alike; the table gives the median of the rounds.
+
+    .venv/bin/python benchmarks/bench_stacked.py --k 8 --width 8 --batch 16 --steps 30 --rounds 3
+    python benchmarks/bench_stacked.py --device cuda --k 8 --width 32 --batch 16 --steps 500   # a GPU
+
+Needs only torch (and diffusion_core).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP; see bench_train_step.py
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+
+class Clock:
+    """Hooks: stamp the first logged loss once training has reached the warmup step, and the end
+    (syncing the device first). With deferred sync a loss reaches its hook later than its step,
+    so the clock counts from the step training has reached (ctx.state.step)."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device, self.t_warm, self.t_end = warmup, device, None, None
+        self.step_warm = self.step_end = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def on_step(self, ctx, loss):
+        if self.t_warm is None and ctx.state.step >= self.warmup:
+            self.t_warm, self.step_warm = self._now(), ctx.state.step
+
+    def on_end(self, ctx):
+        self.t_end, self.step_end = self._now(), ctx.state.step
+
+    def steps_per_s(self) -> float:
+        return (self.step_end - self.step_warm) / (self.t_end - self.t_warm)
+
+
+def configs(args, seed: int):
+    from diffusion_core import TrainConfig, UNetConfig
+
+    model = UNetConfig(base_width=args.width, dropout=args.dropout)
+    training = TrainConfig(epochs=10 ** 6, batch_size=args.batch, max_steps=args.warmup + args.steps, seed=seed,
+                           log_every_first=0, log_every=args.warmup, eval_start=10 ** 9, eval_every=10 ** 9,
+                           val_every_epoch=False)
+    return model, training
+
+
+def run_sequential(args, splits, device) -> float:
+    from diffusion_core import train
+
+    images = seconds = 0.0
+    for seed in range(args.k):
+        model, training = configs(args, seed)
+        clock = Clock(args.warmup, device)
+        train(model=model, training=training, splits=splits, device=device, hooks=clock)
+        images += (clock.step_end - clock.step_warm) * args.batch
+        seconds += clock.t_end - clock.t_warm
+    return images / seconds
+
+
+def run_stacked(args, splits, device, k: int, backend: str, channels_last: bool = False) -> float:
+    from diffusion_core.stacked import Member, train_stacked
+
+    clock = Clock(args.warmup, device)
+    members = []
+    for seed in range(k):
+        model, training = configs(args, seed)
+        members.append(Member(training, model, splits=splits, hooks=clock if seed == 0 else None))
+    train_stacked(members, device=device, backend=backend, deferred_sync=args.deferred_sync,
+                  channels_last=channels_last)
+    return k * args.batch * clock.steps_per_s()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--k", type=int, default=8, help="trials (members of the stacked group)")
+    ap.add_argument("--width", type=int, default=8, help="U-Net base width")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per trial")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--backends", nargs="+", default=["grouped", "vmap"], choices=("grouped", "vmap"))
+    ap.add_argument("--grouped-nhwc", action="store_true", help="also the grouped backend in channels_last memory")
+    ap.add_argument("--deferred-sync", action="store_true", help="stacked: fetch losses once per log interval")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--subset", type=int, default=4096, help="training images (real MNIST)")
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--json", default=None, help="also append the results as one JSON line to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from diffusion_core import mnist_splits
+    from diffusion_core.data import Splits
+
+    device = torch.device(args.device)
+    full = mnist_splits(args.data_root)
+    splits = Splits(full.train.subset(torch.arange(args.subset)), full.val.subset(torch.arange(256)))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device {device} ({name}), torch {torch.__version__}, {args.threads} thread(s); U-Net width "
+          f"{args.width}, batch {args.batch}, dropout {args.dropout}, K={args.k}, {args.steps} timed steps; "
+          f"load average at start {load:.1f}")
+    contenders = {f"{args.k} trials sequential (train())": lambda: run_sequential(args, splits, device)}
+    for b in args.backends:
+        contenders[f"stacked K={args.k} ({b})"] = lambda b=b: run_stacked(args, splits, device, args.k, b)
+    if args.grouped_nhwc:
+        contenders[f"stacked K={args.k} (grouped, NHWC)"] = lambda: run_stacked(args, splits, device, args.k,
+                                                                                 "grouped", True)
+    contenders[f"stacked K=1 ({args.backends[0]})"] = lambda: run_stacked(args, splits, device, 1, args.backends[0])
+    rates: dict[str, list[float]] = {c: [] for c in contenders}
+    for r in range(args.rounds):
+        for label, fn in contenders.items():
+            rates[label].append(fn())
+        print(f"round {r + 1}: " + "  ".join(f"{v[-1]:.1f}" for v in rates.values()), flush=True)
+    base = statistics.median(rates[next(iter(contenders))])
+    print(f"{'contender':<40} {'img/s (median)':>15} {'x sequential':>13}  rounds")
+    for label, v in rates.items():
+        m = statistics.median(v)
+        print(f"{label:<40} {m:>15.1f} {m / base:>13.2f}  {' '.join(f'{x:.1f}' for x in v)}")
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({**vars(args), "device_name": name, "rates": rates}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""K trials in one process as one stacked model: `train()`'s loop, vmapped over the members.
+
+Trials that share an architecture (UNetConfig) and batch size — and differ in seed, noise
+schedule, training subset, learning rate, EMA decay — train together. Each member keeps what
+its own `train()` run would have: initialisation `build_model(model, seed)`, data order
+`epoch_batches(..., seed)`, its own noise generator (t, eps), its own dropout stream (see
+stacked_model.py), Adam moments and learning rate, EMA decay, epoch bookkeeping, hooks and
+resume state (`MemberState.state_dict()` has `TrainState.state_dict()`'s format, so a member's
+checkpoint resumes in `train()` and the other way round).
+
+Contract: on the CPU a member's per-step losses equal its separate `train()` run's to float
+tolerance, dropout included (tests/test_stacked.py); the grouped convolutions sum in another
+order, so bits differ by ~1e-7 relative per step and drift as training is chaotic. On a GPU
+the dropout masks are statistically equivalent, not identical (CUDA's fused dropout kernel
+has its own stream). A member whose loss becomes NaN/inf is marked FAILED with
+`train()`'s DivergedError message, its hooks' `on_diverged(err)` is called, and it leaves the
+group; a member that reaches its last step leaves after `on_end`; the others go on.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .data import DataConfig, epoch_batches, load_splits, steps_per_epoch
+from .losses import LOSSES
+from .schedules import NoiseSchedule
+from .stacked_model import StackedUNet
+from .stacked_optim import FlatAdam, FlatEMA
+from .train import (DiffusionConfig, DivergedError, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
+                    build_model, fixed_validation_draws, pick_device)
+from .unet import UNet, UNetConfig, count_parameters
+
+# Fields every member of a group must share (the rest may differ member by member).
+UNSTACKABLE = {"compile": False, "channels_last": False, "precision": "fp32"}
+
+
+@dataclass
+class Member:
+    training: TrainConfig
+    model: UNetConfig = field(default_factory=UNetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    hooks: TrainHooks | None = None
+    splits: object | None = None        # pre-loaded data.Splits (else loaded from `data`)
+    resume_state: dict | None = None    # a TrainState/MemberState.state_dict()
+    name: str = ""
+
+
+@dataclass
+class MemberResult:
+    name: str
+    status: str                          # FINISHED | FAILED
+    error: str | None
+    result: TrainResult
+
+
+def stack_key(model: UNetConfig, training: TrainConfig) -> tuple:
+    """Members with equal keys can share a group."""
+    return repr(model), training.batch_size
+
+
+def check_stackable(members: list[Member]) -> None:
+    if not members:
+        raise ValueError("train_stacked needs at least one member")
+    key = stack_key(members[0].model, members[0].training)
+    for i, m in enumerate(members):
+        if stack_key(m.model, m.training) != key:
+            raise ValueError(f"member {i} ({m.name!r}): model and training.batch_size must equal member 0's "
+                             f"to stack ({m.model} / {m.training.batch_size} vs {members[0].model} / "
+                             f"{members[0].training.batch_size})")
+        for name, allowed in UNSTACKABLE.items():
+            if getattr(m.training, name) != allowed:
+                raise ValueError(f"member {i} ({m.name!r}): training.{name}={getattr(m.training, name)!r} is not "
+                                 f"supported when stacking; allowed: {allowed!r}")
+
+
+class MemberState:
+    """A member's view of the group, with TrainState's interface (state_dict, generator, step)."""
+
+    def __init__(self, run: "_Run"):
+        self.run = run
+
+    @property
+    def step(self) -> int:
+        return self.run.group.step
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.run.generator
+
+    def state_dict(self) -> dict:
+        run, group = self.run, self.run.group
+        row = group.row(run)
+        run.refresh_modules()
+        adam = group.adam
+        state = {i: {"step": torch.tensor(float(adam.step_count)), "exp_avg": e, "exp_avg_sq": v}
+                 for i, (e, v) in enumerate(zip(group.model.unflatten(adam.exp_avg[row]).values(),
+                                                group.model.unflatten(adam.exp_avg_sq[row]).values()))}
+        out = {"model": {k: v.clone() for k, v in run.net.state_dict().items()},
+               "ema": {"decay": run.member.training.ema_decay,
+                       "module": {k: v.clone() for k, v in run.ema_net.state_dict().items()}},
+               "optimizer": {"state": state, "param_groups": run.param_groups},
+               "step": group.step, "generator": run.generator.get_state(),
+               "epoch_loss_sum": float(group.epoch_sum[row]), "epoch_loss_count": run.epoch_count}
+        if group.device.type == "cuda":
+            out["cuda_rng"], out["cpu_rng"] = run.dropout_generator.get_state(), torch.get_rng_state()
+        else:
+            out["cpu_rng"] = run.dropout_generator.get_state()
+        return out
+
+
+class _Run:
+    """One member's live state (everything but its rows of the stacked tensors)."""
+
+    def __init__(self, group: "_Group", member: Member, splits, device: torch.device, eval_seed: int):
+        tr = member.training
+        self.group, self.member, self.splits, self.device = group, member, splits, device
+        self.schedule = NoiseSchedule.from_config(member.diffusion.schedule)
+        self.n_train = len(splits.train)
+        if tr.batch_size > self.n_train:
+            raise ValueError(f"member {member.name!r}: batch_size={tr.batch_size} is larger than the training set "
+                             f"({self.n_train} images)")
+        self.spe = steps_per_epoch(self.n_train, tr.batch_size)
+        self.total = tr.epochs * self.spe if tr.max_steps is None else min(tr.epochs * self.spe, tr.max_steps)
+        self.net = build_model(member.model, tr.seed, device)       # the initialisation of train()
+        self.dropout_generator = torch.Generator(device)           # ... and the dropout stream after it
+        if device.type == "cpu":
+            self.dropout_generator.set_state(torch.get_rng_state())
+        else:
+            self.dropout_generator.manual_seed(tr.seed)
+        self.generator = torch.Generator().manual_seed(tr.seed * 1_000_003)  # train()'s noise stream (rank 0)
+        self.ema_net = UNet(member.model).to(device).eval().requires_grad_(False)
+        self.param_groups = torch.optim.Adam(self.net.parameters(), lr=tr.lr, betas=tr.adam_betas,
+                                             eps=tr.adam_eps).state_dict()["param_groups"]
+        self.val_t, self.val_eps = fixed_validation_draws(splits.val, self.schedule, eval_seed)
+        self.train_losses: list[tuple[int, float]] = []
+        self.epoch_losses: list[tuple[int, float, float | None]] = []
+        self.epoch_count = 0
+        self.status, self.error, self._batches = "RUNNING", None, (None, None)
+        self.ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, self.spe,
+                                self.total, MemberState(self))
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """Indices of the batch of (0-based) step `step`, exactly as train() walks epoch_batches."""
+        epoch = step // self.spe
+        if self._batches[0] != epoch:
+            self._batches = (epoch, epoch_batches(self.n_train, self.member.training.batch_size, epoch,
+                                                  self.member.training.seed, device=self.splits.train.images.device))
+        return self._batches[1][step - epoch * self.spe]
+
+    def refresh_modules(self) -> None:
+        row = self.group.row(self)
+        with torch.no_grad():
+            nn.utils.vector_to_parameters(self.group.model.flat[row], self.net.parameters())
+            nn.utils.vector_to_parameters(self.group.ema.flat[row], self.ema_net.parameters())
+
+    def call(self, name: str, *args, step: int | None = None) -> None:
+        """A hook of this member; `step`: the step a deferred loss belongs to (as train() reports it)."""
+        fn = getattr(self.member.hooks, name, None) if self.member.hooks is not None else None
+        if fn is not None:
+            step = self.group.step if step is None else step
+            self.ctx.step, self.ctx.epoch = step, step / self.spe
+            self.refresh_modules()
+            fn(self.ctx, *args) if name != "on_diverged" else fn(*args)
+
+    def logs_at(self, step: int) -> bool:
+        tr = self.member.training
+        return step <= tr.log_every_first or step % tr.log_every == 0
+
+    def should_eval(self, step: int) -> bool:
+        tr = self.member.training
+        return step == self.total or (step >= tr.eval_start and step % tr.eval_every == 0)
+
+
+class _Group:
+    """The stacked tensors of the active members, row r <-> runs[r]."""
+
+    def __init__(self, runs: list[_Run], device: torch.device, backend: str = "auto", channels_last: bool = False):
+        self.runs, self.device, self.step = runs, device, 0
+        self.model = StackedUNet([r.net for r in runs], [r.dropout_generator for r in runs], backend, channels_last)
+        tr = [r.member.training for r in runs]
+        self.adam = FlatAdam(self.model.flat, [t.lr for t in tr], tr[0].adam_betas, tr[0].adam_eps)
+        if any(t.adam_betas != tr[0].adam_betas or t.adam_eps != tr[0].adam_eps for t in tr):
+            raise ValueError("training.adam_betas and training.adam_eps must be equal across a stacked group")
+        self.ema = FlatEMA(self.model.flat, [t.ema_decay for t in tr])
+        self.epoch_sum = torch.zeros(len(runs), dtype=torch.float64, device=device)
+        t_max = max(r.schedule.T for r in runs)
+        pad = lambda v: torch.cat([v, v.new_zeros(t_max + 1 - len(v))])  # noqa: E731  (t <= T_k never reads it)
+        self.sqrt_ab = torch.stack([pad(r.schedule.sqrt_alpha_bar) for r in runs]).to(device)
+        self.sqrt_1m_ab = torch.stack([pad(r.schedule.sqrt_one_minus_alpha_bar) for r in runs]).to(device)
+        self.clip = torch.tensor([t.grad_clip or math.inf for t in tr], device=device)
+
+    def row(self, run: _Run) -> int:
+        return self.runs.index(run)
+
+    def keep(self, runs: list[_Run]) -> None:
+        rows = [self.row(r) for r in runs]
+        self.runs = runs
+        self.model.keep(rows)
+        self.adam.keep(rows, self.model.flat)
+        self.ema.keep(rows)
+        self.epoch_sum, self.clip = self.epoch_sum[rows], self.clip[rows]
+        self.sqrt_ab, self.sqrt_1m_ab = self.sqrt_ab[rows], self.sqrt_1m_ab[rows]
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Each member's (31) with its own schedule; the float64 tables cast as NoiseSchedule does."""
+        view = (*t.shape, *([1] * (x0.dim() - 2)))
+        a = self.sqrt_ab.gather(1, t).to(x0.dtype).view(view)
+        b = self.sqrt_1m_ab.gather(1, t).to(x0.dtype).view(view)
+        return a * x0 + b * eps
+
+    def losses(self, x0, t, eps, params=None, train=True) -> torch.Tensor:
+        """(K, B) per-example ||eps - eps_theta||^2 / d."""
+        pred = self.model.forward(self.q_sample(x0, t, eps), t, params=params, train=train)
+        return (eps.float() - pred.float()).pow(2).flatten(2).mean(2)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step of every member; returns the (K,) batch losses (on the device)."""
+        x0s, ts, epss = [], [], []
+        for r in self.runs:
+            x0 = r.splits.train.batch(r.batch_indices(self.step)).to(self.device)
+            ts.append(r.schedule.sample_timesteps(x0.shape[0], generator=r.generator))  # train()'s order: t, eps
+            epss.append(torch.randn(x0.shape, generator=r.generator))
+            x0s.append(x0)
+        x0 = torch.stack(x0s)
+        t, eps = _host_to_device(torch.stack(ts), self.device), _host_to_device(torch.stack(epss), self.device)
+        err = self.losses(x0, t, eps)
+        for k, r in enumerate(self.runs):
+            d = r.member.diffusion
+            if d.loss == "elbo":
+                err[k] = err[k] * r.schedule.elbo_weight(ts[k], d.reverse_variance).to(err)
+        loss = err.mean(1)
+        params = self.model.param_list()
+        grads = torch.autograd.grad(loss.sum(), params)
+        grad = self.model.flatten_grads(grads)
+        if any(r.member.training.grad_clip is not None for r in self.runs):  # clip_grad_norm_, member by member
+            norms = torch.stack([torch.linalg.vector_norm(g.reshape(len(self.runs), -1), 2, dim=1) for g in grads], 1)
+            coef = (self.clip / (torch.linalg.vector_norm(norms, 2, dim=1) + 1e-6)).clamp(max=1.0)
+            grad = grad * coef[:, None]
+        self.adam.step(grad)
+        self.ema.update(self.model.flat)
+        self.step += 1
+        return loss.detach()
+
+    @torch.no_grad()
+    def validation_losses(self, runs: list[_Run], batch_size: int = 256) -> list[float]:
+        """train.validation_loss with each member's EMA weights, the members of `runs` in one pass."""
+        rows = [self.row(r) for r in runs]
+        n = len(runs[0].splits.val)
+        if any(len(r.splits.val) != n for r in runs):
+            return [v for r in runs for v in self.validation_losses([r], batch_size)]
+        params = self.model.views_of(self.ema.flat[rows])
+        total = torch.zeros(len(runs), dtype=torch.float64, device=self.device)
+        for lo in range(0, n, batch_size):
+            x0 = torch.stack([r.splits.val.batch(slice(lo, lo + batch_size)) for r in runs]).to(self.device)
+            t = torch.stack([r.val_t[lo:lo + batch_size] for r in runs]).to(self.device)
+            eps = torch.stack([r.val_eps[lo:lo + batch_size] for r in runs]).to(self.device)
+            sub = _Subgroup(self, rows)
+            total += sub.losses(x0, t, eps, params=params, train=False).sum(1).double()
+        return (total / n).tolist()
+
+
+class _Subgroup:
+    """Some rows of a group (validation of the members whose epoch ends now)."""
+
+    def __init__(self, group: _Group, rows: list[int]):
+        self.model, self.sqrt_ab, self.sqrt_1m_ab = group.model, group.sqrt_ab[rows], group.sqrt_1m_ab[rows]
+
+    q_sample, losses = _Group.q_sample, _Group.losses
+
+
+def _load_member_state(group: _Group, run: _Run, state: dict) -> None:
+    """Put a TrainState/MemberState.state_dict() into the member's rows (all members at one step)."""
+    row, names = group.row(run), group.model.names
+    group.model.flat[row].copy_(StackedUNet.flatten_state(state["model"], names))
+    group.ema.flat[row].copy_(StackedUNet.flatten_state(state["ema"]["module"], names))
+    opt = [state["optimizer"]["state"][i] for i in range(len(names))]
+    group.adam.load_row(row, torch.cat([s["exp_avg"].reshape(-1) for s in opt]).to(group.device),
+                        torch.cat([s["exp_avg_sq"].reshape(-1) for s in opt]).to(group.device),
+                        int(opt[0]["step"]) if opt else int(state["step"]))
+    run.generator.set_state(state["generator"].cpu())
+    run.dropout_generator.set_state((state["cuda_rng"] if group.device.type == "cuda" else state["cpu_rng"]).cpu())
+    group.epoch_sum[row] = float(state["epoch_loss_sum"])
+    run.epoch_count = int(state["epoch_loss_count"])
+
+
+def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | torch.device | None = None,
+                  deferred_sync: bool = False, backend: str = "auto", channels_last: bool = False) -> list[MemberResult]:
+    """Train the members as one stacked model; one MemberResult per member, in order.
+
+    backend:       grouped (convolutions with groups=K, no vmap; default) | vmap (torch.func.vmap over
+                   functional_call; also handles self-attention) | auto (grouped unless attention).
+    channels_last: the grouped backend's memory layout. Off by default: on the dev CPU NHWC makes the
+                   grouped convolutions ~2x faster but GroupNorm over K*G groups 3-5x slower, a net
+                   loss (BENCHMARKS.md); on a GPU `bench_stacked.py --grouped-nhwc` compares both.
+    deferred_sync: fetch logged losses (one device sync for all members) only every `log_every`
+    steps, at epoch ends, evaluations and a member's last step, instead of at every logged step;
+    hooks see the same calls with the same values, later.
+    """
+    t_start = time.time()
+    check_stackable(members)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ValueError("train_stacked runs in one process; DDP (world size > 1) is not supported")
+    device = pick_device(device)
+    for m in members:
+        if m.diffusion.loss not in LOSSES:
+            raise ValueError(f"member {m.name!r}: unknown loss {m.diffusion.loss!r}; allowed: {', '.join(LOSSES)}")
+    split_cache: dict = {}
+    group = _Group.__new__(_Group)  # runs need the group for their MemberState; filled below
+    runs = []
+    for m in members:
+        splits = m.splits
+        if splits is None:
+            splits = split_cache.get(m.data) or split_cache.setdefault(m.data, load_splits(m.data))
+        if m.data.on_device:
+            splits = type(splits)(splits.train.to(device), splits.val.to(device), getattr(splits, "test", None))
+        runs.append(_Run(group, m, splits, device, eval_seed))
+    group.__init__(runs, device, backend, channels_last)
+    for r in runs:
+        if r.member.resume_state is not None:
+            _load_member_state(group, r, r.member.resume_state)
+    steps = {int((m.resume_state or {}).get("step", 0)) for m in members}
+    if len(steps) > 1:
+        raise ValueError(f"resumed members are at different steps {sorted(steps)}: stack only members at one step")
+    group.step = steps.pop()
+    group.adam.set_step(group.step)
+    results: dict[int, MemberResult] = {}
+    pending: list[tuple[int, torch.Tensor]] = []   # (step, (K,) losses) of logged steps, not yet fetched
+
+    def finish(run: _Run, status: str, error: str | None = None) -> None:
+        run.status, run.error = status, error
+        run.refresh_modules()
+        res = TrainResult(group.step, math.ceil(group.step / run.spe), run.train_losses, run.epoch_losses, run.net,
+                          run.ema_net, run.schedule, count_parameters(run.net), time.time() - t_start)
+        results[members.index(run.member)] = MemberResult(run.member.name, status, error, res)
+
+    def diverge(run: _Run, message: str) -> None:
+        err = DivergedError(message)
+        run.call("on_diverged", err)
+        finish(run, "FAILED", f"DivergedError: {err}")
+
+    def flush() -> None:
+        """One sync: the pending losses of all members; hooks' on_step in step order; NaN -> FAILED."""
+        if not pending:
+            return
+        values = torch.stack([v for _, v in pending]).tolist()
+        for (step, _), row_values in zip(pending, values):
+            for r, value in zip(group.runs, row_values):
+                if r.status != "RUNNING" or not r.logs_at(step):
+                    continue
+                if not math.isfinite(value):
+                    diverge(r, f"training loss became {value} at step {step} (epoch {step / r.spe:.2f}); "
+                               f"lower the learning rate or check the data")
+                    continue
+                r.train_losses.append((step, value))
+                r.call("on_step", value, step=step)
+        pending.clear()
+
+    for r in runs:
+        r.net.train()
+        r.call("on_start")
+    while group.runs:
+        loss = group.train_step()
+        step = group.step
+        group.epoch_sum += loss.double()
+        for r in group.runs:
+            r.epoch_count += 1
+        if any(r.logs_at(step) for r in group.runs):
+            pending.append((step, loss))
+        ends = [r for r in group.runs if step % r.spe == 0 or step == r.total]
+        evals = [r for r in group.runs if r.should_eval(step)]
+        if not deferred_sync or ends or evals or step % members[0].training.log_every == 0:
+            flush()
+        live = [r for r in ends if r.status == "RUNNING"]
+        if live:
+            train_loss_of = {r: s / max(r.epoch_count, 1)
+                             for r, s in zip(live, group.epoch_sum[[group.row(r) for r in live]].tolist())}
+            for r, train_loss in train_loss_of.items():
+                if not math.isfinite(train_loss):
+                    diverge(r, f"training loss became {train_loss} in epoch {math.ceil(step / r.spe)} "
+                               f"(step {step}); lower the learning rate or check the data")
+            live = [r for r in live if r.status == "RUNNING"]
+            val = [r for r in live if r.member.training.val_every_epoch]
+            val_losses = dict(zip(val, group.validation_losses(val))) if val else {}
+            for r in live:
+                train_loss = train_loss_of[r]
+                completed = math.ceil(step / r.spe)
+                r.epoch_losses.append((completed, train_loss, val_losses.get(r)))
+                r.call("on_epoch", completed, train_loss, val_losses.get(r))
+                group.epoch_sum[group.row(r)] = 0.0
+                r.epoch_count = 0
+        for r in evals:
+            if r.status == "RUNNING":
+                r.call("on_eval")
+                r.call("on_eval_all_ranks")
+        for r in group.runs:
+            if r.status == "RUNNING" and step >= r.total:
+                r.call("on_end")
+                finish(r, "FINISHED")
+        survivors = [r for r in group.runs if r.status == "RUNNING"]
+        if len(survivors) != len(group.runs):
+            flush()  # nothing may stay pending across a change of rows
+            survivors = [r for r in group.runs if r.status == "RUNNING"]
+            if survivors:
+                group.keep(survivors)
+            else:
+                group.runs = []
+    return [results[i] for i in range(len(members))]

@@ -1,0 +1,74 @@
+"""The no-host-in-the-loop options of train() (issue 11) keep the CPU run's numbers exactly.
+
+deferred_sync only moves *when* logged losses are fetched (every log_every steps, at epoch ends,
+evaluations and the end) — the values, their steps and the hooks' calls must be bit-identical
+to the eager run. device_noise draws (t, eps) on the training device: on the CPU that is the
+same generator and the same stream. cuda_graph needs a GPU and says so.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion_core import TrainConfig, UNetConfig, train
+from diffusion_core.data import Splits
+
+TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1, dropout=0.1)
+
+
+def cfg(**kw) -> TrainConfig:
+    # 16 steps per epoch of 256 images; every step logged for 5 steps, then every 4th.
+    base = dict(epochs=2, batch_size=16, lr=1e-3, ema_decay=0.9, max_steps=22, seed=3, log_every_first=5,
+                log_every=4, eval_start=10, eval_every=10)
+    return TrainConfig(**{**base, **kw})
+
+
+class Calls:
+    def __init__(self):
+        self.seen = []
+
+    def on_step(self, ctx, loss):  # the step the loss belongs to, and the step training has reached
+        self.seen.append(("step", ctx.step, ctx.epoch, loss, ctx.state.step))
+
+    def on_epoch(self, ctx, epoch, train_loss, val_loss):
+        self.seen.append(("epoch", ctx.step, epoch, train_loss, val_loss))
+
+    def on_eval(self, ctx):
+        self.seen.append(("eval", ctx.step))
+
+
+@pytest.fixture(scope="module")
+def splits(mnist_splits):
+    return Splits(mnist_splits.train.subset(torch.arange(256)), mnist_splits.val.subset(torch.arange(32)))
+
+
+def run(splits, **kw):
+    calls = Calls()
+    result = train(model=TINY, training=cfg(**kw), splits=splits, device="cpu", hooks=calls)
+    return result, calls.seen
+
+
+def test_deferred_sync_reports_the_eager_losses_exactly(splits):
+    eager, eager_calls = run(splits)
+    deferred, deferred_calls = run(splits, deferred_sync=True)
+    assert [s for s, _ in eager.train_losses] == [1, 2, 3, 4, 5, 8, 12, 16, 20]
+    assert deferred.train_losses == eager.train_losses
+    assert deferred.epoch_losses == eager.epoch_losses
+    # Hooks: the same calls in the same order with the same values (the step a loss belongs to) ...
+    assert [c[:4] for c in deferred_calls] == [c[:4] for c in eager_calls]
+    # ... but fetched later: steps 1-4 when training reaches step 4 (a log_every boundary), step 5 at 8.
+    assert all(c[4] == c[1] for c in eager_calls if c[0] == "step")
+    assert [c[4] for c in deferred_calls if c[0] == "step"][:6] == [4, 4, 4, 4, 8, 8]
+
+
+def test_device_noise_is_the_same_stream_on_the_cpu(splits):
+    eager, _ = run(splits, max_steps=6)
+    on_device, _ = run(splits, max_steps=6, device_noise=True)
+    assert on_device.train_losses == eager.train_losses
+
+
+def test_cuda_graph_is_refused_without_a_gpu(splits):
+    with pytest.raises(ValueError, match="cuda_graph=True needs one CUDA device"):
+        run(splits, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True and compile=True"):
+        cfg(cuda_graph=True, compile=True)
