@@ -30,12 +30,12 @@ from .losses import LOSSES
 from .schedules import NoiseSchedule
 from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
-from .train import (DiffusionConfig, DivergedError, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
+from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
                     build_model, fixed_validation_draws, pick_device)
 from .unet import UNet, UNetConfig, count_parameters
 
 # Fields every member of a group must share (the rest may differ member by member).
-UNSTACKABLE = {"compile": False, "channels_last": False, "precision": "fp32"}
+UNSTACKABLE = {"compile": False, "channels_last": False, "precision": "fp32", "ema_warmup": False}
 
 
 @dataclass
@@ -138,7 +138,7 @@ class _Run:
                                              eps=tr.adam_eps).state_dict()["param_groups"]
         self.val_t, self.val_eps = fixed_validation_draws(splits.val, self.schedule, eval_seed)
         self.train_losses: list[tuple[int, float]] = []
-        self.epoch_losses: list[tuple[int, float, float | None]] = []
+        self.epoch_losses: list[EpochLosses] = []
         self.epoch_count = 0
         self.status, self.error, self._batches = "RUNNING", None, (None, None)
         self.ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, self.spe,
@@ -390,8 +390,12 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
             for r in live:
                 train_loss = train_loss_of[r]
                 completed = math.ceil(step / r.spe)
-                r.epoch_losses.append((completed, train_loss, val_losses.get(r)))
-                r.call("on_epoch", completed, train_loss, val_losses.get(r))
+                # The raw weights' eval-mode losses (val_raw, train_eval) are not computed for stacked
+                # members yet; the EMA share is lambda^k (FlatEMA has no warm-up: refused above).
+                losses = EpochLosses(completed, step, train_loss, val_losses.get(r), None, None,
+                                     r.member.training.ema_decay ** step)
+                r.epoch_losses.append(losses)
+                r.call("on_epoch", losses)
                 group.epoch_sum[group.row(r)] = 0.0
                 r.epoch_count = 0
         for r in evals:

@@ -30,8 +30,9 @@ class Calls:
     def on_step(self, ctx, loss):  # the step the loss belongs to, and the step training has reached
         self.seen.append(("step", ctx.step, ctx.epoch, loss, ctx.state.step))
 
-    def on_epoch(self, ctx, epoch, train_loss, val_loss):
-        self.seen.append(("epoch", ctx.step, epoch, train_loss, val_loss))
+    def on_epoch(self, ctx, losses):
+        self.seen.append(("epoch", ctx.step, losses.epoch, losses.train, losses.val, losses.val_raw,
+                          losses.train_eval))
 
     def on_eval(self, ctx):
         self.seen.append(("eval", ctx.step))
