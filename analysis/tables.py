@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-KINDS = ("trials", "train_steps", "epochs", "residuals", "evals", "decomposition")
+KINDS = ("trials", "train_steps", "epochs", "residuals", "evals", "decomposition", "distance_to_memorization")
 
 
 def read_kind(study_dir: str | os.PathLike, kind: str) -> pd.DataFrame:
@@ -34,6 +34,7 @@ class Study:
     residuals: pd.DataFrame
     evals: pd.DataFrame
     decomposition: pd.DataFrame
+    distance_to_memorization: pd.DataFrame = field(default_factory=pd.DataFrame)
     swept: list[str] = field(default_factory=list)
 
     @property
