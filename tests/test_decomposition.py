@@ -109,18 +109,16 @@ def test_shrunk_optimal_denoiser_has_its_known_bias2(toy_setup, t):
 # ----------------------------------------------------------------------------------------------
 # Unbiasedness by simulation: many independent ensembles around a fixed mean predictor.
 def _simulated_variance(k: int, reps: int = 4000, n: int = 8, d: int = 16):
-    """(new, old) variance estimates of `reps` ensembles of K models f_k = m + sigma z_k, sigma
-    differing per dimension; the true variance is mean(sigma^2)."""
+    """(new, old) variance estimates of `reps` independent ensembles of K models f_k = m + sigma z_k
+    (sigma differing per dimension; the true variance is mean(sigma^2)). The ensembles are batched
+    as reps x n points: every estimator is per point."""
     g = torch.Generator().manual_seed(10 + k)
     sigma = torch.linspace(0.2, 1.0, d, dtype=torch.float64)
-    eps = torch.randn(n, d, generator=g, dtype=torch.float64)
-    new, old = [], []
-    for _ in range(reps):
-        preds = 0.5 * eps[None] + sigma * torch.randn(k, n, d, generator=g, dtype=torch.float64)
-        terms = ensemble_terms(eps, preds)
-        new.append(float(terms.variance.mean()))
-        old.append(float((preds - preds.mean(0)).pow(2).mean((0, 2)).mean()))  # the former /K estimator
-    return torch.tensor(new), torch.tensor(old), float(sigma.pow(2).mean())
+    eps = torch.randn(n, d, generator=g, dtype=torch.float64).repeat(reps, 1)
+    preds = 0.5 * eps[None] + sigma * torch.randn(k, reps * n, d, generator=g, dtype=torch.float64)
+    new = ensemble_terms(eps, preds).variance.reshape(reps, n).mean(1)
+    old = (preds - preds.mean(0)).pow(2).mean((0, 2)).reshape(reps, n).mean(1)   # the former /K estimator
+    return new, old, float(sigma.pow(2).mean())
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -138,21 +136,15 @@ def test_two_level_estimators_are_unbiased_and_the_identity_exact():
     j, s, n, d, reps = 3, 2, 6, 8, 3000
     v_data, v_opt = 0.04, 0.25
     g = torch.Generator().manual_seed(7)
-    eps = torch.randn(n, d, generator=g, dtype=torch.float64)
+    eps = torch.randn(n, d, generator=g, dtype=torch.float64).repeat(reps, 1)   # reps ensembles x n points
     m = 0.8 * eps + 0.1
-    draws = []
-    for _ in range(reps):
-        u = torch.randn(j, 1, n, d, generator=g, dtype=torch.float64)
-        z = torch.randn(j, s, n, d, generator=g, dtype=torch.float64)
-        preds = m + v_data ** 0.5 * u + v_opt ** 0.5 * z
-        tl = two_level_terms(eps, preds)
-        assert torch.allclose(tl.residual, tl.bias2_plus_noise + tl.variance_data + tl.variance_opt,
-                              atol=1e-12, rtol=0)
-        draws.append([float(tl.variance_data.mean()), float(tl.variance_opt.mean()),
-                      float(tl.bias2_plus_noise.mean())])
-    draws = torch.tensor(draws)
+    u = torch.randn(j, 1, reps * n, d, generator=g, dtype=torch.float64)
+    z = torch.randn(j, s, reps * n, d, generator=g, dtype=torch.float64)
+    tl = two_level_terms(eps, m + v_data ** 0.5 * u + v_opt ** 0.5 * z)
+    assert torch.allclose(tl.residual, tl.bias2_plus_noise + tl.variance_data + tl.variance_opt, atol=1e-12, rtol=0)
+    draws = torch.stack([tl.variance_data, tl.variance_opt, tl.bias2_plus_noise], 1).reshape(reps, n, 3).mean(1)
     se = draws.std(0) / reps ** 0.5
-    truth = torch.tensor([v_data, v_opt, float((eps - m).pow(2).mean())])
+    truth = torch.tensor([v_data, v_opt, float((eps[:n] - m[:n]).pow(2).mean())], dtype=torch.float64)
     assert ((draws.mean(0) - truth).abs() < 5 * se).all(), (draws.mean(0), truth, se)
     assert float(draws[:, 0].min()) < 0           # V^_data can be negative and is reported as such
 
