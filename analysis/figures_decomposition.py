@@ -20,6 +20,11 @@ VAR_LABEL = "variance (unbiased, K−1)"
 Y_LABEL = "per-dimension error  ‖·‖² / d"
 
 
+def _width(panels: int, per: float = 3.6) -> float:
+    """Figure width: the panels plus the legend column on the right, never narrower than the title."""
+    return max(8.0, per * panels + 3.0)
+
+
 def _final(df: pd.DataFrame, weights: str | None = "ema") -> pd.DataFrame:
     d = df[df["step"] == df.groupby("group_id")["step"].transform("max")]
     return d[d["weights"] == weights] if weights else d
@@ -78,7 +83,7 @@ def fig_decomposition_stacked(study: Study, max_groups: int = 6):
     x, xlabel = _noise_axis(dec)
     groups = sorted(dec["group_id"].unique())[:max_groups]
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, len(groups), figsize=(3.8 * len(groups), 6.0), squeeze=False,
+        fig, axes = plt.subplots(2, len(groups), figsize=(_width(len(groups)), 6.0), squeeze=False,
                                  gridspec_kw={"height_ratios": [2, 1.3]})
         for col, gid in enumerate(groups):
             d = dec[dec["group_id"] == gid].sort_values(x)
@@ -121,7 +126,7 @@ def fig_decomposition_vs_capacity(study: Study):
     levels = _levels(dec, x)
     others = _other_key(study, dec, col)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, len(levels), figsize=(3.8 * len(levels), 5.6), squeeze=False, sharex=True)
+        fig, axes = plt.subplots(2, len(levels), figsize=(_width(len(levels)), 5.6), squeeze=False, sharex=True)
         for j, level in enumerate(levels):
             for i, (key, g) in enumerate(dec.groupby(others, dropna=False) if others else [((), dec)]):
                 key = key if isinstance(key, tuple) else (key,)
@@ -149,7 +154,7 @@ def fig_decomposition_vs_step(study: Study, max_groups: int = 6):
     levels = _levels(dec, x)
     groups = sorted(dec["group_id"].unique())[:max_groups]
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, len(groups), figsize=(3.8 * len(groups), 5.6), squeeze=False, sharex="col")
+        fig, axes = plt.subplots(2, len(groups), figsize=(_width(len(groups)), 5.6), squeeze=False, sharex="col")
         for c, gid in enumerate(groups):
             g = dec[dec["group_id"] == gid]
             for i, level in enumerate(levels):
@@ -180,7 +185,7 @@ def fig_distance_to_memorization(study: Study, max_panels: int = 6):
     x, xlabel = _noise_axis(mem)
     panels = sorted(mem.groupby(["group_id", "trial_ids"]).groups)[:max_panels]
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.8), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(_width(len(panels), 4.2), 4.2), squeeze=False)
         for ax, (gid, ids) in zip(axes[0], panels):
             d = mem[(mem["group_id"] == gid) & (mem["trial_ids"] == ids)]
             for w, ls in (("ema", "-"), ("raw", "--")):
@@ -188,7 +193,7 @@ def fig_distance_to_memorization(study: Study, max_panels: int = 6):
                 if dw.empty:
                     continue
                 _band(ax, dw, x, "train_residual", color="C0", ls=ls, label=f"training residual ‖ε − f‖², {w}")
-                _band(ax, dw, x, "distance_to_memorization", color="C3", ls=ls,
+                _band(ax, dw, x, "distance_to_memorization", color="C3", ls=ls, marker="o", ms=3,
                       label=f"distance to memorization ‖f − f*_D‖², {w}")
             base = d[d["weights"] == d["weights"].iloc[0]].sort_values(x)
             _band(ax, base, x, "min_train_loss", color="k", ls=":", label="min. training loss ‖ε − f*_D‖²")
