@@ -54,7 +54,7 @@ def resolve_t_grid(t_grid, T: int, source: str = "evaluation.t_grid") -> list[in
         return default_t_grid(T, t_grid).tolist()
     ts = sorted({int(t) for t in t_grid})
     if not ts or ts[0] < 1 or ts[-1] > T:
-        raise ValueError(f"field '{source}': bad value {list(t_grid)}: timesteps must lie in 1..T={T}")
+        raise ValueError(f"'{source}': bad value {list(t_grid)}: timesteps must lie in 1..T={T}")
     return ts
 
 
@@ -90,7 +90,7 @@ def decompose(study_dir: str | os.PathLike, *, n_points: int = 256, t_grid: int 
               n_boot: int = 1000, progress: bool = True) -> pd.DataFrame:
     """Write <study>/decomposition/ and <study>/distance_to_memorization/; returns the decomposition."""
     if steps not in STEPS:
-        raise ValueError(f"steps={steps!r}: allowed values {', '.join(STEPS)}")
+        raise ValueError(f"option 'steps': bad value {steps!r}: allowed: {', '.join(STEPS)}")
     study = load_study(study_dir)
     snap_cfg = study_snapshot(study.dir)
     if eval_seed is None:
@@ -112,7 +112,7 @@ def decompose(study_dir: str | os.PathLike, *, n_points: int = 256, t_grid: int 
         schedule = NoiseSchedule.from_config(sched_cfg)
         seed = int(eval_seed if eval_seed is not None else cfg["evaluation"]["seed"])
         ts = resolve_t_grid(t_grid if t_grid is not None else cfg["evaluation"]["t_grid"], schedule.T,
-                            "t_grid" if t_grid is not None else "evaluation.t_grid")
+                            "--t-grid" if t_grid is not None else "evaluation.t_grid")
         x0, eps = heldout_points(data, n_points, seed)
         swept = {c: study.param(design.trial_ids[0], c) for c in study.swept if c not in ENSEMBLE_FIELDS}
         common = {"study": study.name, "group_id": gid, **swept}
