@@ -41,8 +41,8 @@ from diffusion_core.decomposition import (empirical_optimal_eps, ensemble_terms,
 from diffusion_core.residuals import default_t_grid
 from diffusion_core.schedules import NoiseSchedule
 
-from .ensembles import ENSEMBLE_FIELDS, core_configs, design_of, group_trials, load_member, snapshots, \
-    study_snapshot, subsets_of
+from .ensembles import ENSEMBLE_FIELDS, SUBSET_FIELDS, core_configs, design_of, group_trials, load_member, \
+    snapshots, study_snapshot, subsets_of
 from .tables import load_study
 
 STEPS = ("all", "final")
@@ -129,12 +129,12 @@ def decompose(study_dir: str | os.PathLike, *, n_points: int = 256, t_grid: int 
                                  "k_models": len(design.trial_ids), "j_subsets": len(design.units)
                                  if design.kind != "seeds" else 1, "n_points": len(x0), "eval_seed": seed,
                                  "trial_ids": ",".join(design.trial_ids)})
-                    for subset_ids, (xs, es, optimal, subset_size) in memo.items():
+                    for subset_ids, (xs, es, optimal, subset) in memo.items():
                         p = _predict([nets[i] for i in subset_ids], xs, es, t, schedule, device)
                         est = summarize(lambda q: memorization_terms(es, q, optimal[t]), p, n_boot, seed)
                         mem_rows.append({**common, "t": t, "log_snr": _log_snr(schedule, t), "step": step,
                                          "weights": w, **est, "k_models": len(subset_ids), "n_points": len(xs),
-                                         "subset_size": subset_size, "eval_seed": seed,
+                                         **subset, "eval_seed": seed,
                                          "trial_ids": ",".join(subset_ids)})
     table = pd.DataFrame(rows)
     _write(study.dir, "decomposition", table)
@@ -153,10 +153,10 @@ def _ensemble_estimates(design, eps: torch.Tensor, preds: torch.Tensor, n_boot: 
 
 
 def _memorization_setup(study, design, x0, eps, ts, schedule) -> dict:
-    """{trial ids of one subset: (train x_0, eps, {t: f*_D(x_t)}, subset size)} for every training
-    subset of the group; f*_D is exact over that subset's images (computed once per subset)."""
+    """{trial ids of one subset: (train x_0, eps, {t: f*_D(x_t)}, {subset size, index, data seed})} for
+    every training subset of the group; f*_D is exact over that subset's images (once per subset)."""
     out = {}
-    for ids in subsets_of(study, design.trial_ids).values():
+    for key, ids in subsets_of(study, design.trial_ids).items():
         member = load_member(next(iter(snapshots(study.dir, ids[0]).values())), ids[0])
         data, _, _ = core_configs(member.snapshot["config"])
         train = load_splits(DataConfig(**{**vars(data), "val_size": None, "on_device": False})).train
@@ -166,7 +166,7 @@ def _memorization_setup(study, design, x0, eps, ts, schedule) -> dict:
         for t in ts:
             x_t = schedule.q_sample(xs, torch.full((len(xs),), t, dtype=torch.long), es)
             optimal[t] = empirical_optimal_eps(x_t.double(), t, schedule, train.batch(dtype=torch.float64))
-        out[tuple(ids)] = (xs, es, optimal, len(train))
+        out[tuple(ids)] = (xs, es, optimal, {"subset_size": len(train), **dict(zip(SUBSET_FIELDS, key))})
     return out
 
 

@@ -71,8 +71,14 @@ def _level_label(x: str, v: float) -> str:
 
 
 def _group_title(d: pd.DataFrame, gid: str) -> str:
-    r = d.iloc[0]
-    return f"{gid}\n{r['design']}, K={int(r['k_models'])}"
+    """Group, design, K, and what the bands cover: with K = 2 (or J = 2 subsets) no jackknife over
+    models exists and the band is the points' part only: the model-to-model spread is not in it."""
+    return f"{gid}\n{d['design'].iloc[0]}, K={int(d['k_models'].iloc[0])}; {_bands(d)}"
+
+
+def _bands(d: pd.DataFrame) -> str:
+    return "bands: points + models" if (d["interval"] == "points+models").all() else \
+        "bands: points only (too few models)"
 
 
 def fig_decomposition_stacked(study: Study, max_groups: int = 6):
@@ -198,8 +204,9 @@ def fig_distance_to_memorization(study: Study, max_panels: int = 6):
             base = d[d["weights"] == d["weights"].iloc[0]].sort_values(x)
             _band(ax, base, x, "min_train_loss", color="k", ls=":", label="min. training loss ‖ε − f*_D‖²")
             r = d.iloc[0]
-            ax.set_title(f"{gid}\nsubset of {int(r['subset_size'])} images, K={int(r['k_models'])}, "
-                         f"step {int(r['step'])}", fontsize=8)
+            ax.set_title(f"{gid}\nsubset {r.get('data.subset_index', 0)} ({int(r['subset_size'])} images), "
+                         f"K={int(r['k_models'])}, "
+                         f"step {int(r['step'])}\n{_bands(d)}", fontsize=8)
             _style_noise_axis(ax, x, xlabel)
             ax.set_ylim(bottom=0)
         axes[0][0].set_ylabel(Y_LABEL + "  (training points)")
@@ -220,9 +227,10 @@ def draw_on_capacity_axis(ax2, study: Study, col: str) -> None:
         key = key if isinstance(key, tuple) else (key,)
         tag = ", ".join(f"{v}" for v in key)
         pts = pd.concat([_at_level(gg, x, level) for _, gg in g.groupby("group_id")]).sort_values(col)
+        where = _level_label(x, level) + (f", {tag}" if tag else "")
         for y, fmt, name in (("bias2_plus_noise", "s--", BN_LABEL), ("variance", "^:", "variance")):
             ax2.errorbar(pts[col], pts[y], yerr=[pts[y] - pts[f"{y}_lo"], pts[f"{y}_hi"] - pts[y]], fmt=fmt,
-                         capsize=2, color=f"C{i + 1}", label=f"{name} ({_level_label(x, level)}{', ' + tag if tag else ''})")
+                         capsize=2, color=f"C{i + 1}", label=f"{name} ({where})")
     ax2.set_ylabel("per-dimension error at that noise level")
     ax2.grid(False)
     ax2.legend(loc="upper right", fontsize=7)

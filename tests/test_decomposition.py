@@ -164,8 +164,8 @@ def test_summarize_gives_intervals_from_points_and_models():
     loo = torch.stack([ensemble_terms(eps, preds[[i for i in range(4) if i != k]]).variance.mean() for k in range(4)])
     se_jack = float(jackknife_se(loo))
     assert se_jack > se_pts / 3
-    assert (out["variance_hi"] - out["variance_lo"]) / 2 == pytest.approx(1.959964 * (se_pts ** 2 + se_jack ** 2) ** 0.5,
-                                                                          rel=1e-6)
+    half = 1.959964 * (se_pts ** 2 + se_jack ** 2) ** 0.5
+    assert (out["variance_hi"] - out["variance_lo"]) / 2 == pytest.approx(half, rel=1e-6)
     # K = 2: a leave-one-out set has no variance, so the interval covers the points only
     assert summarize(lambda p: ensemble_terms(eps, p), preds[:2], n_boot=100)["interval"] == "points"
 
