@@ -231,6 +231,7 @@ def draw_on_capacity_axis(ax2, study: Study, col: str) -> None:
         for y, fmt, name in (("bias2_plus_noise", "s--", BN_LABEL), ("variance", "^:", "variance")):
             ax2.errorbar(pts[col], pts[y], yerr=[pts[y] - pts[f"{y}_lo"], pts[f"{y}_hi"] - pts[y]], fmt=fmt,
                          capsize=2, color=f"C{i + 1}", label=f"{name} ({where})")
-    ax2.set_ylabel("per-dimension error at that noise level")
+    ax2.set_ylabel("error at that noise level  ‖·‖² / d")
     ax2.grid(False)
-    ax2.legend(loc="upper right", fontsize=7)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7)   # below: never over data
+    ax2.figure.subplots_adjust(bottom=0.3)   # room for that legend (the figure is saved without bbox="tight")
