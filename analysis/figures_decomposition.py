@@ -225,7 +225,7 @@ def draw_on_capacity_axis(ax2, study: Study, col: str) -> None:
     others = _other_key(study, dec, col)
     for i, (key, g) in enumerate(dec.groupby(others, dropna=False) if others else [((), dec)]):
         key = key if isinstance(key, tuple) else (key,)
-        tag = ", ".join(f"{v}" for v in key)
+        tag = ", ".join(f"{o.split('.')[-1]}={v}" for o, v in zip(others, key))
         pts = pd.concat([_at_level(gg, x, level) for _, gg in g.groupby("group_id")]).sort_values(col)
         where = _level_label(x, level) + (f", {tag}" if tag else "")
         for y, fmt, name in (("bias2_plus_noise", "s--", BN_LABEL), ("variance", "^:", "variance")):
@@ -234,4 +234,4 @@ def draw_on_capacity_axis(ax2, study: Study, col: str) -> None:
     ax2.set_ylabel("error at that noise level  ‖·‖² / d")
     ax2.grid(False)
     ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7)   # below: never over data
-    ax2.figure.subplots_adjust(bottom=0.3)   # room for that legend (the figure is saved without bbox="tight")
+    ax2.figure.subplots_adjust(bottom=0.3, right=0.84)   # room for that legend (the figure is saved without bbox="tight")
