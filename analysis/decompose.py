@@ -1,26 +1,33 @@
-"""`studyctl decompose DIR`: the per-timestep bias^2 / variance / noise decomposition.
+"""`studyctl decompose DIR`: the bias-variance decomposition of each ensemble, at every snapshot.
 
-Trials that differ only in seed and/or training subset form a group (K >= 2 models).
-Their final EMA snapshots are evaluated on the same fixed points (x_0 from the
-validation split, eps and the t-grid from the evaluation seed), and
-diffusion_core.decomposition splits the residual exactly into bias^2 + noise and
-variance. The noise floor is that of the empirical optimal denoiser over the full
-48,000-image training split — the minimum of the training objective — measured on
-n_points training images with the same eps and t, so bias^2 = (bias^2 + noise) - noise_floor.
+For every group of completed trials that differ only in training seed and/or training
+subset (analysis.ensembles), at every evaluation snapshot the group shares, for the EMA
+and (where the snapshot holds them) the raw weights, and at every t of the study's
+residual grid (`evaluation.t_grid`, or `t_grid=`):
 
-Why training points for the floor: on a held-out image at small t that denoiser snaps
-to the nearest training image, and its error a/(1 - a) ||x_0 - y_nn||^2 / d (about 1e3 at
-t = 1 on MNIST) measures distance to the training set, not noise. On training points it
-is the irreducible error of the distribution the trials were fitted to; at large t the
-two coincide. The floor is computed once per schedule.
+* `decomposition` table, on held-out points: the first n validation images (the same
+  images as Residual(t)) with eps drawn from the study's `evaluation.seed`, exactly as the
+  Evaluator draws them — so a model's residual here equals its Residual(t) record when
+  n_points = evaluation.residual_images. residual = bias2_plus_noise + variance exactly,
+  with the unbiased estimators of diffusion_core.decomposition (variance_data /
+  variance_opt where subsets are crossed with seeds). bias^2 and noise are not split:
+  the optimal denoiser of the data distribution is unknown.
+* `distance_to_memorization` table, on training points (the first n images of each
+  training subset, the same eps): for the models trained on that one subset, the distance
+  to the exact empirical optimal denoiser f*_D of *that* subset and the minimum of its
+  training loss (Kadkhodaie et al. 2024; Gu et al. 2023). Not bias^2.
 
-Cost of the floor on this 2-core CPU: n_points x |t-grid| x 48,000 x 784 multiply-adds
-(256 points x 12 timesteps ~ 1.2e11, about a minute); it is cached per study in
-<study>/decomposition_floor.parquet.
+Every estimate carries a 95% interval: a bootstrap over points plus a delete-one
+jackknife over models (over subsets in the crossed design) where one is possible
+(column `interval`). See docs/decomposition.md.
+
+Cost: K models x |t-grid| x n_points forward passes per snapshot and weights; f*_D costs
+n_points x |t-grid| x N x d multiply-adds per subset (48,000 images: ~1 min on 2 CPU cores
+for 256 points x 12 t) and is computed once per subset.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
 from pathlib import Path
 
@@ -29,104 +36,143 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_core.data import DataConfig, load_splits
-from diffusion_core.decomposition import empirical_noise_floor, ensemble_terms
+from diffusion_core.decomposition import (empirical_optimal_eps, ensemble_terms, memorization_terms, summarize,
+                                          two_level_terms)
+from diffusion_core.residuals import default_t_grid
 from diffusion_core.schedules import NoiseSchedule
-from diffusion_core.unet import UNet
 
+from .ensembles import ENSEMBLE_FIELDS, SUBSET_FIELDS, core_configs, design_of, group_trials, load_member, \
+    snapshots, study_snapshot, subsets_of
 from .tables import load_study
 
-# Fields along which members of one ensemble may differ.
-ENSEMBLE_FIELDS = ("training.seed", "data.subset_index", "data.data_seed")
+STEPS = ("all", "final")
 
 
-def latest_ema_snapshot(study_dir: Path, trial_id: str) -> Path | None:
-    folder = study_dir / "trial_files" / trial_id / "ema"
-    snaps = sorted(p for p in folder.glob("*.pt") if not p.name.startswith(".")) if folder.is_dir() else []
-    return snaps[-1] if snaps else None
+def resolve_t_grid(t_grid, T: int, source: str = "evaluation.t_grid") -> list[int]:
+    """An int n (n timesteps covering 1..T, as Residual(t)) or explicit timesteps -> sorted list."""
+    if isinstance(t_grid, int):
+        return default_t_grid(T, t_grid).tolist()
+    ts = sorted({int(t) for t in t_grid})
+    if not ts or ts[0] < 1 or ts[-1] > T:
+        raise ValueError(f"'{source}': bad value {list(t_grid)}: timesteps must lie in 1..T={T}")
+    return ts
 
 
-def load_ema_model(path: Path, device: torch.device):
-    from orchestrator.spec import to_core
-
-    snap = torch.load(path, map_location=device, weights_only=True)
-    config = snap["config"] if isinstance(snap["config"], dict) else json.loads(snap["config"])
-    data, model_cfg, diffusion, _, _ = to_core(config)
-    net = UNet(model_cfg).to(device)
-    net.load_state_dict(snap["ema"])
-    return net.eval(), data, diffusion, int(snap["step"])
-
-
-def group_trials(study) -> dict[str, list[str]]:
-    """group id -> completed trial ids that differ only in ENSEMBLE_FIELDS."""
-    trials = study.trials
-    if trials.empty:
-        return {}
-    done = trials[trials["status"] == "COMPLETED"]
-    keys = [c for c in study.swept if c in done and c not in ENSEMBLE_FIELDS]
-    groups: dict[str, list[str]] = {}
-    for vals, g in (done.groupby(keys, dropna=False) if keys else [((), done)]):
-        vals = vals if isinstance(vals, tuple) else (vals,)
-        gid = ",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, vals)) or "all"
-        groups[gid] = sorted(g["trial_id"])
-    return groups
+def heldout_points(data: DataConfig, n_points: int, eval_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, eps): the first n validation images and eps from the evaluation seed (as the Evaluator)."""
+    base = DataConfig(dataset=data.dataset, root=data.root, split_seed=data.split_seed, image_size=data.image_size)
+    val = load_splits(base).val
+    x0 = val.batch(torch.arange(min(n_points, len(val))))
+    return x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(eval_seed))
 
 
 @torch.no_grad()
-def decompose(study_dir: str | os.PathLike, *, n_points: int = 256, t_grid: list[int] | None = None,
-              eval_seed: int = 0, noise_floor: bool = True, device: str | None = None,
-              progress: bool = True) -> pd.DataFrame:
-    """Compute and write <study>/decomposition/decomposition.parquet; returns the table."""
+def _predict(nets, x0: torch.Tensor, eps: torch.Tensor, t: int, schedule: NoiseSchedule, device,
+             batch: int = 256) -> torch.Tensor:
+    """(K, n, ...) predictions of K networks at one t on fixed (x_0, eps)."""
+    out = []
+    for lo in range(0, len(x0), batch):
+        xb, eb = x0[lo:lo + batch].to(device), eps[lo:lo + batch].to(device)
+        tt = torch.full((len(xb),), t, dtype=torch.long, device=device)
+        x_t = schedule.q_sample(xb, tt, eb)
+        out.append(torch.stack([net(x_t, tt).double().cpu() for net in nets]))
+    return torch.cat(out, 1)
+
+
+def _log_snr(schedule: NoiseSchedule, t: int) -> float:
+    a = float(schedule.alpha_bar[t])
+    return math.log(a / (1.0 - a))
+
+
+@torch.no_grad()
+def decompose(study_dir: str | os.PathLike, *, n_points: int = 256, t_grid: int | list[int] | None = None,
+              eval_seed: int | None = None, steps: str = "all", device: str | None = None,
+              n_boot: int = 1000, progress: bool = True) -> pd.DataFrame:
+    """Write <study>/decomposition/ and <study>/distance_to_memorization/; returns the decomposition."""
+    if steps not in STEPS:
+        raise ValueError(f"option 'steps': bad value {steps!r}: allowed: {', '.join(STEPS)}")
     study = load_study(study_dir)
+    snap_cfg = study_snapshot(study.dir)
+    if eval_seed is None:
+        eval_seed = snap_cfg.get("evaluation", {}).get("seed")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    groups = {g: ids for g, ids in group_trials(study).items() if len(ids) >= 2}
-    if not groups:
+    designs = {g: d for g, ids in group_trials(study).items() if (d := design_of(study, ids)) is not None}
+    if not designs:
         raise ValueError("no group of >= 2 completed trials differing only in "
                          f"{', '.join(ENSEMBLE_FIELDS)}; sweep seeds (sweep.seeds) to get ensembles")
-    rows = []
-    floors: dict[tuple, dict[int, float]] = {}
-    for gid, ids in groups.items():
-        members = []
-        for tid in ids:
-            snap = latest_ema_snapshot(study.dir, tid)
-            if snap is not None:
-                members.append((tid, *load_ema_model(snap, device)))
-        if len(members) < 2:
+    rows, mem_rows = [], []
+    for gid, design in designs.items():
+        shared = set.intersection(*(set(snapshots(study.dir, t)) for t in design.trial_ids))
+        if not shared:
             continue
-        _, _, data, diffusion, _ = members[0]
-        schedule = NoiseSchedule.from_config(diffusion.schedule)
-        ts = t_grid or sorted({1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 700, schedule.T})
-        ts = [t for t in ts if 1 <= t <= schedule.T]
-        # The same points for every group: validation x_0 and eps from the evaluation seed.
-        base = DataConfig(dataset=data.dataset, root=data.root, split_seed=data.split_seed,
-                          image_size=data.image_size)
-        splits = load_splits(base)
-        g = torch.Generator().manual_seed(eval_seed)
-        idx = torch.randperm(len(splits.val), generator=g)[:n_points]
-        x0 = splits.val.batch(idx).to(device)
-        eps = torch.randn(x0.shape, generator=g).to(device)
-        key = (diffusion.schedule, data.dataset, data.image_size, n_points, eval_seed)
-        if noise_floor and key not in floors:
-            train_x0 = splits.train.batch().to(device)
-            floor_x0 = train_x0[torch.randperm(len(train_x0), generator=g)[:n_points].to(device)]
-            floors[key] = {t: float(empirical_noise_floor(floor_x0, eps, t, schedule, train_x0).mean())
-                           for t in tqdm(ts, desc=f"noise floor ({diffusion.schedule.name})", disable=not progress)}
-        swept = {c: study.param(ids[0], c) for c in study.swept if c not in ENSEMBLE_FIELDS}
-        for t in tqdm(ts, desc=f"decomposing {gid}", disable=not progress):
-            tt = torch.full((n_points,), t, dtype=torch.long, device=device)
-            x_t = schedule.q_sample(x0, tt, eps)
-            preds = torch.stack([m[1](x_t, tt) for m in members])
-            terms = ensemble_terms(eps, preds)
-            floor = floors.get(key, {}).get(t, float("nan"))
-            b2n = float(terms.bias2_plus_noise.mean())
-            rows.append({"study": study.name, "group_id": gid, **swept, "t": t,
-                         "residual": float(terms.residual.mean()), "bias2_plus_noise": b2n,
-                         "variance": float(terms.variance.mean()), "noise_floor": floor, "bias2": b2n - floor,
-                         "k_models": len(members), "n_points": n_points,
-                         "trial_ids": ",".join(m[0] for m in members)})
+        group_steps = sorted(shared)[-1:] if steps == "final" else sorted(shared)
+        first = load_member(snapshots(study.dir, design.trial_ids[0])[group_steps[-1]], design.trial_ids[0])
+        cfg = first.snapshot["config"]
+        data, _, sched_cfg = core_configs(cfg)
+        schedule = NoiseSchedule.from_config(sched_cfg)
+        seed = int(eval_seed if eval_seed is not None else cfg["evaluation"]["seed"])
+        ts = resolve_t_grid(t_grid if t_grid is not None else cfg["evaluation"]["t_grid"], schedule.T,
+                            "--t-grid" if t_grid is not None else "evaluation.t_grid")
+        x0, eps = heldout_points(data, n_points, seed)
+        swept = {c: study.param(design.trial_ids[0], c) for c in study.swept if c not in ENSEMBLE_FIELDS}
+        common = {"study": study.name, "group_id": gid, **swept}
+        memo = _memorization_setup(study, design, x0, eps, ts, schedule)
+        for step in tqdm(group_steps, desc=f"decomposing {gid}", disable=not progress):
+            members = {t: load_member(snapshots(study.dir, t)[step], t) for t in design.trial_ids}
+            weights = [w for w in ("ema", "raw") if all(w in m.weights() for m in members.values())]
+            for w in weights:
+                nets = {t: m.net(w, device) for t, m in members.items()}
+                for t in ts:
+                    preds = _predict([nets[i] for i in design.trial_ids], x0, eps, t, schedule, device)
+                    rows.append({**common, "t": t, "log_snr": _log_snr(schedule, t), "step": step, "weights": w,
+                                 **_ensemble_estimates(design, eps, preds, n_boot, seed), "design": design.kind,
+                                 "k_models": len(design.trial_ids), "j_subsets": len(design.units)
+                                 if design.kind != "seeds" else 1, "n_points": len(x0), "eval_seed": seed,
+                                 "trial_ids": ",".join(design.trial_ids)})
+                    for subset_ids, (xs, es, optimal, subset) in memo.items():
+                        p = _predict([nets[i] for i in subset_ids], xs, es, t, schedule, device)
+                        est = summarize(lambda q: memorization_terms(es, q, optimal[t]), p, n_boot, seed)
+                        mem_rows.append({**common, "t": t, "log_snr": _log_snr(schedule, t), "step": step,
+                                         "weights": w, **est, "k_models": len(subset_ids), "n_points": len(xs),
+                                         **subset, "eval_seed": seed,
+                                         "trial_ids": ",".join(subset_ids)})
     table = pd.DataFrame(rows)
-    out = study.dir / "decomposition"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".decomposition.parquet.tmp"
-    table.to_parquet(tmp, index=False)
-    tmp.replace(out / "decomposition.parquet")
+    _write(study.dir, "decomposition", table)
+    _write(study.dir, "distance_to_memorization", pd.DataFrame(mem_rows))
     return table
+
+
+def _ensemble_estimates(design, eps: torch.Tensor, preds: torch.Tensor, n_boot: int, seed: int) -> dict:
+    """summarize() of the design's estimator; preds (K, n, ...) are in design.trial_ids order.
+    Jackknife unit: a model, or in the crossed design a whole subset (axis 0 of (J, S, n, ...))."""
+    if design.two_level:
+        j, s = len(design.units), len(design.units[0])
+        return summarize(lambda q: two_level_terms(eps, q), preds.reshape(j, s, *preds.shape[1:]), n_boot, seed)
+    est = summarize(lambda q: ensemble_terms(eps, q), preds, n_boot, seed)
+    return {**est, **{f"variance_{p}{s}": float("nan") for p in ("data", "opt") for s in ("", "_lo", "_hi")}}
+
+
+def _memorization_setup(study, design, x0, eps, ts, schedule) -> dict:
+    """{trial ids of one subset: (train x_0, eps, {t: f*_D(x_t)}, {subset size, index, data seed})} for
+    every training subset of the group; f*_D is exact over that subset's images (once per subset)."""
+    out = {}
+    for key, ids in subsets_of(study, design.trial_ids).items():
+        member = load_member(next(iter(snapshots(study.dir, ids[0]).values())), ids[0])
+        data, _, _ = core_configs(member.snapshot["config"])
+        train = load_splits(DataConfig(**{**vars(data), "val_size": None, "on_device": False})).train
+        xs = train.batch(torch.arange(min(len(x0), len(train))))
+        es = eps[: len(xs)]
+        optimal = {}
+        for t in ts:
+            x_t = schedule.q_sample(xs, torch.full((len(xs),), t, dtype=torch.long), es)
+            optimal[t] = empirical_optimal_eps(x_t.double(), t, schedule, train.batch(dtype=torch.float64))
+        out[tuple(ids)] = (xs, es, optimal, {"subset_size": len(train), **dict(zip(SUBSET_FIELDS, key))})
+    return out
+
+
+def _write(study_dir: Path, kind: str, table: pd.DataFrame) -> None:
+    out = Path(study_dir) / kind
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{kind}.parquet.tmp"
+    table.to_parquet(tmp, index=False)
+    tmp.replace(out / f"{kind}.parquet")

@@ -63,14 +63,28 @@ CAPTIONS = {
                          "mean over seeds +- 95% t-interval, one panel per combination of the other swept fields.",
     "study_fid_bias_variance_vs_capacity": "Final FID against the U-Net's base width, one curve per combination "
                                            "of the other swept fields (mean over seeds +- 95% t-interval, n in "
-                                           "the legend), with the real-data floor at the same sample count.",
+                                           "the legend), with the real-data floor at the same sample count; right "
+                                           "axis: the decomposition's bias² + noise and variance (EMA, final "
+                                           "evaluation, 95% intervals).",
     "study_pr_memorization_vs_size": "Precision, recall and memorized fraction against the training-set size at "
                                      "equal optimizer steps, one curve per combination of the other swept fields "
                                      "(mean over seeds +- 95% t-interval); dotted: real test images at the same "
                                      "sample count.",
-    "decomposition_stacked": "Per-timestep bias^2 / variance / noise floor, stacked, for each group of trials "
-                             "differing only in seed and/or training subset.",
-    "decomposition_vs_capacity": "bias^2 and variance against base width at a few timesteps.",
+    "decomposition_stacked": "Held-out error of each ensemble (trials differing only in seed and/or training "
+                             "subset), final evaluation, EMA weights: residual = bias² + noise (not separable: the "
+                             "optimal denoiser is unknown) + variance (unbiased, K−1), stacked; bottom: the variance "
+                             "alone (data / optimization parts where subsets are crossed with seeds). Bands: 95% "
+                             "intervals (bootstrap over points; + jackknife over models when K ≥ 3).",
+    "decomposition_vs_capacity": "bias² + noise (top) and variance (bottom) against base width at three noise "
+                                 "levels, one line per setting of the other swept fields, final evaluation, EMA; "
+                                 "error bars: 95% intervals.",
+    "decomposition_vs_step": "bias² + noise (top) and variance (bottom) of each ensemble at every evaluation "
+                             "snapshot, EMA weights solid, raw weights dashed, at three noise levels; bands: 95% "
+                             "intervals.",
+    "distance_to_memorization": "On training points of one subset D, models trained on D (seeds only), final "
+                                "evaluation: training residual, the minimum training loss ‖ε − f*_D‖² of the exact "
+                                "empirical optimal denoiser of D, and the distance to it ‖f − f*_D‖² (Kadkhodaie et "
+                                "al. 2024; Gu et al. 2023) — not bias²; EMA solid, raw dashed; bands: 95% intervals.",
 }
 
 
@@ -406,8 +420,11 @@ def study_overlays(study: Study) -> dict[str, object]:
                 f"Residual at the last common evaluation by {short(col)}", logy=True, invert_x=True)
     figs["study_fid_bias_variance_vs_capacity"] = fig_fid_bias_variance_vs_capacity(study)
     figs["study_pr_memorization_vs_size"] = fig_pr_memorization_vs_size(study)
-    figs["decomposition_stacked"] = fig_decomposition_stacked(study)
-    figs["decomposition_vs_capacity"] = fig_decomposition_vs_capacity(study)
+    from . import figures_decomposition as D  # imports STYLE from here: load after this module
+
+    for name in ("decomposition_stacked", "decomposition_vs_capacity", "decomposition_vs_step",
+                 "distance_to_memorization"):
+        figs[name] = getattr(D, f"fig_{name}")(study)
     return figs
 
 
@@ -436,18 +453,14 @@ def fig_fid_bias_variance_vs_capacity(study: Study):
         _real_floor_in(ax, fe, "real_fid")
         _width_axis(ax, fe[col].dropna())
         ax.set_ylabel("FID  (squared feature units)")
-        dec = study.decomposition
-        if len(dec) and col in dec:
-            ax2 = ax.twinx()
-            t_mid = _pick_ts(dec["t"].unique(), 1)[0]
-            d = dec[dec["t"] == t_mid].groupby(col)[["bias2", "variance"]].mean().reset_index()
-            ax2.plot(d[col], d["bias2"], "s--", color="C1", label=f"bias² (t={t_mid})")
-            ax2.plot(d[col], d["variance"], "^--", color="C2", label=f"variance (t={t_mid})")
-            ax2.set_ylabel("per-dimension error at t")
-            ax2.grid(False)
-            ax2.legend(loc="upper right")
-        _figure_legend(fig, [ax], loc="outside lower center")
-        ax.set_title("Final FID vs capacity: mean over seeds ± 95% t-interval")
+        if len(study.decomposition) and col in study.decomposition:
+            from .figures_decomposition import draw_on_capacity_axis
+
+            twin = ax.twinx()
+            draw_on_capacity_axis(twin, study, col)
+        _figure_legend(fig, [ax] + ([twin] if len(study.decomposition) and col in study.decomposition else []),
+                       loc="outside lower center")
+        ax.set_title("Final FID (mean over seeds ± 95% t-interval), bias² + noise and variance vs capacity")
     return fig
 
 
@@ -499,54 +512,6 @@ def _pick_ts(ts, n):
     ts = np.sort(np.asarray(ts))
     idx = np.unique(np.linspace(0, len(ts) - 1, n + 2).round().astype(int)[1:-1]) if len(ts) > n else np.arange(len(ts))
     return [int(ts[i]) for i in idx]
-
-
-def fig_decomposition_stacked(study: Study, max_groups: int = 6):
-    """Top row: noise floor, bias^2 and variance stacked per t (they sum to the residual).
-    Bottom row: variance as a share of the residual, which the stack makes too thin to read."""
-    dec = study.decomposition
-    if dec.empty:
-        return None
-    groups = sorted(dec["group_id"].unique())[:max_groups]
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(2, len(groups), figsize=(3.6 * len(groups), 5.6), squeeze=False,
-                                 sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    for col, gid in enumerate(groups):
-        d = dec[dec["group_id"] == gid].sort_values("t")
-        ax, share = axes[0][col], axes[1][col]
-        floor = d["noise_floor"].fillna(0).clip(lower=0)
-        ax.stackplot(d["t"], floor, d["bias2_plus_noise"] - floor, d["variance"],
-                     labels=["noise floor", "bias²", "variance"], colors=["0.75", "C1", "C2"], alpha=0.9)
-        ax.plot(d["t"], d["residual"], "k-", lw=1, label="residual")
-        ax.set_xscale("log")
-        ax.set_title(f"{gid} (K={int(d['k_models'].iloc[0])})", fontsize=8)
-        share.plot(d["t"], 100 * d["variance"] / d["residual"], "o-", color="C2", label="variance / residual")
-        share.set_xlabel("diffusion timestep t")
-        share.set_ylim(bottom=0)
-    axes[0][0].set_ylabel("per-dimension error  ||.||^2 / d")
-    axes[1][0].set_ylabel("variance share (%)")
-    axes[0][-1].legend(loc="upper right")
-    fig.suptitle("Bias² / variance / noise per timestep")
-    return fig
-
-
-def fig_decomposition_vs_capacity(study: Study):
-    dec = study.decomposition
-    col = study.column("base_width")
-    if dec.empty or col is None or col not in dec or dec[col].nunique() < 2:
-        return None
-    ts = _pick_ts(dec["t"].unique(), 3)
-    fig, ax = _fig()
-    for i, t in enumerate(ts):
-        d = dec[dec["t"] == t].groupby(col)[["bias2", "variance"]].mean().reset_index()
-        ax.plot(d[col], d["bias2"].clip(lower=1e-8), "o-", color=f"C{i}", label=f"bias², t={t}")
-        ax.plot(d[col], d["variance"], "s--", color=f"C{i}", label=f"variance, t={t}")
-    _width_axis(ax, dec[col].unique())
-    ax.set_yscale("log")
-    ax.set_ylabel("per-dimension error  ||.||^2 / d")
-    ax.set_title("bias² and variance vs capacity (mean over groups)")
-    ax.legend(ncol=2, fontsize=7, framealpha=0.85, loc="best")
-    return fig
 
 
 # ------------------------------------------------------------------ writing

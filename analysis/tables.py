@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-KINDS = ("trials", "train_steps", "epochs", "residuals", "evals", "decomposition")
+KINDS = ("trials", "train_steps", "epochs", "residuals", "evals", "decomposition", "distance_to_memorization")
 
 
 def read_kind(study_dir: str | os.PathLike, kind: str) -> pd.DataFrame:
@@ -34,6 +34,7 @@ class Study:
     residuals: pd.DataFrame
     evals: pd.DataFrame
     decomposition: pd.DataFrame
+    distance_to_memorization: pd.DataFrame = field(default_factory=pd.DataFrame)
     swept: list[str] = field(default_factory=list)
 
     @property
@@ -57,14 +58,6 @@ class Study:
 
     def of(self, df: pd.DataFrame, trial_id: str) -> pd.DataFrame:
         return df[df["trial_id"] == trial_id] if "trial_id" in df else df.iloc[0:0]
-
-    def column(self, *needles: str) -> str | None:
-        """The swept column whose name contains any needle (e.g. 'base_width')."""
-        for needle in needles:
-            for c in self.swept:
-                if needle in c:
-                    return c
-        return None
 
     def param(self, trial_id: str, col: str):
         row = self.trials[self.trials["trial_id"] == trial_id]

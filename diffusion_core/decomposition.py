@@ -1,54 +1,148 @@
-"""Per-timestep bias^2 / variance / noise decomposition over an ensemble of denoisers.
+"""The bias-variance decomposition of a denoiser over an ensemble of models: unbiased estimators.
 
-K models eps_k trained on different seeds and/or training subsets are evaluated on the
-same points (x_0, t, eps). With eps_bar = (1/K) sum_k eps_k the ensemble mean,
+Models f_1..f_K (noise predictors) differ only in training randomness (seed, possibly the
+training subset D) and are evaluated on the same held-out points (x_0, t, eps). Per point,
+per dimension (||.||^2 / d), with f^ = (1/K) sum_k f_k (Geman, Bienenstock & Doursat 1992):
 
-    (1/K) sum_k ||eps - eps_k||^2  =  ||eps - eps_bar||^2  +  (1/K) sum_k ||eps_k - eps_bar||^2
-          residual                     bias^2 + noise          variance
+    residual          r^  = (1/K) sum_k ||eps - f_k||^2
+    variance          V^  = (1/(K-1)) sum_k ||f_k - f^||^2          unbiased for E_seed||f - E f||^2
+    bias^2 + noise    BN^ = ||eps - f^||^2 - V^/K                  unbiased: E||eps - f^||^2 = BN + V/K
+    identity (exact for every sample)   r^ = ||eps - f^||^2 + (K-1)/K V^ = BN^ + V^.
 
-holds exactly (the cross term vanishes because sum_k (eps_k - eps_bar) = 0). The noise
-part is the error of the best possible predictor E[eps | x_t]:
+Dividing the variance by K instead (the old estimator) has expectation (K-1)/K of it.
 
-    noise(t) = E ||eps - E[eps | x_t]||^2 / d
+Two levels (J training subsets x S seeds, Neal et al. 2018; Adlam & Pennington 2020), with
+f^_j the mean over seeds of subset j and f^ the mean over all:
 
-known in closed form for Gaussian data (gaussian.GaussianToy.noise_floor) and, for a
-finite training set {y_j}, equal to that of the empirical optimal denoiser
+    V^_opt  = (1/J) sum_j (1/(S-1)) sum_s ||f_js - f^_j||^2        E_D[Var_seed(f | D)]
+    V^_data = (1/(J-1)) sum_j ||f^_j - f^||^2 - V^_opt / S          Var_D(E_seed[f | D]); may be < 0
+    BN^     = ||eps - f^||^2 - V^_data / J - V^_opt / (J S)
+    identity (exact)   mean_js ||eps - f_js||^2 = BN^ + V^_data + V^_opt.
 
-    E[x_0 | x_t] = sum_j w_j y_j,   w_j = softmax_j( -||x_t - sqrt(a) y_j||^2 / (2 (1 - a)) ),
-    E[eps | x_t] = (x_t - sqrt(a) E[x_0 | x_t]) / sqrt(1 - a),      a = alpha_bar_t,
-
-computed here in chunks over the training set with a streaming log-sum-exp, so 48,000
-MNIST images never need an (n x 48,000 x 784) tensor. All quantities are per dimension.
+Noise and bias^2 are NOT split here: that needs the optimal denoiser f*, known only for a
+Gaussian (gaussian.GaussianToy) or for the empirical distribution of a finite set D
+(`empirical_optimal_eps`, exact). On the training points of D, `memorization_terms` gives
+each model's distance to that memorizing denoiser (Kadkhodaie et al. 2024; Gu et al. 2023),
+which is not bias^2 of the population problem. See docs/decomposition.md.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from .intervals import bootstrap_se, combined_interval, jackknife_se
 from .schedules import NoiseSchedule
 
 
 @dataclass
 class EnsembleTerms:
-    residual: torch.Tensor            # (n,) mean_k ||eps - eps_k||^2 / d
-    bias2_plus_noise: torch.Tensor    # (n,) ||eps - eps_bar||^2 / d
-    variance: torch.Tensor            # (n,) mean_k ||eps_k - eps_bar||^2 / d
+    """Per-point estimates (float64, shape (n,)); residual = bias2_plus_noise + variance exactly."""
+    residual: torch.Tensor            # mean over models of ||eps - f_k||^2 / d
+    bias2_plus_noise: torch.Tensor    # ||eps - f^||^2 / d - (variance terms) / (number of models)
+    variance: torch.Tensor            # unbiased total variance over training randomness
+    variance_data: torch.Tensor | None = None   # two-level only: Var_D(E_seed[f | D])
+    variance_opt: torch.Tensor | None = None    # two-level only: E_D[Var_seed(f | D)]
+
+
+@dataclass
+class MemorizationTerms:
+    """Per-point terms on training points of one subset D, against its exact f*_D.
+    distance_to_memorization = ensemble_distance_to_memorization + variance exactly."""
+    train_residual: torch.Tensor                    # mean_k ||eps - f_k||^2 / d
+    min_train_loss: torch.Tensor                    # ||eps - f*_D||^2 / d: the training objective's minimum
+    distance_to_memorization: torch.Tensor          # mean_k ||f_k - f*_D||^2 / d
+    ensemble_distance_to_memorization: torch.Tensor  # ||f^ - f*_D||^2 / d - variance / K: unbiased for ||E f - f*_D||^2
+    variance: torch.Tensor                          # (1/(K-1)) sum_k ||f_k - f^||^2 / d; NaN for K = 1
+
+
+def _flat(eps: torch.Tensor, predictions: torch.Tensor, lead: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if predictions.dim() != eps.dim() + lead or predictions.shape[lead:] != eps.shape:
+        raise ValueError(f"predictions {tuple(predictions.shape)} must be ({'J, S' if lead == 2 else 'K'}, "
+                         f"*eps.shape) with eps {tuple(eps.shape)}")
+    return eps.double().flatten(1), predictions.double().flatten(lead + 1)
+
+
+def _sq(x: torch.Tensor) -> torch.Tensor:
+    return x.pow(2).mean(-1)   # per-dimension squared norm over the last axis
 
 
 def ensemble_terms(eps: torch.Tensor, predictions: torch.Tensor) -> EnsembleTerms:
-    """eps: (n, ...) true noise; predictions: (K, n, ...) from K models. Float64 results per point."""
-    if predictions.dim() != eps.dim() + 1 or predictions.shape[1:] != eps.shape:
-        raise ValueError(f"predictions {tuple(predictions.shape)} must be (K, *eps.shape) with eps {tuple(eps.shape)}")
-    if predictions.shape[0] < 2:
-        raise ValueError(f"need K >= 2 models for a variance, got K={predictions.shape[0]}")
-    e = eps.double().flatten(1)
-    p = predictions.double().flatten(2)
+    """eps: (n, ...) true noise; predictions: (K, n, ...) from K iid models."""
+    e, p = _flat(eps, predictions, 1)
+    k = p.shape[0]
+    if k < 2:
+        raise ValueError(f"need K >= 2 models for a variance, got K={k}")
     p_bar = p.mean(0)
-    residual = (e[None] - p).pow(2).mean(2).mean(0)
-    bias2_plus_noise = (e - p_bar).pow(2).mean(1)
-    variance = (p - p_bar[None]).pow(2).mean(2).mean(0)
-    return EnsembleTerms(residual, bias2_plus_noise, variance)
+    residual = _sq(e[None] - p).mean(0)
+    variance = _sq(p - p_bar[None]).sum(0) / (k - 1)
+    return EnsembleTerms(residual, _sq(e - p_bar) - variance / k, variance)
+
+
+def two_level_terms(eps: torch.Tensor, predictions: torch.Tensor) -> EnsembleTerms:
+    """eps: (n, ...); predictions: (J, S, n, ...): J training subsets, S seeds on each."""
+    e, p = _flat(eps, predictions, 2)
+    j, s = p.shape[:2]
+    if j < 2 or s < 2:
+        raise ValueError(f"need J >= 2 subsets and S >= 2 seeds per subset, got J={j}, S={s}")
+    p_j = p.mean(1)                                              # (J, n, D) mean over seeds
+    p_bar = p_j.mean(0)
+    residual = _sq(e[None, None] - p).mean((0, 1))
+    v_opt = (_sq(p - p_j[:, None]).sum(1) / (s - 1)).mean(0)
+    v_data = _sq(p_j - p_bar[None]).sum(0) / (j - 1) - v_opt / s
+    b2n = _sq(e - p_bar) - v_data / j - v_opt / (j * s)
+    return EnsembleTerms(residual, b2n, v_data + v_opt, v_data, v_opt)
+
+
+def memorization_terms(eps: torch.Tensor, predictions: torch.Tensor, optimal: torch.Tensor) -> MemorizationTerms:
+    """eps, optimal = f*_D(x_t): (n, ...) on training points of D; predictions: (K, n, ...) from
+    K >= 1 models trained on D (seeds only)."""
+    e, p = _flat(eps, predictions, 1)
+    o = optimal.double().flatten(1)
+    k = p.shape[0]
+    p_bar = p.mean(0)
+    distance = _sq(p - o[None]).mean(0)
+    if k >= 2:
+        variance = _sq(p - p_bar[None]).sum(0) / (k - 1)
+        ensemble = _sq(p_bar - o) - variance / k
+    else:
+        variance, ensemble = torch.full_like(distance, float("nan")), distance
+    return MemorizationTerms(_sq(e[None] - p).mean(0), _sq(e - o), distance, ensemble, variance)
+
+
+def summarize(terms_fn: Callable[[torch.Tensor], object], predictions: torch.Tensor, n_boot: int = 1000,
+              seed: int = 0) -> dict[str, float | str]:
+    """Point estimates (mean over points) of every term of terms_fn(predictions) with 95% intervals.
+
+    `predictions` has the unit of the jackknife first (models, or subsets in a two-level
+    design); terms_fn maps a stack of predictions to EnsembleTerms/MemorizationTerms.
+    Returns {name: estimate, name_lo, name_hi, ..., "interval": which sources it covers}."""
+    full = terms_fn(predictions)
+    names = [n for n, v in vars(full).items() if v is not None]
+    per_point = torch.stack([getattr(full, n) for n in names])          # (m, n)
+    se_points = bootstrap_se(per_point, n_boot, seed)
+    units = predictions.shape[0]
+    loo = []
+    for drop in range(units):
+        keep = [i for i in range(units) if i != drop]
+        try:
+            t = terms_fn(predictions[keep])
+            loo.append(torch.stack([getattr(t, n).mean() for n in names]))
+        except ValueError:   # too few models left for a variance (K = 2, or J = 2)
+            loo = []
+            break
+    if loo and bool((torch.stack(loo).isnan() & per_point.mean(1).isfinite()).any()):
+        loo = []             # a term the leave-one-out sets cannot estimate: no model part at all
+    se_models = jackknife_se(torch.stack(loo, 1)) if loo else torch.full((len(names),), float("nan"))
+    out: dict[str, float | str] = {}
+    for i, n in enumerate(names):
+        est = float(per_point[i].mean())
+        se_m = float(se_models[i])
+        lo, hi = combined_interval(est, float(se_points[i]), se_m)
+        out.update({n: est, f"{n}_lo": lo, f"{n}_hi": hi})
+    out["interval"] = "points+models" if loo else "points"
+    return out
 
 
 @torch.no_grad()

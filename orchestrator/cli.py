@@ -317,22 +317,37 @@ def _write_figures(directory, mlflow: bool = True) -> None:
 
 @app.command()
 def decompose(directory: str = typer.Argument(..., help="A study folder (written by `studyctl launch`)."),
-              points: int = typer.Option(256, help="Fixed validation points (x_0, eps) per timestep."),
-              noise_floor: bool = typer.Option(True, help="Compute the empirical optimal denoiser's noise floor "
-                                                          "over the 48,000-image training split (~1 min on CPU)."),
+              points: int = typer.Option(256, help="Held-out points (x_0, eps) per timestep: the first N "
+                                                   "validation images, eps from the evaluation seed."),
+              t_grid: str = typer.Option(None, "--t-grid", help="Timesteps: a count n (n timesteps covering 1..T, "
+                                         "as Residual(t)) or a comma list '1,10,100' (default: the study's "
+                                         "evaluation.t_grid)."),
+              eval_seed: int = typer.Option(None, "--eval-seed", help="Seed of eps (default: the study's "
+                                                                      "evaluation.seed)."),
+              steps: str = typer.Option("all", help="Snapshots to decompose: all (every evaluation step) or final."),
               device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
               ) -> None:
-    """Per-timestep bias^2 / variance / noise over trials that differ only in seed or training subset.
+    """Bias-variance decomposition over trials that differ only in seed or training subset.
 
-    Loads each trial's final EMA snapshot, evaluates every group of K >= 2 models on the
-    same fixed (x_0, t, eps) points from the validation split, and writes the
-    `decomposition` table (residual = bias2_plus_noise + variance, exactly), then redraws
-    the figures.
+    For every such group, every evaluation snapshot, EMA and raw weights and every t:
+    residual = bias2_plus_noise + variance (unbiased, exact identity; data / optimization
+    variance where subsets are crossed with seeds) on held-out points, with 95% intervals,
+    into DIR/decomposition/; the distance to the empirical optimal (memorizing) denoiser on
+    training points into DIR/distance_to_memorization/; then redraws the figures.
+    See docs/decomposition.md.
     """
     from analysis.decompose import decompose as run_decompose
 
     try:
-        table = run_decompose(directory, n_points=points, noise_floor=noise_floor, device=device)
+        grid = None if t_grid is None else (int(t_grid) if "," not in t_grid else
+                                             [int(t) for t in t_grid.split(",") if t.strip()])
+    except ValueError:
+        typer.echo(f"error: option '--t-grid': bad value {t_grid!r}: allowed: a count n >= 2 or a comma list of "
+                   f"timesteps in 1..T", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+    try:
+        table = run_decompose(directory, n_points=points, t_grid=grid, eval_seed=eval_seed, steps=steps,
+                              device=device)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)

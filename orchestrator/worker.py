@@ -6,7 +6,7 @@ up by Ray's TorchTrainer: gloo on CPU, NCCL on GPU) and plugs in `TrialHooks`:
 - rank 0 buffers the rows of each evaluation interval (losses, epochs), evaluates with
   EMA and raw weights at each evaluation step (Residual(t), sample grid, metrics), then
   writes the interval's Parquet parts, logs the same numbers to MLflow, saves the
-  sample grid (PNG + .npy) and a small EMA-only snapshot;
+  sample grid (PNG + .npy) and a small snapshot of the EMA and raw weights;
 - then every rank reports a checkpoint (`ray.train.report` is a barrier: all ranks must
   call it): rank 0 contributes the full resume state, every rank its own RNG states,
   and Ray merges them into one checkpoint directory in the study's storage.
@@ -168,10 +168,12 @@ class TrialHooks:
             self.last_report["val_loss"] = validation_loss(ctx.ema_model, ctx.schedule, ctx.splits.val,
                                                            *self.val_draws)
         self.last_report.setdefault("train_loss", self.last_report.get("loss"))
-        # EMA-only snapshot (small, for sampling and the ensemble decomposition; like NVlabs/edm)
+        # EMA and raw weights (no optimizer state: small, for sampling and the ensemble
+        # decomposition of both along training, `studyctl decompose`; like NVlabs/edm)
         ema_path = self.files / "ema" / f"{name}.pt"
         ema_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"ema": ctx.ema_model.state_dict(), "step": step, "config": self.trial["config"]},
+        torch.save({"ema": ctx.ema_model.state_dict(), "raw": ctx.model.state_dict(), "step": step,
+                    "config": self.trial["config"]},
                    ema_path.with_name(".tmp-" + ema_path.name))
         os.replace(ema_path.with_name(".tmp-" + ema_path.name), ema_path)
         # Records of this interval, before the checkpoint (see the module docstring).

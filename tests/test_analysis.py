@@ -2,7 +2,7 @@
 
 Every named figure is written; the plotted values — read back from the matplotlib artists —
 equal the Parquet values; the failed trial is named; `decompose` writes the table whose
-identity holds exactly.
+identity holds exactly, on the study's own evaluation points.
 """
 from __future__ import annotations
 
@@ -148,20 +148,76 @@ def test_python_dash_m_analysis(study_dir):
     assert "figures" in r.stdout
 
 
-def test_decompose_writes_an_exact_table(study_dir, study):
-    r = studyctl("decompose", study_dir, "--points", "64", timeout=400)
+@pytest.fixture(scope="module")
+def decompose_run(study_dir, study):
+    return studyctl("decompose", study_dir, "--points", "32", timeout=400)
+
+
+def test_decompose_writes_an_exact_table(study_dir, study, decompose_run):
+    r = decompose_run
     assert r.returncode == 0, r.stdout[-3000:]
     dec = pd.read_parquet(study_dir / "decomposition")
-    for col in ("group_id", "t", "residual", "bias2_plus_noise", "variance", "noise_floor", "bias2", "k_models",
-                "n_points", "model.base_width"):
+    for col in ("group_id", "model.base_width", "t", "log_snr", "step", "weights", "residual", "bias2_plus_noise",
+                "variance", "variance_data", "variance_opt", "residual_lo", "residual_hi", "bias2_plus_noise_lo",
+                "bias2_plus_noise_hi", "variance_lo", "variance_hi", "interval", "design", "k_models", "n_points",
+                "eval_seed", "trial_ids"):
         assert col in dec.columns, col
-    assert dec["group_id"].nunique() == 2 and (dec["k_models"] == 2).all() and (dec["n_points"] == 64).all()
-    assert np.allclose(dec["residual"], dec["bias2_plus_noise"] + dec["variance"], atol=1e-6, rtol=0)
-    assert (dec["variance"] > 0).all() and (dec["noise_floor"] >= 0).all()
-    np.testing.assert_allclose(dec["bias2"], dec["bias2_plus_noise"] - dec["noise_floor"])
-    # at t = 1 the training set's optimal denoiser identifies its own image: the floor is ~0
-    assert dec.loc[dec["t"] == dec["t"].min(), "noise_floor"].max() < 1e-3
-    assert (study_dir / "figures" / "decomposition_stacked.png").stat().st_size > 1000
+    assert "bias2" not in dec and "noise_floor" not in dec
+    assert dec["group_id"].nunique() == 2 and (dec["k_models"] == 2).all() and (dec["n_points"] == 32).all()
+    assert (dec["design"] == "seeds").all() and (dec["interval"] == "points").all()   # K = 2: no jackknife
+    np.testing.assert_allclose(dec["residual"], dec["bias2_plus_noise"] + dec["variance"], atol=1e-12, rtol=0)
+    assert (dec["variance_lo"] < dec["variance"]).all() and (dec["variance"] < dec["variance_hi"]).all()
+    # every evaluation snapshot, EMA and raw weights (the worker now saves both)
+    evals = study.evals.groupby("trial_id")["step"].apply(set)
+    assert set(dec["step"]) == set.intersection(*evals) and set(dec["weights"]) == {"ema", "raw"}
+    # Held-out points = the Evaluator's (first validation images, eps of the study's evaluation seed), so each
+    # ensemble's residual is the mean of its members' recorded Residual(t), for both weights, at every step.
+    res = study.residuals
+    for row in dec.itertuples():
+        rec = res[res["trial_id"].isin(row.trial_ids.split(",")) & (res["step"] == row.step)
+                  & (res["t"] == row.t) & (res["weights"] == row.weights)]
+        assert len(rec) == 2 and row.residual == pytest.approx(rec["residual"].mean(), rel=1e-4)
+    mem = pd.read_parquet(study_dir / "distance_to_memorization")
+    assert len(mem) == len(dec) and (mem["subset_size"] == 256).all()
+    np.testing.assert_allclose(mem["distance_to_memorization"],
+                               mem["ensemble_distance_to_memorization"] + mem["variance"], atol=1e-12, rtol=0)
+    assert (mem["min_train_loss"] >= 0).all() and (mem["distance_to_memorization"] > 0).all()
+    for name in ("decomposition_stacked", "decomposition_vs_capacity", "decomposition_vs_step",
+                 "distance_to_memorization", "study_fid_bias_variance_vs_capacity"):
+        assert (study_dir / "figures" / f"{name}.png").stat().st_size > 1000, name
+
+
+def test_decompose_uses_the_study_evaluation_seed_and_reads_old_snapshots(study_dir, decompose_run, tmp_path):
+    """A copy of the study whose study.yaml names another evaluation seed gets other eps (so other
+    values); snapshots without raw weights (written before issue 9) give EMA rows only."""
+    import shutil
+
+    import torch
+    import yaml
+
+    from analysis.decompose import decompose
+
+    copy = tmp_path / "study"
+    shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "figures", "ray*",
+                                                                   "checkpoint_*", "samples"))
+    snap = yaml.safe_load((copy / "study.yaml").read_text())
+    assert snap["evaluation"]["seed"] == 0
+    snap["evaluation"]["seed"] = 5
+    (copy / "study.yaml").write_text(yaml.safe_dump(snap))
+    for f in copy.glob("trial_files/*/ema/*.pt"):
+        s = torch.load(f, weights_only=True)
+        s.pop("raw")
+        torch.save(s, f)
+    other = decompose(copy, n_points=32, steps="final", progress=False, n_boot=50)
+    orig = pd.read_parquet(study_dir / "decomposition")
+    orig = orig[(orig["weights"] == "ema") & orig["step"].isin(other["step"])]
+    assert (other["eval_seed"] == 5).all() and set(other["weights"]) == {"ema"}
+    both = other.merge(orig, on=["group_id", "t", "step"], suffixes=("", "_seed0"))
+    assert len(both) == len(other) > 0
+    assert (both["residual"] - both["residual_seed0"]).abs().min() > 1e-6
+    seed0 = decompose(copy, n_points=32, steps="final", eval_seed=0, progress=False, n_boot=50)
+    again = seed0.merge(orig, on=["group_id", "t", "step"], suffixes=("", "_seed0"))
+    np.testing.assert_allclose(again["residual"], again["residual_seed0"], rtol=1e-9)
 
 
 def test_figures_refuse_a_folder_without_records(tmp_path):
