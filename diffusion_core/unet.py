@@ -15,8 +15,12 @@ ResBlock: GN(16) -> Swish -> conv3x3 -> + Linear(temb) -> GN(16) -> Swish -> Dro
 plus an identity or 1x1-conv skip. The time embedding is sinusoidal followed by an MLP
 and feeds every ResBlock.
 
-GroupNorm needs channels divisible by the group count; for narrow sweeps (base width 8)
-we use gcd(groups, channels) groups so every width in the study builds.
+GroupNorm needs channels divisible by the group count, and — because the time embedding is
+*added* right before norm2 as one constant per channel — at least two channels per group:
+with one channel per group GroupNorm subtracts each channel's mean and erases the time
+embedding entirely (a width-8 model with GN(16) would be blind to t). So the group count is
+the largest divisor of the channel count that is <= the asked-for count and <= channels / 2
+(the thesis's widths 32/64/128 keep GN(16) exactly).
 """
 from __future__ import annotations
 
@@ -91,7 +95,9 @@ class UNetConfig:
 
 
 def _groups(groups: int, channels: int) -> int:
-    return math.gcd(groups, channels)
+    """Groups for GroupNorm over `channels`: a divisor of it, <= groups, with >= 2 channels per group."""
+    limit = max(1, min(groups, channels // 2))
+    return max(d for d in range(1, limit + 1) if channels % d == 0)
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -117,3 +117,25 @@ def test_bad_config_message_names_value_and_range(field, value, allowed):
         UNetConfig(**{field: value})
     msg = str(e.value)
     assert f"{field}={value!r}" in msg and allowed in msg and "allowed" in msg
+
+
+@pytest.mark.parametrize("width,mult", [(8, (1, 2)), (16, (1, 2)), (8, (1, 2, 4)), (16, (1, 2, 4)), (32, (1, 2, 4))])
+def test_every_packaged_width_sees_the_timestep(width, mult):
+    """The time embedding is added before a GroupNorm: with one channel per group GroupNorm would
+    subtract it again and the network would ignore t (it did, for width 8 x (1, 2) under GN(16))."""
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(base_width=width, channel_mult=mult, blocks_per_level=1, bottleneck_blocks=1,
+                          dropout=0.0)).eval()
+    for block in net.modules():
+        if isinstance(block, torch.nn.GroupNorm):
+            assert block.num_channels // block.num_groups >= 2, block
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        change = (net(x, torch.full((2,), 10)) - net(x, torch.full((2,), 900))).abs().mean()
+    assert change > 1e-2
+
+
+def test_thesis_groupnorm_is_unchanged():
+    net = UNet(UNetConfig())
+    groups = sorted({(m.num_channels, m.num_groups) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)})
+    assert groups == [(32, 4), (32, 16), (64, 16), (128, 16)]
