@@ -264,6 +264,7 @@ def study_overlays(study: Study) -> dict[str, object]:
     figs["study_pr_memorization_vs_size"] = fig_pr_memorization_vs_size(study)
     figs["decomposition_stacked"] = fig_decomposition_stacked(study)
     figs["decomposition_vs_capacity"] = fig_decomposition_vs_capacity(study)
+    figs.update(figures_axes.study_figures(study))
     return figs
 
 
@@ -414,3 +415,10 @@ def write_figures(study: Study, out: Path | None = None) -> FigureSet:
         else:
             result.written[name] = save(fig, out / name)
     return result
+
+
+# ------------------------------------------------------------------ the study axes of the other papers
+from . import figures_axes  # noqa: E402  (it draws with _fig above)
+
+TRIAL_FIGURES.update(figures_axes.TRIAL_FIGURES)
+CAPTIONS.update(figures_axes.CAPTIONS)

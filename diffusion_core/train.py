@@ -13,6 +13,7 @@ validation t and eps come from `eval_seed`, identical for every trial (DESIGN.md
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,14 +33,25 @@ from .unet import UNet, UNetConfig, count_parameters
 @dataclass(frozen=True)
 class DiffusionConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # thesis: linear 1e-4..0.02, T=1000
-    reverse_variance: str = "beta"   # sigma_t^2 for sampling and the ELBO weight: beta | beta_tilde
-    loss: str = "simple"             # simple (eq. 72, thesis) | elbo (eq. 70)
+    reverse_variance: str = "beta"   # sigma_t^2 for sampling and the ELBO weight: beta | beta_tilde | learned
+    loss: str = "simple"             # simple (eq. 72, thesis) | elbo (eq. 70) | hybrid (iDDPM, with learned)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; allowed: {', '.join(LOSSES)}")
-        if self.reverse_variance not in ("beta", "beta_tilde"):
-            raise ValueError(f"unknown reverse_variance {self.reverse_variance!r}; allowed: beta, beta_tilde")
+        if self.reverse_variance not in REVERSE_VARIANCES:
+            raise ValueError(f"unknown reverse_variance {self.reverse_variance!r}; "
+                             f"allowed: {', '.join(REVERSE_VARIANCES)}")
+        if (self.reverse_variance == "learned") != (self.loss == "hybrid"):
+            raise ValueError("reverse_variance 'learned' and loss 'hybrid' go together: only L_vlb trains the "
+                             f"variance (got reverse_variance={self.reverse_variance!r}, loss={self.loss!r})")
+
+    def model_config(self, model: UNetConfig) -> UNetConfig:
+        """The U-Net config this diffusion needs: a variance output exactly when the variance is learned."""
+        return dataclasses.replace(model, learn_sigma=self.reverse_variance == "learned")
+
+
+REVERSE_VARIANCES = ("beta", "beta_tilde", "learned")
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -68,6 +80,7 @@ class TrainConfig:
     compile: bool = False            # torch.compile the training forward ...
     compile_mode: str = "default"    # ... default | reduce-overhead (CUDA graphs) | max-autotune
     fused_adam: bool | None = None   # None: fused Adam on CUDA, the reference loop elsewhere
+    label_dropout: float = 0.1       # class-conditional models: P(label -> null label), classifier-free guidance
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "log_every", "eval_every"):
@@ -81,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.compile_mode={self.compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"TrainConfig.label_dropout={self.label_dropout!r} must lie in [0, 1)")
 
 
 class DivergedError(RuntimeError):
@@ -195,12 +210,19 @@ def validation_loss(eps_model, schedule: NoiseSchedule, val: ImageSet, t: torch.
         idx = idx_all[lo:lo + batch_size]
         x0 = val.batch(idx)
         tt, ee = t[idx], eps[idx]
-        err = per_example_mse(ee, eps_model(schedule.q_sample(x0, tt, ee), tt))
+        err = per_example_mse(ee, eps_model(schedule.q_sample(x0, tt, ee), tt, **conditioning(eps_model, val.labels[idx])))
         total[0] += err.sum().double()
         total[1] += err.numel()
     if world_size > 1:
         dist.all_reduce(total)
     return float(total[0] / total[1])
+
+
+def conditioning(model, labels: torch.Tensor) -> dict:
+    """{"y": labels} for a class-conditional U-Net (the labels the data carries), {} otherwise."""
+    net = getattr(model, "module", model)  # through DDP / torch.compile wrappers
+    net = getattr(net, "_orig_mod", net)
+    return {"y": labels.to(torch.long)} if getattr(net, "label_emb", None) is not None else {}
 
 
 def fixed_validation_draws(val: ImageSet, schedule: NoiseSchedule, eval_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,6 +275,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     if training.max_steps is not None:
         total_steps = min(total_steps, training.max_steps)
 
+    model = diffusion.model_config(model)
     net = build_model(model, training.seed, device)
     memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
@@ -306,9 +329,14 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
             t = _host_to_device(schedule.sample_timesteps(x0.shape[0], generator=generator), device)
             eps = _host_to_device(torch.randn(x0.shape, generator=generator), device)
+            y = None
+            if model.class_conditional:  # classifier-free guidance: drop labels to the null label
+                drop = torch.rand(x0.shape[0], generator=generator) < training.label_dropout
+                y = splits.train.labels[idx.cpu() if splits.train.labels.device.type == "cpu" else idx].cpu()
+                y = _host_to_device(torch.where(drop, torch.full_like(y, model.num_classes), y.long()), device)
             with autocast:
                 loss = diffusion_loss(forward, schedule, x0, kind=diffusion.loss,
-                                      reverse_variance=diffusion.reverse_variance, t=t, eps=eps)
+                                      reverse_variance=diffusion.reverse_variance, t=t, eps=eps, y=y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if training.grad_clip is not None:
