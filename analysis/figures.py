@@ -425,6 +425,7 @@ def study_overlays(study: Study) -> dict[str, object]:
     for name in ("decomposition_stacked", "decomposition_vs_capacity", "decomposition_vs_step",
                  "distance_to_memorization"):
         figs[name] = getattr(D, f"fig_{name}")(study)
+    figs.update(figures_axes.study_figures(study))
     return figs
 
 
@@ -555,3 +556,10 @@ def write_figures(study: Study, out: Path | None = None) -> FigureSet:
         if fig is None:
             result.skipped[name] = "needs a swept field with >= 2 values and records for it"
     return result
+
+
+# ------------------------------------------------------------------ the study axes of the other papers
+from . import figures_axes  # noqa: E402  (it draws with _fig above)
+
+TRIAL_FIGURES.update(figures_axes.TRIAL_FIGURES)
+CAPTIONS.update(figures_axes.CAPTIONS)

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from .data import ImageSet, from_unit_range
-from .residuals import default_t_grid, residual_curve
+from .guidance import GuidedModel, balanced_labels
+from .residuals import default_t_grid, residual_curve, variance_interpolation_curve
 from .samplers import make_sampler
 from .schedules import NoiseSchedule
 
@@ -34,7 +35,8 @@ log = logging.getLogger(__name__)
 # The flat record of diffusion_core.metrics.evaluate_samples (metrics issue); the columns
 # of the `evals` table. Kept here so records have a fixed schema even without the module.
 METRIC_KEYS = ("fid", "fid_mean_term", "fid_cov_term", "inception_score", "inception_score_std",
-               "h_y", "h_y_given_x", "precision", "recall", "memorized_fraction")
+               "h_y", "h_y_given_x", "precision", "recall", "memorized_fraction",
+               "conditional_accuracy", "fid_class_mean")
 # The same metrics of real data: n_samples held-out images (the MNIST test set, drawn with the
 # evaluation seed) in place of the samples. What a perfect generator would score at this sample
 # count -- the floor (FID) or ceiling (IS, precision, recall) every curve should be read against.
@@ -58,8 +60,13 @@ class EvalConfig:
     # Sampling fast path (the residuals stay fp32 eager: they are the measurement).
     precision: str = "fp32"          # fp32 | bf16 (autocast of the network inside the sampler)
     compile: bool = False            # torch.compile the network for sampling (CUDA graphs on a GPU)
+    guidance_scale: float = 1.0      # classifier-free guidance s (class-conditional models): 0 uncond., 1 cond.
+    progressive_t: tuple[int, ...] = ()  # progressive-generation frames (t values; 0 = the sample), last eval
+    progressive_rows: int = 8        # samples shown in the progressive-generation figure
 
     def __post_init__(self):
+        if self.guidance_scale < 0:
+            raise ValueError(f"EvalConfig.guidance_scale={self.guidance_scale!r} must be >= 0")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"EvalConfig.precision={self.precision!r}; allowed: fp32, bf16")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -73,6 +80,7 @@ class EvalResult:
     grid: torch.Tensor                         # uint8 (n, C, H, W), the first grid_images samples
     metrics: dict[str, float] = field(default_factory=dict)  # METRIC_KEYS (empty if unavailable)
     seconds: float = 0.0
+    variance_interpolation: dict[str, list[float]] = field(default_factory=dict)  # learned variance: mean v per t
 
 
 def grid_image(images_uint8: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
@@ -113,9 +121,10 @@ class _GraphedNetwork:
     def __init__(self, compiled):
         self.compiled = compiled
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kw):
         torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(x, t).clone()
+        out = self.compiled(x, t, **kw)
+        return tuple(o if o is None else o.clone() for o in out) if isinstance(out, tuple) else out.clone()
 
 
 def compile_for_sampling(model: nn.Module, device: torch.device | str):
@@ -124,6 +133,11 @@ def compile_for_sampling(model: nn.Module, device: torch.device | str):
     if torch.device(device).type == "cuda":
         return _GraphedNetwork(torch.compile(model, mode="reduce-overhead", dynamic=False))
     return torch.compile(model, dynamic=False)
+
+
+def _num_classes(model: nn.Module) -> int:
+    """The class count of a class-conditional U-Net, 0 for an unconditional one."""
+    return model.config.num_classes if getattr(model, "label_emb", None) is not None else 0
 
 
 class Evaluator:
@@ -140,6 +154,7 @@ class Evaluator:
         g = torch.Generator().manual_seed(cfg.seed)
         n_res = min(cfg.residual_images, len(val))
         self.x0 = val.batch(torch.arange(n_res, device=val.images.device)).to(self.device)
+        self.y0 = val.labels[:n_res].to(self.device).long()   # for class-conditional residuals
         self.eps = torch.randn(self.x0.shape, generator=g).to(self.device)
         if isinstance(cfg.t_grid, int):
             self.t_grid = default_t_grid(schedule.T, cfg.t_grid)
@@ -153,6 +168,7 @@ class Evaluator:
         self._reference = None
         self._real: dict[str, float] | None = None
         self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
+        self.num_classes = 0   # of the model last sampled: labels are asked for when > 0
 
     def _sampling_network(self, model: nn.Module) -> nn.Module:
         """The network the sampler calls: `model`, or its torch.compile wrapper (made once per
@@ -170,15 +186,54 @@ class Evaluator:
         """uint8 samples from the fixed starting noise, in batches: a function of the weights and
         the evaluation seed only (ancestral noise from a seeded generator on the sampling device)."""
         out = []
+        self.num_classes = _num_classes(model)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
         net = self._sampling_network(model)
         amp = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
         for lo in range(0, self.x_T.shape[0], self.cfg.batch_size):
             xT = self.x_T[lo:lo + self.cfg.batch_size].to(self.device)
             with amp:
-                x = self.sampler.sample(net, tuple(xT.shape), generator=g, device=self.device, x_T=xT)
+                x = self.sampler.sample(self._eps_model(model, net, lo, xT.shape[0]), tuple(xT.shape),
+                                        generator=g, device=self.device, x_T=xT)
             out.append(from_unit_range(x.float()).cpu())
         return torch.cat(out)
+
+    def labels(self, n: int | None = None) -> torch.Tensor | None:
+        """The labels the samples are asked for (class-conditional models): every class equally often."""
+        n = self.x_T.shape[0] if n is None else n
+        return balanced_labels(n, self.num_classes, self.device) if self.num_classes else None
+
+    def _eps_model(self, model: nn.Module, net, lo: int, n: int):
+        """What the sampler calls for samples lo..lo+n: the network, guided for a class-conditional
+        model (labels fixed per sample index), returning (eps, variance output) when it is learned."""
+        learned = getattr(self.sampler, "reverse_variance", None) == "learned"
+        if _num_classes(model):
+            y = self.labels()[lo:lo + n]
+            return GuidedModel(net, y, self.cfg.guidance_scale, with_variance=learned)
+        if learned:
+            return lambda x, t: net(x, t, return_variance=True)
+        return net
+
+    @torch.no_grad()
+    def progressive(self, model: nn.Module) -> tuple[list[int], torch.Tensor] | None:
+        """Frames of the first `progressive_rows` samples from the fixed noise at the configured t's:
+        (t values, uint8 (rows, frames, C, H, W)); None when no frames are configured."""
+        if not self.cfg.progressive_t:
+            return None
+        rows = min(self.cfg.progressive_rows, self.x_T.shape[0])
+        self.num_classes = _num_classes(model)
+        xT = self.x_T[:rows].to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        n_steps = self.schedule.T if self.cfg.sampler == "ddpm" else len(self.sampler.timesteps)
+        _, frames = self.sampler.sample(self._eps_model(model, model, 0, rows), tuple(xT.shape), generator=g,
+                                        device=self.device, x_T=xT, n_frames=n_steps)
+        by_t = sorted(frames, key=lambda f: -f[0])       # (t, x_t), T first, 0 (the sample) last
+        chosen = []
+        for want in sorted(set(self.cfg.progressive_t), reverse=True):
+            chosen.append(min(by_t, key=lambda f: (abs(f[0] - want), f[0])))  # the nearest frame the sampler has
+        ts = [int(t) for t, _ in chosen]
+        imgs = torch.stack([from_unit_range(x.float().clamp(-1, 1)) for _, x in chosen], dim=1)
+        return ts, imgs
 
     def _metrics(self, samples_uint8: torch.Tensor) -> dict[str, float]:
         if not self.cfg.metrics:
@@ -198,7 +253,8 @@ class Evaluator:
                                                          split_seed=self.split_seed)
             train = self.train_images.images if self.train_images is not None else None
             rec = m.evaluate_samples(samples_uint8, self._reference, self._classifier, train,
-                                     splits=min(self.cfg.is_splits, samples_uint8.shape[0]))
+                                     splits=min(self.cfg.is_splits, samples_uint8.shape[0]),
+                                     labels=self.labels(samples_uint8.shape[0]))
             if self._real is None:
                 self._real = self._real_data_metrics(m, samples_uint8.shape[0], train)
         except Exception as e:  # a metrics failure must not kill a training run
@@ -232,20 +288,25 @@ class Evaluator:
 
     def _evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None) -> EvalResult:
         t0 = time.time()
-        residuals = {}
+        residuals, variance = {}, {}
         for name, net in (("ema", ema_model), ("raw", raw_model)):
             if net is None:
                 continue
             was_training = net.training
             net.eval()
+            y = self.y0 if getattr(net, "label_emb", None) is not None else None
             residuals[name] = residual_curve(net, self.schedule, self.x0, self.eps, self.t_grid.to(self.device),
-                                             batch_size=self.cfg.batch_size).tolist()
+                                             batch_size=self.cfg.batch_size, y=y).tolist()
+            if getattr(getattr(net, "config", None), "learn_sigma", False):
+                variance[name] = variance_interpolation_curve(net, self.schedule, self.x0, self.eps,
+                                                              self.t_grid.to(self.device),
+                                                              batch_size=self.cfg.batch_size, y=y).tolist()
             net.train(was_training)
         ema_model.eval()
         samples = self.sample(ema_model)
         metrics = self._metrics(samples[: self.cfg.n_samples])
         return EvalResult(self.t_grid.tolist(), residuals, samples[: self.cfg.grid_images], metrics,
-                          time.time() - t0)
+                          time.time() - t0, variance)
 
 
 __all__ = ["EvalConfig", "EvalResult", "Evaluator", "METRIC_KEYS", "REAL_DATA_KEYS", "compile_for_sampling", "grid_image"]

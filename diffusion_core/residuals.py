@@ -26,10 +26,11 @@ def default_t_grid(T: int, n: int = 40) -> torch.Tensor:
 
 @torch.no_grad()
 def residual_curve(eps_model: Callable, schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor,
-                   t_grid: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+                   t_grid: torch.Tensor, batch_size: int = 512, y: torch.Tensor | None = None) -> torch.Tensor:
     """Residual(t) for each t in t_grid (float64, shape (len(t_grid),)).
 
     x0 and eps are fixed tensors of equal shape; the same eps is used at every t.
+    y: the images' labels, for a class-conditional model (its conditional residual).
     """
     if x0.shape != eps.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and eps {tuple(eps.shape)} must have the same shape")
@@ -41,6 +42,28 @@ def residual_curve(eps_model: Callable, schedule: NoiseSchedule, x0: torch.Tenso
         for lo in range(0, n, batch_size):
             xb, eb = x0[lo:lo + batch_size], eps[lo:lo + batch_size]
             tt = torch.full((xb.shape[0],), t, dtype=torch.long, device=xb.device)
-            total += float(per_example_mse(eb, eps_model(schedule.q_sample(xb, tt, eb), tt)).sum())
+            kw = {} if y is None else {"y": y[lo:lo + batch_size]}
+            total += float(per_example_mse(eb, eps_model(schedule.q_sample(xb, tt, eb), tt, **kw)).sum())
+        out[i] = total / n
+    return out
+
+
+@torch.no_grad()
+def variance_interpolation_curve(model, schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor,
+                                 t_grid: torch.Tensor, batch_size: int = 512,
+                                 y: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean learned interpolation v per t (iDDPM eq. 15: 0 = beta_tilde_t, 1 = beta_t) on the residual batch."""
+    from .variance import interpolation
+
+    out = torch.empty(len(t_grid), dtype=torch.float64)
+    n = x0.shape[0]
+    for i, t in enumerate(t_grid.tolist()):
+        total = 0.0
+        for lo in range(0, n, batch_size):
+            xb, eb = x0[lo:lo + batch_size], eps[lo:lo + batch_size]
+            tt = torch.full((xb.shape[0],), t, dtype=torch.long, device=xb.device)
+            kw = {} if y is None else {"y": y[lo:lo + batch_size]}
+            _, var_out = model(schedule.q_sample(xb, tt, eb), tt, return_variance=True, **kw)
+            total += float(interpolation(var_out.double()).flatten(1).mean(1).sum())
         out[i] = total / n
     return out

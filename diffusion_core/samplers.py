@@ -1,6 +1,7 @@
 """Reverse-process samplers: DDPM ancestral (thesis Algorithm 2, corrected) and DDIM.
 
-`eps_model(x_t, t)` is any callable returning the predicted noise; `t` is a LongTensor of
+`eps_model(x_t, t)` is any callable returning the predicted noise (or the pair (eps, raw
+variance output) of a model with a learned variance, see variance.py); `t` is a LongTensor of
 1-indexed timesteps of shape (batch,). Both samplers are seeded through a
 `torch.Generator` so the same seed gives the same images, and can return intermediate
 frames for progressive-generation figures.
@@ -13,9 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedules import NoiseSchedule
+from .variance import interpolation, learned_log_variance
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SAMPLERS = ("ddpm", "ddim")
+
+
+def _split(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(eps, variance output or None) from what an eps model returned."""
+    return out if isinstance(out, tuple) else (out, None)
 
 
 def _frame_steps(n_steps: int, n_frames: int) -> set[int]:
@@ -30,16 +37,19 @@ class DDPMSampler:
 
         x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta(x_t, t)) + sigma_t z   (47, 53)
 
-    sigma_t^2 = beta_t ("beta") or beta_tilde_t ("beta_tilde"); no noise is added at t = 1.
+    sigma_t^2 = beta_t ("beta"), beta_tilde_t ("beta_tilde"), or the model's own Sigma_theta
+    ("learned": iDDPM eq. 15, the model returns (eps, variance output)); no noise is added at t = 1.
     """
 
     def __init__(self, schedule: NoiseSchedule, reverse_variance: str = "beta", clip_x0: float | None = None):
-        schedule.reverse_variance(torch.tensor([1]), reverse_variance)  # validates the name
+        if reverse_variance != "learned":
+            schedule.reverse_variance(torch.tensor([1]), reverse_variance)  # validates the name
         self.schedule = schedule
         self.reverse_variance = reverse_variance
         self.clip_x0 = clip_x0  # None = the thesis's unclipped update
 
-    def step(self, eps: torch.Tensor, t: int, x_t: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    def step(self, eps: torch.Tensor, t: int, x_t: torch.Tensor, noise: torch.Tensor | None,
+             var_out: torch.Tensor | None = None) -> torch.Tensor:
         s = self.schedule
         tt = torch.full((x_t.shape[0],), t, dtype=torch.long)
         if self.clip_x0 is None:
@@ -49,6 +59,12 @@ class DDPMSampler:
             mean = s.posterior_mean(x0, x_t, tt)
         if t == 1 or noise is None:
             return mean
+        if self.reverse_variance == "learned":
+            if var_out is None:
+                raise ValueError("reverse_variance 'learned' needs a model that returns (eps, variance output)")
+            tt_dev = torch.full((x_t.shape[0],), t, dtype=torch.long)
+            sigma = torch.exp(0.5 * learned_log_variance(s, tt_dev, interpolation(var_out.to(x_t.dtype))))
+            return mean + sigma * noise
         sigma = float(s.reverse_variance(t, self.reverse_variance)) ** 0.5
         return mean + sigma * noise
 
@@ -64,9 +80,9 @@ class DDPMSampler:
         for i, t in enumerate(tqdm(range(T, 0, -1), desc="DDPM sampling", disable=not progress, leave=False)):
             if i in keep:
                 frames.append((t, x.detach().cpu().clone()))
-            eps = eps_model(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+            eps, var_out = _split(eps_model(x, torch.full((shape[0],), t, device=device, dtype=torch.long)))
             noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype) if t > 1 else None
-            x = self.step(eps.to(x.dtype), t, x, noise)
+            x = self.step(eps.to(x.dtype), t, x, noise, var_out)
         if n_frames:
             frames.append((0, x.detach().cpu().clone()))
             return x, frames
@@ -120,7 +136,7 @@ class DDIMSampler:
             if i in keep:
                 frames.append((t, x.detach().cpu().clone()))
             t_prev = ts[i + 1] if i + 1 < len(ts) else 0
-            eps = eps_model(x, torch.full((shape[0],), t, device=device, dtype=torch.long))
+            eps, _ = _split(eps_model(x, torch.full((shape[0],), t, device=device, dtype=torch.long)))
             noise = (torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
                      if self.eta > 0 and t_prev > 0 else None)
             x = self.step(eps.to(x.dtype), t, t_prev, x, noise)

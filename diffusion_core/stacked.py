@@ -72,6 +72,9 @@ def check_stackable(members: list[Member]) -> None:
             raise ValueError(f"member {i} ({m.name!r}): model and training.batch_size must equal member 0's "
                              f"to stack ({m.model} / {m.training.batch_size} vs {members[0].model} / "
                              f"{members[0].training.batch_size})")
+        if m.model.class_conditional or m.model.learn_sigma or m.diffusion.loss == "hybrid":
+            raise ValueError(f"member {i} ({m.name!r}): class-conditional models and the learned variance "
+                             f"(loss 'hybrid') are not supported when stacking; train them with train()")
         for name, allowed in UNSTACKABLE.items():
             if getattr(m.training, name) != allowed:
                 raise ValueError(f"member {i} ({m.name!r}): training.{name}={getattr(m.training, name)!r} is not "

@@ -13,6 +13,7 @@ validation t and eps come from `eval_seed`, identical for every trial (DESIGN.md
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,14 +34,25 @@ from .unet import UNet, UNetConfig, count_parameters
 @dataclass(frozen=True)
 class DiffusionConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # thesis: linear 1e-4..0.02, T=1000
-    reverse_variance: str = "beta"   # sigma_t^2 for sampling and the ELBO weight: beta | beta_tilde
-    loss: str = "simple"             # simple (eq. 72, thesis) | elbo (eq. 70)
+    reverse_variance: str = "beta"   # sigma_t^2 for sampling and the ELBO weight: beta | beta_tilde | learned
+    loss: str = "simple"             # simple (eq. 72, thesis) | elbo (eq. 70) | hybrid (iDDPM, with learned)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; allowed: {', '.join(LOSSES)}")
-        if self.reverse_variance not in ("beta", "beta_tilde"):
-            raise ValueError(f"unknown reverse_variance {self.reverse_variance!r}; allowed: beta, beta_tilde")
+        if self.reverse_variance not in REVERSE_VARIANCES:
+            raise ValueError(f"unknown reverse_variance {self.reverse_variance!r}; "
+                             f"allowed: {', '.join(REVERSE_VARIANCES)}")
+        if (self.reverse_variance == "learned") != (self.loss == "hybrid"):
+            raise ValueError("reverse_variance 'learned' and loss 'hybrid' go together: only L_vlb trains the "
+                             f"variance (got reverse_variance={self.reverse_variance!r}, loss={self.loss!r})")
+
+    def model_config(self, model: UNetConfig) -> UNetConfig:
+        """The U-Net config this diffusion needs: a variance output exactly when the variance is learned."""
+        return dataclasses.replace(model, learn_sigma=self.reverse_variance == "learned")
+
+
+REVERSE_VARIANCES = ("beta", "beta_tilde", "learned")
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -80,6 +92,7 @@ class TrainConfig:
     device_noise: bool = False
     deferred_sync: bool = False      # fetch logged losses every log_every steps (and at epoch/eval/end), not each
     cuda_graph: bool = False         # replay forward+backward+Adam as one CUDA graph (graph_step.py; CUDA only)
+    label_dropout: float = 0.1       # class-conditional models: P(label -> null label), classifier-free guidance
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "log_every", "eval_every"):
@@ -96,6 +109,8 @@ class TrainConfig:
         if self.cuda_graph and self.compile:
             raise ValueError("TrainConfig.cuda_graph=True and compile=True: choose one "
                              "(compile_mode=reduce-overhead is compile's own CUDA graphs)")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"TrainConfig.label_dropout={self.label_dropout!r} must lie in [0, 1)")
 
 
 class DivergedError(RuntimeError):
@@ -226,12 +241,19 @@ def validation_loss(eps_model, schedule: NoiseSchedule, val: ImageSet, t: torch.
         idx = idx_all[lo:lo + batch_size]
         x0 = val.batch(idx)
         tt, ee = t[idx], eps[idx]
-        err = per_example_mse(ee, eps_model(schedule.q_sample(x0, tt, ee), tt))
+        err = per_example_mse(ee, eps_model(schedule.q_sample(x0, tt, ee), tt, **conditioning(eps_model, val.labels[idx])))
         total[0] += err.sum().double()
         total[1] += err.numel()
     if world_size > 1:
         dist.all_reduce(total)
     return float(total[0] / total[1])
+
+
+def conditioning(model, labels: torch.Tensor) -> dict:
+    """{"y": labels} for a class-conditional U-Net (the labels the data carries), {} otherwise."""
+    net = getattr(model, "module", model)  # through DDP / torch.compile wrappers
+    net = getattr(net, "_orig_mod", net)
+    return {"y": labels.to(torch.long)} if getattr(net, "label_emb", None) is not None else {}
 
 
 def fixed_validation_draws(val: ImageSet, schedule: NoiseSchedule, eval_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,6 +332,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     if training.max_steps is not None:
         total_steps = min(total_steps, training.max_steps)
 
+    model = diffusion.model_config(model)
     net = build_model(model, training.seed, device)
     memory_format = torch.channels_last if training.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
@@ -366,10 +389,10 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
 
     cuda_graphs = training.compile and training.compile_mode == "reduce-overhead" and device.type == "cuda"
 
-    def step_fn(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def step_fn(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with autocast:
             loss = diffusion_loss(forward, schedule, x0, kind=diffusion.loss,
-                                  reverse_variance=diffusion.reverse_variance, t=t, eps=eps)
+                                  reverse_variance=diffusion.reverse_variance, t=t, eps=eps, y=y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if training.grad_clip is not None:
@@ -377,6 +400,9 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         optimizer.step()
         return loss
 
+    if training.cuda_graph and (model.class_conditional or diffusion.loss == "hybrid"):
+        raise ValueError("TrainConfig.cuda_graph=True supports the unconditional L_simple step only "
+                         "(not model.class_conditional or loss 'hybrid')")
     graphed = GraphedStep(step_fn) if training.cuda_graph else None
     pending_losses: list[tuple[int, torch.Tensor]] = []  # logged steps' losses, still on the device
 
@@ -405,7 +431,12 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             t = _host_to_device(schedule.sample_timesteps(x0.shape[0], generator=generator, device=noise_device),
                                 device)
             eps = _host_to_device(torch.randn(x0.shape, generator=generator, device=noise_device), device)
-            loss = graphed(x0, t, eps) if graphed is not None else step_fn(x0, t, eps)
+            y = None
+            if model.class_conditional:  # classifier-free guidance: drop labels to the null label
+                drop = torch.rand(x0.shape[0], generator=generator, device=noise_device) < training.label_dropout
+                y = splits.train.labels.to(idx.device)[idx].to(drop.device).long()
+                y = _host_to_device(torch.where(drop, torch.full_like(y, model.num_classes), y), device)
+            loss = graphed(x0, t, eps) if graphed is not None else step_fn(x0, t, eps, y)
             ema.update(net)
             state.step += 1
             ctx.step, ctx.epoch = state.step, state.step / spe

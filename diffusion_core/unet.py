@@ -45,6 +45,9 @@ class UNetConfig:
     attention_heads: int = 4
     norm_groups: int = 16                      # thesis: GroupNorm(16) ...
     final_norm_groups: int = 4                 # ... and GroupNorm(4) before the output conv
+    learn_sigma: bool = False                  # also output v: the learned reverse variance (iDDPM)
+    class_conditional: bool = False            # a label embedding added to the time embedding (CFG)
+    num_classes: int = 10                      # labels 0..num_classes-1; num_classes is the null label
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
@@ -65,6 +68,8 @@ class UNetConfig:
             bad("bottleneck_blocks", self.bottleneck_blocks, "an integer >= 0")
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", self.dropout, "a float in [0, 1)")
+        if self.class_conditional and self.num_classes < 1:
+            bad("num_classes", self.num_classes, "an integer >= 1")
         if self.norm_groups < 1 or self.final_norm_groups < 1:
             bad("norm_groups", (self.norm_groups, self.final_norm_groups), "integers >= 1")
         size = self.image_size
@@ -181,12 +186,28 @@ class UNet(nn.Module):
                 for i in range(cfg.blocks_per_level)))
 
         self.norm_out = nn.GroupNorm(_groups(cfg.final_norm_groups, widths[0]), widths[0])
-        self.conv_out = nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)
+        out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
+        # Built last, so an unconditional model's initialisation is unchanged by the option.
+        # Index num_classes is the null label: the unconditional model of classifier-free guidance.
+        self.label_emb = nn.Embedding(cfg.num_classes + 1, temb_dim) if cfg.class_conditional else None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def null_label(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                return_variance: bool = False):
+        """eps (B, C, H, W); with return_variance=True the pair (eps, raw variance output or None).
+
+        y: class labels (B,) for a class-conditional model; None means the null label."""
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         temb = self.time_mlp(sinusoidal_embedding(t, self.config.base_width))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=x.device)
+            temb = temb + self.label_emb(y)
         h = self.conv_in(x)
         skips = []
         for level, blocks in enumerate(self.down_blocks):
@@ -205,7 +226,11 @@ class UNet(nn.Module):
             h = torch.cat([upsample(h), skips.pop()], dim=1)
             for block in blocks:
                 h = block(h, temb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        if not self.config.learn_sigma:
+            return (out, None) if return_variance else out
+        eps, var_out = out.chunk(2, dim=1)
+        return (eps, var_out) if return_variance else eps
 
 
 def count_parameters(model: nn.Module) -> int:

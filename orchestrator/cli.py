@@ -104,8 +104,13 @@ def validate(file: str = typer.Argument(..., help="Study YAML: a path, or a pack
     Exit status 2 (with a message naming the field, the bad value and what is allowed)
     if the file is wrong; nothing is started.
     """
+    from .spec import study_notes
+
     spec = _load(file, overrides)
-    _print_table(spec, _trials_or_exit(spec))
+    trials = _trials_or_exit(spec)
+    _print_table(spec, trials)
+    for note in study_notes(trials):
+        typer.echo(f"note: {note}")
     typer.echo(f"study {spec.name!r} is valid; output folder {spec.output_dir()}")
 
 

@@ -42,7 +42,8 @@ _BASE = {
                ("train_loss", pa.float64()), ("val_loss", pa.float64()), ("val_loss_raw", pa.float64()),
                ("train_loss_eval", pa.float64()), ("ema_init_share", pa.float64())],
     "residuals": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
-                  ("t", pa.int64()), ("residual", pa.float64()), ("weights", pa.string())],
+                  ("t", pa.int64()), ("residual", pa.float64()), ("weights", pa.string()),
+                  ("variance_interpolation", pa.float64())],   # learned variance: mean v at t (iDDPM 15)
     "evals": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()), ("epoch", pa.float64()),
               ("eval_seconds", pa.float64()), ("images_per_second", pa.float64()), ("sample_grid", pa.string())]
              + [(k, pa.float64()) for k in METRIC_KEYS + REAL_DATA_KEYS] + [("ema_init_share", pa.float64())],

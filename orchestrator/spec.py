@@ -79,6 +79,7 @@ class ModelSpec(_Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     attention: StrictBool = False
     attention_heads: PositiveInt = 4
+    class_conditional: StrictBool = False     # label embedding + null label: classifier-free guidance
 
 
 class DiffusionSpec(_Strict):
@@ -86,8 +87,8 @@ class DiffusionSpec(_Strict):
     schedule: Literal["linear", "cosine", "quadratic", "sigmoid"] = "linear"
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
     beta_end: float = Field(0.02, gt=0.0, lt=1.0)
-    reverse_variance: Literal["beta", "beta_tilde"] = "beta"
-    loss: Literal["simple", "elbo"] = "simple"
+    reverse_variance: Literal["beta", "beta_tilde", "learned"] = "beta"   # learned: iDDPM, needs loss: hybrid
+    loss: Literal["simple", "elbo", "hybrid"] = "simple"
 
 
 class TrainingSpec(_Strict):
@@ -107,6 +108,7 @@ class TrainingSpec(_Strict):
     channels_last: StrictBool = False
     compile: StrictBool = False               # torch.compile the training forward ...
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0)   # class-conditional: P(label -> null label)
 
 
 class EvaluationSpec(_Strict):
@@ -128,6 +130,9 @@ class EvaluationSpec(_Strict):
     batch_size: PositiveInt = 256             # sampling / residual batch (a GPU takes 1,000s)
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16 autocast of the network while sampling
     compile: StrictBool = False               # torch.compile the sampling network (CUDA graphs on a GPU)
+    guidance_scale: NonNegativeFloat = 1.0    # classifier-free guidance s: 0 unconditional, 1 conditional
+    progressive_t: list[NonNegativeInt] = Field(default_factory=list)  # frames (t) of the progressive figure
+    progressive_rows: PositiveInt = 8         # samples in the progressive-generation figure
 
 
 class AshaSpec(_Strict):
@@ -443,6 +448,12 @@ def _validate_trial(spec: StudySpec, trial: dict) -> None:
     if cfg["evaluation"]["sampler"] == "ddim" and (cfg["evaluation"]["steps"] or 50) > cfg["diffusion"]["T"]:
         raise StudyError(f"{where}: field 'evaluation.steps': bad value {cfg['evaluation']['steps']}: "
                          f"allowed 1..diffusion.T={cfg['diffusion']['T']}")
+    f = cfg["diffusion"]
+    if (f["reverse_variance"] == "learned") != (f["loss"] == "hybrid"):
+        raise StudyError(f"{where}: field 'diffusion.reverse_variance': bad value {f['reverse_variance']!r} with "
+                         f"diffusion.loss={f['loss']!r}: a learned variance is trained only by L_vlb; allowed: "
+                         f"reverse_variance: learned together with loss: hybrid (iDDPM), or beta / beta_tilde "
+                         f"with simple / elbo")
     try:
         to_core(cfg)
     except (ValueError, TypeError) as e:
@@ -501,6 +512,20 @@ def _doomed_value(cfg: dict) -> str | None:
     return None
 
 
+def study_notes(trials: list[dict]) -> list[str]:
+    """Settings that are valid but have no effect in some trials (printed by `validate`)."""
+    notes = []
+    for t in trials:
+        c = t["config"]
+        if c["diffusion"]["reverse_variance"] == "learned" and c["evaluation"]["sampler"] == "ddim":
+            notes.append(f"{t['trial_id']}: the learned variance is trained and recorded but unused for sampling "
+                         f"(DDIM has its own variance, eta); evaluation.sampler: ddpm samples with it")
+        if not c["model"]["class_conditional"] and c["evaluation"]["guidance_scale"] != 1.0:
+            notes.append(f"{t['trial_id']}: evaluation.guidance_scale={c['evaluation']['guidance_scale']} is unused "
+                         f"(model.class_conditional is false)")
+    return notes
+
+
 def check_study(spec: StudySpec, source: str = "<study>") -> None:
     """Whole-study checks: the data root, resources, and every trial of the sweep."""
     from diffusion_core.data import resolve_data_root
@@ -546,7 +571,8 @@ def to_core(cfg: dict, *, image_channels: int | None = None):
                        image_size=d["image_size"] or native, base_width=m["base_width"],
                        channel_mult=tuple(m["channel_mult"]), blocks_per_level=m["blocks_per_level"],
                        bottleneck_blocks=m["bottleneck_blocks"], dropout=m["dropout"], attention=m["attention"],
-                       attention_heads=m["attention_heads"])
+                       attention_heads=m["attention_heads"], class_conditional=m["class_conditional"],
+                       learn_sigma=f["reverse_variance"] == "learned")
     diffusion = DiffusionConfig(schedule=ScheduleConfig(name=f["schedule"], T=f["T"], beta_start=f["beta_start"],
                                                         beta_end=f["beta_end"]),
                                 reverse_variance=f["reverse_variance"], loss=f["loss"])
@@ -558,14 +584,16 @@ def to_core(cfg: dict, *, image_channels: int | None = None):
                            eval_every=e["every"], eval_start=e["start"], val_every_steps=e["val_every"],
                            precision=t["precision"],
                            channels_last=t["channels_last"], compile=t["compile"],
-                           compile_mode=t["compile_mode"])
+                           compile_mode=t["compile_mode"], label_dropout=t["label_dropout"])
     t_grid = e["t_grid"] if isinstance(e["t_grid"], int) else tuple(e["t_grid"])
     if not isinstance(t_grid, int) and max(t_grid) > f["T"]:
         raise ValueError(f"field 'evaluation.t_grid': bad value {list(t_grid)}: timesteps must lie in 1..T={f['T']}")
     evaluation = EvalConfig(n_samples=e["n_samples"], grid_images=e["grid_images"], sampler=e["sampler"],
                             steps=e["steps"], eta=e["eta"], is_splits=e["is_splits"], t_grid=t_grid,
                             residual_images=e["residual_images"], seed=e["seed"], metrics=e["metrics"],
-                            batch_size=e["batch_size"], precision=e["precision"], compile=e["compile"])
+                            batch_size=e["batch_size"], precision=e["precision"], compile=e["compile"],
+                            guidance_scale=e["guidance_scale"], progressive_t=tuple(e["progressive_t"]),
+                            progressive_rows=e["progressive_rows"])
     return data, model, diffusion, training, evaluation
 
 

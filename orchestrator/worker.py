@@ -142,14 +142,22 @@ class TrialHooks:
         res = self.evaluator.evaluate(ctx.ema_model, ctx.model)
         step, epoch = ctx.step, ctx.epoch
         for weights, values in res.residuals.items():
-            for t, r in zip(res.t_grid, values):
+            v = res.variance_interpolation.get(weights, [None] * len(values))
+            for t, r, v_t in zip(res.t_grid, values, v):
                 self.rows["residuals"].append({"step": step, "epoch": epoch, "t": t, "residual": r,
-                                               "weights": weights})
+                                               "weights": weights, "variance_interpolation": v_t})
                 self.metrics.append((f"residual_{weights}_t{t:04d}", r, step))
         name = f"step_{step:09d}"
         png = self.files / "samples" / f"{name}.png"
         save_png(png, grid_image(res.grid))
         np.save(self.files / "samples" / f"{name}.npy", res.grid.numpy())  # rebuild Fig. 28 without MLflow
+        if step == ctx.total_steps:  # progressive generation of the final model (frames at evaluation.progressive_t)
+            frames = self.evaluator.progressive(ctx.ema_model)
+            if frames is not None:
+                path = self.files / "samples" / "progressive.npz"
+                with open(path.with_name(".tmp-" + path.name), "wb") as fh:
+                    np.savez(fh, t=np.asarray(frames[0]), frames=frames[1].numpy())
+                os.replace(path.with_name(".tmp-" + path.name), path)
         n_img = self.eval_cfg.n_samples
         row = {"step": step, "epoch": epoch, "eval_seconds": res.seconds,
                "images_per_second": n_img / res.seconds if res.seconds > 0 else None,

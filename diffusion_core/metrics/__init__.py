@@ -49,7 +49,7 @@ def evaluate_samples(samples, reference: ReferenceStats | str, classifier: Mnist
                      splits: int = 5, k: int = 3, data_root: str | os.PathLike | None = None,
                      cache_dir: str | os.PathLike | None = None, memorization_ratio: float = 3.0,
                      memorization_device: str | torch.device | None = None, batch_size: int = 500,
-                     timings: dict | None = None) -> dict:
+                     timings: dict | None = None, labels: torch.Tensor | None = None) -> dict:
     """All sample metrics as one flat dict of floats.
 
     reference: a ReferenceStats (from `reference_statistics`) or a split name ("val",
@@ -59,6 +59,10 @@ def evaluate_samples(samples, reference: ReferenceStats | str, classifier: Mnist
     classifier's device). timings: a dict to receive seconds per stage (features, fid,
     inception_score, precision_recall, memorization). The reference's k-NN radii are
     computed on first use and kept on the ReferenceStats object.
+    labels: the class each sample was asked for (class-conditional sampling): adds
+    conditional_accuracy (the classifier agrees with the asked-for label) and fid_class_mean
+    (per-class FID against the reference images the classifier puts in that class, averaged
+    over classes); NaN without labels.
     """
     if isinstance(reference, str):
         reference = reference_statistics(classifier, reference, data_root=data_root, cache_dir=cache_dir)
@@ -86,10 +90,35 @@ def evaluate_samples(samples, reference: ReferenceStats | str, classifier: Mnist
             mem = memorization(x, train_images, ratio=memorization_ratio, device=mem_device)
         out["memorized_fraction"] = mem.memorized_fraction
         out.update(mem.summary("nn_distance"))
+    out["conditional_accuracy"] = out["fid_class_mean"] = float("nan")
+    if labels is not None:
+        out.update(conditional_metrics(feats, probs, labels, reference, classifier))
     out["inception_score_arith"] = iscore["inception_score_arith"]
     out["n_samples"] = int(x.shape[0])
     out["n_reference"] = reference.n
     return out
+
+
+def conditional_metrics(feats: np.ndarray, probs: torch.Tensor, labels: torch.Tensor, reference: ReferenceStats,
+                        classifier: MnistResNet) -> dict:
+    """Conditional accuracy and the mean per-class FID of class-conditional samples.
+
+    The reference images of class c are those the classifier assigns to c (its head applied
+    to the cached reference features; 99.6% test accuracy), since the cached statistics keep
+    features, not labels. A class with fewer than 2 samples gets no FID (left out of the mean)."""
+    labels = labels.cpu().long().numpy()
+    pred = probs.argmax(1).cpu().numpy() if hasattr(probs, "argmax") else np.asarray(probs).argmax(1)
+    accuracy = float((pred == labels).mean())
+    with torch.no_grad():
+        ref_logits = classifier.fc(torch.as_tensor(reference.features, dtype=torch.float32,
+                                                     device=classifier.device))
+    ref_class = ref_logits.argmax(1).cpu().numpy()
+    fids = []
+    for c in np.unique(labels):
+        mine, ref = feats[labels == c], reference.features[ref_class == c].astype(np.float64)
+        if len(mine) >= 2 and len(ref) >= 2:
+            fids.append(frechet_distance(*feature_statistics(ref), *feature_statistics(mine)).total)
+    return {"conditional_accuracy": accuracy, "fid_class_mean": float(np.mean(fids)) if fids else float("nan")}
 
 
 # ------------------------------------------------------------------------ CIFAR-10 (clean-fid)
