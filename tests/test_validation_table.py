@@ -48,7 +48,7 @@ DOOMED = [
     ("no levels", {"model/channel_mult": []}, ["model.channel_mult"]),
     ("negative eta", {"evaluation/eta": -1}, ["evaluation.eta", "-1"]),
     ("zero checkpoints kept", {"evaluation/keep_checkpoints": 0}, ["evaluation.keep_checkpoints", "0"]),
-    ("unknown reverse variance", {"diffusion/reverse_variance": "learned"}, ["diffusion.reverse_variance",
+    ("unknown reverse variance", {"diffusion/reverse_variance": "sigma"}, ["diffusion.reverse_variance",
                                                                             "'beta_tilde'"]),
     ("unknown placement", {"resources/placement_strategy": "RANDOM"}, ["resources.placement_strategy", "'PACK'"]),
     ("negative max_failures", {"resources/max_failures": -1}, ["resources.max_failures", "-1"]),
