@@ -264,6 +264,8 @@ def study_overlays(study: Study) -> dict[str, object]:
     figs["study_pr_memorization_vs_size"] = fig_pr_memorization_vs_size(study)
     figs["decomposition_stacked"] = fig_decomposition_stacked(study)
     figs["decomposition_vs_capacity"] = fig_decomposition_vs_capacity(study)
+    from .figures_generalization import generalization_figures  # here: that module imports this one
+    figs.update(generalization_figures(study))
     return figs
 
 

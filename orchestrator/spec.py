@@ -164,6 +164,7 @@ class AnalysisSpec(_Strict):
     figures: StrictBool = True                # `studyctl figures` after the sweep
     decompose: StrictBool = False             # `studyctl decompose` after the sweep (needs sweep.seeds)
     decompose_points: PositiveInt = 256       # fixed validation points per timestep
+    generalization: StrictBool = False        # `studyctl generalization` after the sweep (needs data.subset_index pairs)
 
 
 class StudySpec(_Strict):
