@@ -67,6 +67,7 @@ def fig_transition_vs_n(table: pd.DataFrame):
     ax.set_ylim(-0.03, 1.03)
     ax.set_title("Memorization to generalization: two disjoint training sets")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
     return fig
 
 
@@ -161,6 +162,7 @@ def fig_distance_to_memorization(opt: pd.DataFrame):
     ax.set_ylabel("E||eps_theta - f*_D||^2 / d")
     ax.set_title("Distance to the memorizing optimum (last evaluation)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
     return fig
 
 

@@ -17,6 +17,7 @@ runs on any study folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -26,10 +27,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_core.data import DataConfig, ImageSet, load_splits
+from diffusion_core.data import DataConfig, ImageSet, load_splits, subset_indices
 from diffusion_core.evaluation import EvalConfig, Evaluator
 from diffusion_core.generalization import (distance_to_memorization, mean_interval, nearest_in_subsets,
                                            same_noise_similarity)
+from diffusion_core.samplers import DDIMSampler
 from diffusion_core.schedules import NoiseSchedule, ScheduleConfig
 from diffusion_core.unet import UNet, UNetConfig
 
@@ -84,10 +86,10 @@ def find_pairs(trials: pd.DataFrame) -> list[dict]:
     pairs = []
     for _, g in (done.groupby(keys, dropna=False) if keys else [((), done)]):
         g = g.sort_values(PAIR_FIELD)
-        rows = list(g.itertuples(index=False))
+        rows = g.to_dict("records")
         for i in range(len(rows)):
             for j in range(i + 1, len(rows)):
-                a, b = rows[i]._asdict(), rows[j]._asdict()
+                a, b = rows[i], rows[j]
                 if a[PAIR_FIELD] == b[PAIR_FIELD]:
                     continue  # the same subset twice (e.g. a repeated trial): not a data pair
                 pairs.append({"trial_a": a["trial_id"], "trial_b": b["trial_id"], "subset_a": int(a[PAIR_FIELD]),
@@ -110,15 +112,19 @@ def slug(pair_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", pair_id)
 
 
-def _subset_images(data: DataConfig, study_dir: Path, trial_id: str) -> tuple[ImageSet, ImageSet]:
-    """(training subset, validation split) of a trial, checked against its recorded indices."""
-    splits = load_splits(data)
+def _subset_images(data: DataConfig, study_dir: Path, trial_id: str, cache: dict) -> tuple[ImageSet, ImageSet]:
+    """(training subset, validation split) of a trial, checked against its recorded indices.
+    The whole split is loaded once per `cache` (every pair shares it) and subset as load_splits does."""
+    whole = dataclasses.replace(data, subset_size=None, subset_index=0)
+    if whole not in cache:
+        cache[whole] = load_splits(whole)
+    splits = cache[whole]
+    idx = subset_indices(len(splits.train), data.subset_size, data.subset_index, data.subset_mode, data.data_seed)
     recorded = study_dir / "trial_files" / trial_id / "train_indices.npy"
-    if recorded.exists() and splits.train_indices is not None:
-        if not np.array_equal(np.load(recorded), splits.train_indices.numpy()):
-            raise ValueError(f"trial {trial_id}: its recorded training subset ({recorded}) differs from the one "
-                             f"rebuilt from its config; was data.data_seed or the split changed?")
-    return splits.train, splits.val
+    if recorded.exists() and not np.array_equal(np.load(recorded), idx.numpy()):
+        raise ValueError(f"trial {trial_id}: its recorded training subset ({recorded}) differs from the one "
+                         f"rebuilt from its config; was data.data_seed or the split changed?")
+    return splits.train.subset(idx), splits.val
 
 
 # ------------------------------------------------------------------ statistics
@@ -165,20 +171,25 @@ def _write_parquet(table: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _sampler(data: DataConfig, val: ImageSet, schedule: NoiseSchedule, ev: dict, n_samples: int,
-             device: torch.device) -> Evaluator:
+def _sampler(val: ImageSet, schedule: NoiseSchedule, ev: dict, n_samples: int, device: torch.device,
+             clip_x0: float | None) -> Evaluator:
     """An Evaluator holding the study's fixed evaluation noise, sampling DDIM eta = 0: the same
-    draws as the trials' evaluations (same seed, same residual draw before the noise)."""
+    z as the trials' evaluations (same seed, same residual draw before the noise). With
+    clip_x0 = 1 each step's x0 estimate is clipped to the data range [-1, 1] (diffusers'
+    clip_sample): an early model's small bias in eps at t ~ T is otherwise amplified by
+    1/sqrt(alpha_bar_T) (~160, linear schedule) into a saturated background."""
     cfg = EvalConfig(n_samples=n_samples, grid_images=1, sampler="ddim", steps=ev["steps"] or 50, eta=0.0,
                      residual_images=ev["residual_images"], seed=ev["seed"], metrics=False,
                      batch_size=ev["batch_size"], t_grid=2)
-    return Evaluator(schedule, val, cfg, device=device)
+    evaluator = Evaluator(schedule, val, cfg, device=device)
+    evaluator.sampler = DDIMSampler(schedule, steps=cfg.steps, eta=0.0, clip_x0=clip_x0)
+    return evaluator
 
 
 @torch.no_grad()
 def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None, optimum_max_n: int = 1024,
-                   optimum_points: int = 256, device: str | None = None, progress: bool = True
-                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   optimum_points: int = 256, clip_x0: float | None = 1.0, device: str | None = None,
+                   progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Measure every pair at every common evaluation step; write and return (samples table,
     distance-to-memorization table). n_samples: same-noise samples per model (default: the
     study's evaluation.n_samples)."""
@@ -189,7 +200,7 @@ def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None
         raise ValueError(f"no pair of COMPLETED trials differing only in {PAIR_FIELD}; sweep "
                          f"{PAIR_FIELD}: [0, 1] with subset_mode disjoint to get them")
     out = study.dir / "generalization"
-    rows, opt_rows = [], []
+    rows, opt_rows, cache = [], [], {}
     for pair in tqdm(pairs, desc="pairs", disable=not progress):
         steps_a, steps_b = (snapshot_steps(study.dir, pair[k]) for k in ("trial_a", "trial_b"))
         steps = sorted(set(steps_a) & set(steps_b))
@@ -197,22 +208,23 @@ def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None
             continue
         _, cfg_a, _ = load_snapshot(steps_a[steps[-1]], torch.device("cpu"))
         _, cfg_b, _ = load_snapshot(steps_b[steps[-1]], torch.device("cpu"))
-        if cfg_a["data"]["subset_mode"] != "disjoint":
+        if cfg_a["data"]["subset_mode"] != "disjoint" or cfg_a["data"]["subset_size"] is None:
             raise ValueError(f"trials {pair['trial_a']}/{pair['trial_b']}: data.subset_mode is "
-                             f"{cfg_a['data']['subset_mode']!r}; the generalization pairs need 'disjoint' subsets")
+                             f"{cfg_a['data']['subset_mode']!r} with subset_size {cfg_a['data']['subset_size']}; "
+                             f"the generalization pairs need 'disjoint' subsets of a set size")
         data_a, _, schedule, ev = core_configs(cfg_a)
         data_b = core_configs(cfg_b)[0]
-        train_a, val = _subset_images(data_a, study.dir, pair["trial_a"])
-        train_b, _ = _subset_images(data_b, study.dir, pair["trial_b"])
+        train_a, val = _subset_images(data_a, study.dir, pair["trial_a"], cache)
+        train_b, _ = _subset_images(data_b, study.dir, pair["trial_b"], cache)
         own = {"a": train_a.batch().to(device), "b": train_b.batch().to(device)}
         other = {"a": own["b"], "b": own["a"]}
         n = n_samples or ev["n_samples"]
-        sampler = _sampler(data_a, val, schedule, ev, n, device)
+        sampler = _sampler(val, schedule, ev, n, device, clip_x0)
         pid = _pair_id(cfg_a, study.swept, pair["subset_a"], pair["subset_b"])
         base = {"study": study.name, "pair_id": pid, "trial_a": pair["trial_a"], "trial_b": pair["trial_b"],
                 **{k: _get(cfg_a, k) for k in study.swept if k != PAIR_FIELD},
                 "subset_size": len(train_a), "base_width": cfg_a["model"]["base_width"],
-                "seed": cfg_a["training"]["seed"], "n_samples": n}
+                "seed": cfg_a["training"]["seed"], "n_samples": n, "clip_x0": clip_x0}
         g = torch.Generator().manual_seed(ev["seed"] + 2)   # the noise of the optimum's training points
         eps = torch.randn((min(optimum_points, len(train_a)), *train_a.shape), generator=g).to(device)
         # Baseline: held-out real images scored as if they were samples of model a.

@@ -306,6 +306,8 @@ def generalization(directory: str = typer.Argument(..., help="A study folder (wr
                                                           "evaluation.n_samples)."),
                    optimum_max_n: int = typer.Option(1024, help="Distance to the exact empirical optimal denoiser "
                                                                 "for subsets of at most this many images."),
+                   clip: bool = typer.Option(True, help="Clip DDIM's x0 estimate to the data range [-1, 1] at "
+                                                        "each step (see docs/generalization.md)."),
                    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
                    ) -> None:
     """Memorization -> generalization over trials that differ only in data.subset_index.
@@ -318,7 +320,8 @@ def generalization(directory: str = typer.Argument(..., help="A study folder (wr
     """
     d = _study_dir(directory)
     try:
-        _run_generalization(d, n_samples=samples, optimum_max_n=optimum_max_n, device=device)
+        _run_generalization(d, n_samples=samples, optimum_max_n=optimum_max_n, clip_x0=1.0 if clip else None,
+                            device=device)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
