@@ -76,12 +76,12 @@ def snapshot_steps(study_dir: Path, trial_id: str) -> dict[int, Path]:
 
 
 # ------------------------------------------------------------------ pairs
-def find_pairs(trials: pd.DataFrame) -> list[dict]:
-    """Pairs of COMPLETED trials whose configs are equal except data.subset_index.
-    Each: {pair_id, trial_a, trial_b, subset_a, subset_b, config: {dotted: value}}."""
+def find_pairs(trials: pd.DataFrame, statuses: tuple[str, ...] = ("COMPLETED",)) -> list[dict]:
+    """Pairs of trials (in `statuses`) whose configs are equal except data.subset_index.
+    Each: {trial_a, trial_b, subset_a, subset_b}."""
     if trials.empty or PAIR_FIELD not in trials:
         return []
-    done = trials[trials["status"] == "COMPLETED"]
+    done = trials[trials["status"].isin(statuses)]
     keys = [c for c in done.columns if "." in c and c != PAIR_FIELD]
     pairs = []
     for _, g in (done.groupby(keys, dropna=False) if keys else [((), done)]):
@@ -189,13 +189,14 @@ def _sampler(val: ImageSet, schedule: NoiseSchedule, ev: dict, n_samples: int, d
 @torch.no_grad()
 def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None, optimum_max_n: int = 1024,
                    optimum_points: int = 256, clip_x0: float | None = 1.0, device: str | None = None,
-                   progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   include_running: bool = False, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Measure every pair at every common evaluation step; write and return (samples table,
     distance-to-memorization table). n_samples: same-noise samples per model (default: the
-    study's evaluation.n_samples)."""
+    study's evaluation.n_samples). include_running: also pair trials still RUNNING (their
+    evaluations so far), for a study that is not finished."""
     study = load_study(study_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pairs = find_pairs(study.trials)
+    pairs = find_pairs(study.trials, ("COMPLETED", "RUNNING") if include_running else ("COMPLETED",))
     if not pairs:
         raise ValueError(f"no pair of COMPLETED trials differing only in {PAIR_FIELD}; sweep "
                          f"{PAIR_FIELD}: [0, 1] with subset_mode disjoint to get them")

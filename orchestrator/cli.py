@@ -309,6 +309,8 @@ def generalization(directory: str = typer.Argument(..., help="A study folder (wr
                    clip: bool = typer.Option(True, help="Clip DDIM's x0 estimate to the data range [-1, 1] at "
                                                         "each step (see docs/generalization.md)."),
                    device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+                   running: bool = typer.Option(False, "--running", help="Also pair trials still RUNNING "
+                                                "(their evaluations so far)."),
                    ) -> None:
     """Memorization -> generalization over trials that differ only in data.subset_index.
 
@@ -321,7 +323,7 @@ def generalization(directory: str = typer.Argument(..., help="A study folder (wr
     d = _study_dir(directory)
     try:
         _run_generalization(d, n_samples=samples, optimum_max_n=optimum_max_n, clip_x0=1.0 if clip else None,
-                            device=device)
+                            device=device, include_running=running)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)

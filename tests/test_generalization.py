@@ -136,3 +136,16 @@ def test_quick_real_study_writes_the_table_and_draws_figures_from_it(tmp_path, d
     assert r.returncode == 0, r.stdout[-3000:]
     for name in ("generalization_samples_grid", "generalization_vs_step", "generalization_distance_to_memorization"):
         assert (out / "figures" / f"{name}.png").exists(), name
+
+
+def test_pairs_differ_only_in_the_subset_index():
+    from analysis.generalization import find_pairs
+
+    trials = pd.DataFrame({"trial_id": ["a0", "a1", "b0", "b1", "c1", "d0"],
+                           "status": ["COMPLETED"] * 5 + ["FAILED"],
+                           "data.subset_index": [0, 1, 0, 1, 1, 0],
+                           "data.subset_size": [16, 16, 16, 16, 64, 64],
+                           "training.seed": [0, 0, 1, 1, 0, 0]})
+    pairs = {(p["trial_a"], p["trial_b"]) for p in find_pairs(trials)}
+    assert pairs == {("a0", "a1"), ("b0", "b1")}        # c1's partner d0 failed; seeds never mix
+    assert ("d0", "c1") in {(p["trial_a"], p["trial_b"]) for p in find_pairs(trials, ("COMPLETED", "FAILED"))}
