@@ -98,6 +98,7 @@ class TrainingSpec(_Strict):
     ema_decay: float = Field(0.9999, ge=0.0, lt=1.0)
     seed: StrictInt = 0
     max_steps: Optional[PositiveInt] = None
+    val_every_epoch: StrictBool = True        # false: validation loss at evaluations only (tiny epochs: N = 16)
     grad_clip: Optional[PositiveFloat] = None
     log_every_first: NonNegativeInt = 1000    # every step's loss for the first N steps (Fig. 26b)
     log_every: PositiveInt = 100              # then every N steps
@@ -435,6 +436,7 @@ def to_core(cfg: dict, *, image_channels: int | None = None):
     training = TrainConfig(epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
                            adam_betas=tuple(t["adam_betas"]), adam_eps=t["adam_eps"], ema_decay=t["ema_decay"],
                            seed=t["seed"], max_steps=t["max_steps"], grad_clip=t["grad_clip"],
+                           val_every_epoch=t["val_every_epoch"],
                            log_every_first=t["log_every_first"], log_every=t["log_every"],
                            eval_every=e["every"], eval_start=e["start"], precision=t["precision"],
                            channels_last=t["channels_last"], compile=t["compile"],
