@@ -28,7 +28,8 @@ def missing_trials(study: Study) -> list[tuple[str, str, str]]:
     if "status" in study.trials:
         for r in study.trials.itertuples():
             if r.status != "COMPLETED":
-                out.append((r.trial_id, r.status, getattr(r, "error", None) or ""))
+                err = getattr(r, "error", None)  # NaN in Parquet for a trial still running
+                out.append((r.trial_id, r.status, err if isinstance(err, str) else ""))
     return out
 
 
