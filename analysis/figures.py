@@ -426,6 +426,9 @@ def study_overlays(study: Study) -> dict[str, object]:
                  "distance_to_memorization"):
         figs[name] = getattr(D, f"fig_{name}")(study)
     figs.update(figures_axes.study_figures(study))
+    from .figures_generalization import generalization_figures  # here: that module imports this one
+
+    figs.update(generalization_figures(study))
     return figs
 
 

@@ -113,6 +113,7 @@ class Splits:
     train: ImageSet
     val: ImageSet
     test: ImageSet | None = None
+    train_indices: torch.Tensor | None = None   # positions in the training split of the subset `train` holds
 
 
 def split_indices(n: int, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +232,7 @@ def load_splits(cfg: DataConfig, with_test: bool = False) -> Splits:
     if cfg.subset_size is not None:
         idx = subset_indices(len(splits.train), cfg.subset_size, cfg.subset_index, cfg.subset_mode, cfg.data_seed)
         splits.train = splits.train.subset(idx, f"{splits.train.name}[{cfg.subset_mode}:{cfg.subset_index}:{cfg.subset_size}]")
+        splits.train_indices = idx
     if cfg.val_size is not None:
         if not 1 <= cfg.val_size <= len(splits.val):
             raise ValueError(f"val_size={cfg.val_size} must lie in 1..{len(splits.val)}")

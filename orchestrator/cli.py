@@ -180,7 +180,12 @@ def _after_sweep(spec, out: Path) -> None:
             typer.echo(f"decomposition: {table['group_id'].nunique()} group(s) -> {out / 'decomposition'}")
         except (FileNotFoundError, ValueError) as e:
             typer.echo(f"decomposition skipped: {e}", err=True)
-    if spec.analysis.figures or spec.analysis.decompose:
+    if spec.analysis.generalization:
+        try:
+            _run_generalization(out)
+        except (FileNotFoundError, ValueError) as e:
+            typer.echo(f"generalization skipped: {e}", err=True)
+    if spec.analysis.figures or spec.analysis.decompose or spec.analysis.generalization:
         try:
             _write_figures(out)
         except FileNotFoundError as e:
@@ -359,6 +364,56 @@ def decompose(directory: str = typer.Argument(..., help="A study folder (written
     typer.echo(f"decomposition: {table['group_id'].nunique()} group(s), {len(table)} rows -> "
                f"{Path(directory) / 'decomposition'}")
     _write_figures(directory)
+
+
+@app.command()
+def generalization(directory: str = typer.Argument(..., help="A study folder (written by `studyctl launch`)."),
+                   samples: int = typer.Option(None, help="Same-noise samples per model (default: the study's "
+                                                          "evaluation.n_samples)."),
+                   optimum_max_n: int = typer.Option(1024, help="Distance to the exact empirical optimal denoiser "
+                                                                "for subsets of at most this many images."),
+                   clip: bool = typer.Option(True, help="Clip DDIM's x0 estimate to the data range [-1, 1] at "
+                                                        "each step (see docs/generalization.md)."),
+                   device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+                   running: bool = typer.Option(False, "--running", help="Also pair trials still RUNNING "
+                                                "(their evaluations so far)."),
+                   ) -> None:
+    """Memorization -> generalization over trials that differ only in data.subset_index.
+
+    At every evaluation step of each pair, both EMA models sample (DDIM eta = 0) from the
+    study's fixed evaluation noise; writes DIR/generalization/generalization.parquet
+    (same-noise similarity, nearest training images, memorized fraction, held-out baseline)
+    and distance_to_memorization.parquet, logs them to the study's MLflow run, then redraws
+    the figures.
+    """
+    d = _study_dir(directory)
+    try:
+        _run_generalization(d, n_samples=samples, optimum_max_n=optimum_max_n, clip_x0=1.0 if clip else None,
+                            device=device, include_running=running)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+    _write_figures(d)
+
+
+def _run_generalization(out: Path, **kw) -> None:
+    """analysis.generalization, then its summary onto the study's MLflow parent run (if any)."""
+    from analysis.generalization import generalization as run_generalization
+    from analysis.generalization import slug
+
+    table, _ = run_generalization(out, **kw)
+    typer.echo(f"generalization: {table['pair_id'].nunique()} pair(s), {len(table)} rows -> "
+               f"{Path(out) / 'generalization'}")
+    from .tracking import find_parent_run, log_artifact, log_metrics
+
+    found = find_parent_run(out)
+    if found is None:
+        return
+    models = table[table["member"].isin(["a", "b"])]
+    per_step = models.groupby(["pair_id", "step"])[["same_noise_cosine", "memorized_fraction"]].mean()
+    log_metrics(found[0], found[1], [(f"generalization/{slug(pid)}/{col}", float(v), int(step))
+                                     for (pid, step), r in per_step.iterrows() for col, v in r.items()])
+    log_artifact(found[0], found[1], Path(out) / "generalization", "generalization")
 
 
 classifier_app = typer.Typer(help="The MNIST feature classifier behind FID, IS and precision/recall.",

@@ -101,6 +101,7 @@ class TrainingSpec(_Strict):
     ema_warmup: StrictBool = False            # decay min(ema_decay, (1+k)/(10+k)) at update k; thesis: off
     seed: StrictInt = 0
     max_steps: Optional[PositiveInt] = None
+    val_every_epoch: StrictBool = True        # false: validation loss at evaluations only (tiny epochs: N = 16)
     grad_clip: Optional[PositiveFloat] = None
     log_every_first: NonNegativeInt = 1000    # every step's loss for the first N steps (Fig. 26b)
     log_every: PositiveInt = 100              # then every N steps
@@ -173,6 +174,7 @@ class AnalysisSpec(_Strict):
     figures: StrictBool = True                # `studyctl figures` after the sweep
     decompose: StrictBool = False             # `studyctl decompose` after the sweep (needs sweep.seeds)
     decompose_points: PositiveInt = 256       # fixed validation points per timestep
+    generalization: StrictBool = False        # `studyctl generalization` after the sweep (needs data.subset_index pairs)
 
 
 class StudySpec(_Strict):
@@ -580,6 +582,7 @@ def to_core(cfg: dict, *, image_channels: int | None = None):
                            adam_betas=tuple(t["adam_betas"]), adam_eps=t["adam_eps"], ema_decay=t["ema_decay"],
                            ema_warmup=t["ema_warmup"],
                            seed=t["seed"], max_steps=t["max_steps"], grad_clip=t["grad_clip"],
+                           val_every_epoch=t["val_every_epoch"],
                            log_every_first=t["log_every_first"], log_every=t["log_every"],
                            eval_every=e["every"], eval_start=e["start"], val_every_steps=e["val_every"],
                            precision=t["precision"],

@@ -115,6 +115,9 @@ class TrialHooks:
                                    reverse_variance=self.trial["config"]["diffusion"]["reverse_variance"],
                                    data_root=self.trial["config"]["data"]["root"],
                                    split_seed=self.trial["config"]["data"]["split_seed"])
+        if ctx.splits.train_indices is not None:  # the subset by index, so analysis can rebuild it
+            self.files.mkdir(parents=True, exist_ok=True)
+            np.save(self.files / "train_indices.npy", ctx.splits.train_indices.cpu().numpy())
         self.write_summary(ctx, status="RUNNING")
         self.writer.write_trial(status="RUNNING", parameters=self.parameters, step=ctx.step,
                                 total_steps=ctx.total_steps, restarts=self.restarts,
