@@ -62,7 +62,9 @@ def scenario(tmp_path_factory, data_root):
     obs = {"study": study, "out": out}
     p = start("launch", f, "--output", out, log=tmp / "launch.log")
     try:
-        wait_for(lambda: (out / "trials").is_dir() and len(list((out / "trials").glob("*.parquet"))) == 2,
+        # Parts are written under a dot-name and renamed: count only the renamed (readable) ones.
+        wait_for(lambda: (out / "trials").is_dir() and len([f for f in (out / "trials").glob("*.parquet")
+                                                            if not f.name.startswith(".")]) == 2,
                  120, "PENDING rows", p)
         a, b = _trial_ids(out)
         obs["a"], obs["b"] = a, b
