@@ -24,6 +24,22 @@ def default_t_grid(T: int, n: int = 40) -> torch.Tensor:
     return torch.unique(torch.cat([log, lin]).round().long().clamp(1, T))
 
 
+def _per_t_mean(per_example: Callable, schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor,
+                t_grid: torch.Tensor, batch_size: int, y: torch.Tensor | None) -> torch.Tensor:
+    """mean over the fixed batch of per_example(x_t, t, eps, labels-kwargs), for each t (float64)."""
+    out = torch.empty(len(t_grid), dtype=torch.float64)
+    n = x0.shape[0]
+    for i, t in enumerate(t_grid.tolist()):
+        total = 0.0
+        for lo in range(0, n, batch_size):
+            xb, eb = x0[lo:lo + batch_size], eps[lo:lo + batch_size]
+            tt = torch.full((xb.shape[0],), t, dtype=torch.long, device=xb.device)
+            kw = {} if y is None else {"y": y[lo:lo + batch_size]}
+            total += float(per_example(schedule.q_sample(xb, tt, eb), tt, eb, kw).sum())
+        out[i] = total / n
+    return out
+
+
 @torch.no_grad()
 def residual_curve(eps_model: Callable, schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor,
                    t_grid: torch.Tensor, batch_size: int = 512, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,17 +51,8 @@ def residual_curve(eps_model: Callable, schedule: NoiseSchedule, x0: torch.Tenso
     if x0.shape != eps.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and eps {tuple(eps.shape)} must have the same shape")
     schedule.check_t(t_grid)
-    out = torch.empty(len(t_grid), dtype=torch.float64)
-    n = x0.shape[0]
-    for i, t in enumerate(t_grid.tolist()):
-        total = 0.0
-        for lo in range(0, n, batch_size):
-            xb, eb = x0[lo:lo + batch_size], eps[lo:lo + batch_size]
-            tt = torch.full((xb.shape[0],), t, dtype=torch.long, device=xb.device)
-            kw = {} if y is None else {"y": y[lo:lo + batch_size]}
-            total += float(per_example_mse(eb, eps_model(schedule.q_sample(xb, tt, eb), tt, **kw)).sum())
-        out[i] = total / n
-    return out
+    return _per_t_mean(lambda x_t, tt, eb, kw: per_example_mse(eb, eps_model(x_t, tt, **kw)),
+                       schedule, x0, eps, t_grid, batch_size, y)
 
 
 @torch.no_grad()
@@ -55,15 +62,7 @@ def variance_interpolation_curve(model, schedule: NoiseSchedule, x0: torch.Tenso
     """Mean learned interpolation v per t (iDDPM eq. 15: 0 = beta_tilde_t, 1 = beta_t) on the residual batch."""
     from .variance import interpolation
 
-    out = torch.empty(len(t_grid), dtype=torch.float64)
-    n = x0.shape[0]
-    for i, t in enumerate(t_grid.tolist()):
-        total = 0.0
-        for lo in range(0, n, batch_size):
-            xb, eb = x0[lo:lo + batch_size], eps[lo:lo + batch_size]
-            tt = torch.full((xb.shape[0],), t, dtype=torch.long, device=xb.device)
-            kw = {} if y is None else {"y": y[lo:lo + batch_size]}
-            _, var_out = model(schedule.q_sample(xb, tt, eb), tt, return_variance=True, **kw)
-            total += float(interpolation(var_out.double()).flatten(1).mean(1).sum())
-        out[i] = total / n
-    return out
+    def mean_v(x_t, tt, eb, kw):
+        return interpolation(model(x_t, tt, return_variance=True, **kw)[1].double()).flatten(1).mean(1)
+
+    return _per_t_mean(mean_v, schedule, x0, eps, t_grid, batch_size, y)
