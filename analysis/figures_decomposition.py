@@ -144,12 +144,17 @@ def fig_decomposition_vs_capacity(study: Study):
             axes[0][j].set_title(_level_label(x, level))
             for ax in axes[:, j]:
                 _width_axis(ax, dec[col].unique())
-        axes[0][0].set_ylabel(f"{BN_LABEL}  ‖·‖² / d")
-        axes[1][0].set_ylabel(f"{VAR_LABEL}")
-        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
-        fig.suptitle("bias² + noise and variance vs capacity (EMA, final evaluation)")
-        fig.tight_layout()
+        _finish_two_rows(fig, axes, "bias² + noise and variance vs capacity (EMA, final evaluation)")
     return fig
+
+
+def _finish_two_rows(fig, axes, title: str) -> None:
+    """The bias² + noise (top) / variance (bottom) panel grid: row labels, one legend outside, title."""
+    axes[0][0].set_ylabel(f"{BN_LABEL}  ‖·‖² / d")
+    axes[1][0].set_ylabel(VAR_LABEL)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
 
 
 def fig_decomposition_vs_step(study: Study, max_groups: int = 6):
@@ -175,11 +180,7 @@ def fig_decomposition_vs_step(study: Study, max_groups: int = 6):
             axes[0][c].set_title(_group_title(g, gid), fontsize=8)
             axes[1][c].set_xlabel("optimizer step")
             axes[1][c].axhline(0, color="0.5", lw=0.8)
-        axes[0][0].set_ylabel(f"{BN_LABEL}  ‖·‖² / d")
-        axes[1][0].set_ylabel(VAR_LABEL)
-        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7)
-        fig.suptitle("Decomposition along training: EMA (solid) and raw (dashed) weights")
-        fig.tight_layout()
+        _finish_two_rows(fig, axes, "Decomposition along training: EMA (solid) and raw (dashed) weights")
     return fig
 
 
