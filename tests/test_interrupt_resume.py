@@ -119,7 +119,7 @@ def test_status_shows_a_killed_trial_as_interrupted_without_nan(runs, tmp_path):
     from typer.testing import CliRunner
 
     from orchestrator.cli import app
-    from orchestrator.records import RecordWriter
+    from records.parquet import RecordWriter
 
     d = tmp_path / "killed"
     shutil.copytree(runs["cut"], d, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))

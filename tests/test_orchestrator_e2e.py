@@ -30,14 +30,6 @@ def launched(e2e_study):
     return e2e_study
 
 
-def _metrics_available() -> bool:
-    try:
-        from diffusion_core.metrics import WEIGHTS_PATH
-    except ImportError:
-        return False
-    return WEIGHTS_PATH.exists()
-
-
 def _trials(out):
     return pd.read_parquet(out / "trials").set_index("trial_id").sort_index()
 
@@ -96,9 +88,8 @@ def test_parquet_tables_columns_and_row_counts(launched):
         assert np.allclose(e["ema_init_share"], tr["ema_decay"] ** e["step"], rtol=1e-9)   # no warm-up: decay^k
         for k in METRIC_KEYS:
             assert k in e.columns, k
-        if _metrics_available():  # wired once diffusion_core.metrics ships its classifier
-            assert e[["fid", "fid_mean_term", "fid_cov_term", "inception_score", "h_y", "precision"]].notna().all().all()
-            assert ((e["fid_mean_term"] + e["fid_cov_term"] - e["fid"]).abs() < 1e-6 * e["fid"].abs().max()).all()
+        assert e[["fid", "fid_mean_term", "fid_cov_term", "inception_score", "h_y", "precision"]].notna().all().all()
+        assert ((e["fid_mean_term"] + e["fid_cov_term"] - e["fid"]).abs() < 1e-6 * e["fid"].abs().max()).all()
         for rel in e["sample_grid"]:
             assert (out / rel).exists() and (out / rel).with_suffix(".npy").exists()
     # the diverged trial: its rows up to the divergence are kept, nothing past it

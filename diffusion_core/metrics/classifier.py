@@ -20,7 +20,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atomic import write_bytes
 from ..data import ImageSet, mnist_splits, to_unit_range
 
 WEIGHTS_PATH = Path(__file__).with_name("mnist_classifier.pt")
@@ -145,20 +145,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)                                   # mkstemp makes 0600; these files ship
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_classifier(device: torch.device | str | None = None, *, weights: str | os.PathLike | None = None,
@@ -285,7 +271,7 @@ def train_classifier(*, data_root: str | os.PathLike | None = None, out: str | o
     import io
     buf = io.BytesIO()
     torch.save(state, buf)
-    _atomic_write_bytes(wpath, buf.getvalue())
+    write_bytes(wpath, buf.getvalue())
     meta = {
         "sha256": sha256_file(wpath),
         "file": wpath.name,
@@ -316,7 +302,7 @@ def train_classifier(*, data_root: str | os.PathLike | None = None, out: str | o
         "machine": platform.machine(),
         "command": command or REGENERATE_COMMAND,
     }
-    _atomic_write_bytes(ppath, (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes(ppath, (json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
 
