@@ -22,8 +22,8 @@ jackknife over models (over subsets in the crossed design) where one is possible
 (column `interval`). See docs/decomposition.md.
 
 Cost: K models x |t-grid| x n_points forward passes per snapshot and weights; f*_D costs
-n_points x |t-grid| x N x d multiply-adds per subset (48,000 images: ~1 min on 2 CPU cores
-for 256 points x 12 t) and is computed once per subset.
+n_points x |t-grid| x N x d multiply-adds per subset (256 points x 12 t on 48,000 MNIST
+images: 1.2e11) and is computed once per subset.
 """
 from __future__ import annotations
 
@@ -82,8 +82,7 @@ def _predict(nets, x0: torch.Tensor, eps: torch.Tensor, t: int, schedule: NoiseS
 
 
 def _log_snr(schedule: NoiseSchedule, t: int) -> float:
-    a = float(schedule.alpha_bar[t])
-    return math.log(a / (1.0 - a))
+    return math.log(float(schedule.snr(t)))
 
 
 @torch.no_grad()

@@ -10,9 +10,9 @@ checkpoints of one trial — evaluated with the same seed therefore differ only 
 their weights, which is what makes their curves comparable and the ensemble
 decomposition possible.
 
-The metrics (FID, IS, precision/recall, memorization) live in `diffusion_core.metrics`,
-built separately; when that module is absent the evaluation still returns residuals and
-the grid, logs one warning and leaves the metric columns out.
+The metrics (FID, IS, precision/recall, memorization) come from `diffusion_core.metrics`;
+if they fail (e.g. the classifier weights are missing) the evaluation still returns the
+residuals and the grid, logs a warning and leaves the metric columns out.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """diffusion_core.metrics on real MNIST: classifier, FID, IS, precision/recall, memorization.
 
-Needs MNIST (the `data_root` fixture of conftest.py: it fails, saying where to put MNIST,
-if it is missing) and the shipped classifier weights. Features are computed once per module (10,000 test images +
-8,000 noisy copies); the whole file takes ~1-2 min on a 2-core CPU.
+Needs MNIST (conftest.py's `data_root` fixture fails, saying where to put it, if it is
+missing) and the shipped classifier weights. Features are computed once per module
+(10,000 test images + 8,000 noisy copies).
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from diffusion_core.metrics import (METRIC_KEYS, ClassifierWeightsError, Incepti
                                     ReferenceStats, WEIGHTS_PATH, evaluate_samples, feature_statistics,
                                     fid_from_features, frechet_distance, inception_fid_cifar10, inception_score,
                                     load_classifier, memorization, precision_recall, reference_statistics)
-from diffusion_core.metrics.classifier import count_parameters, train_classifier
+from diffusion_core.metrics.classifier import train_classifier
 from diffusion_core.metrics.fid import sqrtm_psd
+from diffusion_core.unet import count_parameters
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..atomic import write_bytes
 from ..data import ImageSet, mnist_splits, to_unit_range
+from ..unet import count_parameters
 
 WEIGHTS_PATH = Path(__file__).with_name("mnist_classifier.pt")
 PROVENANCE_PATH = Path(__file__).with_name("mnist_classifier.json")
@@ -134,10 +135,6 @@ class MnistResNet(nn.Module):
         return self.features_and_probs(x, batch_size)[1]
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ------------------------------------------------------------------------ weights I/O
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
@@ -202,11 +199,13 @@ def train_classifier(*, data_root: str | os.PathLike | None = None, out: str | o
                      widths: Iterable[int] = DEFAULT_WIDTHS, split_seed: int = 0, num_threads: int | None = 1,
                      device: str | torch.device = "cpu", progress: bool = True,
                      command: str | None = None, train_subset: int | None = None, evaluate_test: bool = True) -> dict:
-    """Train the reduced ResNet-18 on the 48,000-image MNIST training split; write .pt + .json.
+    """Train the reduced ResNet-18 on the MNIST training split (48,000 images of split_seed);
+    write the weights to `out` (default: the shipped WEIGHTS_PATH) and their provenance (sha256,
+    hyperparameters, history, test accuracy) beside it as .json, each atomically.
 
-    Deterministic for a given seed, torch version and device (SGD + Nesterov, one-cycle
-    LR, random +-`max_shift` px shifts from a seeded generator). Refuses to overwrite an
-    existing weights file unless `force`. Returns the provenance dict that is written.
+    Deterministic for a given seed, torch version, device and num_threads (SGD + Nesterov,
+    one-cycle LR, random +-`max_shift` px shifts from a seeded generator). Refuses to overwrite
+    an existing weights file unless `force`. Returns the provenance dict that is written.
     train_subset (the first N images of the training split) and evaluate_test=False are for
     quick checks only; the shipped weights use the full split and report test accuracy.
     """
