@@ -148,17 +148,17 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
         runner = "this process (--local)" if local else f"Ray {address or spec.ray_address or 'local'}"
         typer.echo(f"dry run: would write to {out}; trials run in {runner}")
         return
-    _run_sweep(spec, out, address, resuming=False, local=local)
+    _run_sweep(spec, out, address, local=local)
 
 
-def _run_sweep(spec, out: Path, address: str | None, resuming: bool, local: bool = False) -> None:
+def _run_sweep(spec, out: Path, address: str | None, local: bool = False) -> None:
     """Run (or finish) the sweep, then the study's `analysis` steps; exits with the sweep's code."""
     from .sweep import TrialFailed
     from .sweep import launch as run_launch
 
     t0 = time.time()
     try:
-        code = run_launch(spec, out, address=address, resuming=resuming, local=local, echo=typer.echo)
+        code = run_launch(spec, out, address=address, local=local, echo=typer.echo)
     except TrialFailed as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -219,7 +219,7 @@ def resume(directory: str = typer.Argument(..., help="The study folder of an int
     except StudyError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
-    _run_sweep(spec, d, address, resuming=True, local=local)
+    _run_sweep(spec, d, address, local=local)
 
 
 @app.command()

@@ -244,7 +244,7 @@ def warm_metric_cache(trials: list[dict], echo: Callable[[str], None] = print) -
         echo(f"warning: metric reference statistics unavailable ({type(e).__name__}: {e})")
 
 
-def prepare(spec: StudySpec, out: Path, *, resuming: bool, echo: Callable[[str], None] = print) -> dict:
+def prepare(spec: StudySpec, out: Path, *, echo: Callable[[str], None] = print) -> dict:
     """Output folder, snapshot, MLflow experiment + parent run, PENDING rows. Returns common config."""
     if spec.tracking.enabled:
         try:
@@ -380,8 +380,8 @@ def _run_tune(spec: StudySpec, out: Path, p: dict, common: dict, todo: list[int]
     _reconcile(spec, out, p, common, ran=todo, tune_errored=outcome.errored)
 
 
-def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: bool = False,
-           local: bool = False, echo: Callable[[str], None] = print) -> int:
+def launch(spec: StudySpec, out: Path, *, address: str | None = None, local: bool = False,
+           echo: Callable[[str], None] = print) -> int:
     """Run (or finish) a study. Returns the process exit code: 0 all finished, 1 some trial failed.
 
     local=True runs the trials one after another in this process, without Ray (a notebook, a
@@ -401,7 +401,7 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
 
                 ray.shutdown()
             raise
-    common = prepare(spec, out, resuming=resuming, echo=echo)
+    common = prepare(spec, out, echo=echo)
     try:
         return _launch_prepared(spec, out, common, address, local, device if local else None, echo)
     except KeyboardInterrupt:  # never leave the study's MLflow run RUNNING

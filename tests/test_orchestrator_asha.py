@@ -52,7 +52,7 @@ def test_reconcile_follows_tunes_verdict_not_the_race(tmp_path, data_root):
                               "asha": {"metric": "val_loss", "mode": "min", "max_t": 4}},
                        evaluation={"metrics": False})
     spec, out = StudySpec.model_validate(study), tmp_path / "out"
-    common = sweep.prepare(spec, out, resuming=False, echo=lambda _: None)
+    common = sweep.prepare(spec, out, echo=lambda _: None)
     p = sweep.plan(spec, out)
     tids = [t["trial_id"] for t in p["trials"]]
     runs = []
