@@ -15,6 +15,7 @@ import pytest
 
 from diffusion_core.evaluation import METRIC_KEYS
 from diffusion_core.residuals import default_t_grid
+from records.snapshots import load_snapshot
 
 try:  # tests/ may or may not be a package
     from .orchestrator_helpers import NAN_LR, expected_steps, studyctl
@@ -111,8 +112,9 @@ def test_checkpoints_and_ema_snapshots(launched):
         assert (last / "rng_rank0.pt").exists() and (last / "rng_rank1.pt").exists()  # merged from both ranks
         emas = sorted((out / "trial_files" / tid / "ema").glob("step_*.pt"))
         assert len(emas) == len(pd.read_parquet(out / "evals").query("trial_id == @tid"))
-        snap = torch.load(emas[-1], weights_only=True)
-        assert snap["step"] == state["step"] and set(snap["ema"]) == set(state["ema"]["module"])
+        snap = load_snapshot(emas[-1])    # the model rebuilt from the snapshot's own core configs
+        assert snap.step == state["step"] and snap.model.base_width == trials.loc[tid, "model.base_width"]
+        assert all(torch.equal(v, state["ema"]["module"][k]) for k, v in snap.net("ema").state_dict().items())
 
 
 def test_mlflow_parent_and_children(launched):
