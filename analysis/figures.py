@@ -17,6 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from records.atomic import atomic_write  # noqa: E402
+
 from .groups import (REPLICATE_FIELD, SCHEDULE_FIELDS, at_common_last_step, describe, group_fields,  # noqa: E402
                      fmt_value, groups, log_snr, n_label, short, summarize)
 from .tables import Study, load_grid  # noqa: E402
@@ -144,7 +146,7 @@ def _legend_below(ax, ncol: int = 2) -> None:
 
 
 def fig26a_loss_per_epoch(study: Study, trial: str):
-    df = study.of(study.epochs, trial)
+    df = study.trial_rows(study.epochs, trial)
     if df.empty:  # no epoch has ended yet (a run stopped early in its first epoch)
         return None
     df = df.sort_values("epoch")
@@ -166,7 +168,7 @@ def fig26a_loss_per_epoch(study: Study, trial: str):
 
 
 def fig26b_first_1000_iterations(study: Study, trial: str):
-    df = study.of(study.train_steps, trial)
+    df = study.trial_rows(study.train_steps, trial)
     df = df[df["step"] <= 1000].sort_values("step") if len(df) else df
     if df.empty:
         return None
@@ -181,7 +183,7 @@ def fig26b_first_1000_iterations(study: Study, trial: str):
 
 
 def fig27_residual_vs_t(study: Study, trial: str):
-    df = study.of(study.residuals, trial)
+    df = study.trial_rows(study.residuals, trial)
     if df.empty:
         return None
     fig, ax = _fig()
@@ -205,7 +207,7 @@ def fig27_residual_vs_t(study: Study, trial: str):
 
 
 def fig28_samples_by_epoch(study: Study, trial: str, max_panels: int = 6):
-    df = study.of(study.evals, trial)
+    df = study.trial_rows(study.evals, trial)
     if df.empty or "sample_grid" not in df:
         return None
     df = df.sort_values("step")
@@ -242,7 +244,7 @@ def ema_init_share(study: Study, trial: str, row) -> float | None:
 
 
 def _metric_frame(study: Study, trial: str, *cols: str) -> pd.DataFrame:
-    df = study.of(study.evals, trial)
+    df = study.trial_rows(study.evals, trial)
     if df.empty or any(c not in df for c in cols):
         return pd.DataFrame()
     return df.dropna(subset=list(cols)).sort_values("step")
@@ -529,11 +531,10 @@ def save(fig, path_stem: Path) -> Path:
     path_stem.parent.mkdir(parents=True, exist_ok=True)
     png = path_stem.with_suffix(".png")
     for suffix in (".png", ".pdf"):
-        tmp = path_stem.with_name(f".tmp-{path_stem.name}{suffix}")
         # dpi and bbox explicitly: outside STYLE's rc context savefig would crop at the figure's
         # edge (labels, titles and outside legends cut) at the figure's own dpi.
-        fig.savefig(tmp, format=suffix[1:], dpi=STYLE["savefig.dpi"], bbox_inches=STYLE["savefig.bbox"])
-        tmp.replace(path_stem.with_suffix(suffix))
+        with atomic_write(path_stem.with_suffix(suffix)) as fh:
+            fig.savefig(fh, format=suffix[1:], dpi=STYLE["savefig.dpi"], bbox_inches=STYLE["savefig.bbox"])
     plt.close(fig)
     return png
 

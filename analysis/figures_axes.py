@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
+
+from records.layout import samples_dir
 
 from .tables import Study, final_evals
 
@@ -27,7 +28,7 @@ CAPTIONS = {
 
 
 def fig_variance_interpolation(study: Study, trial: str):
-    df = study.of(study.residuals, trial)
+    df = study.trial_rows(study.residuals, trial)
     if df.empty or "variance_interpolation" not in df or df["variance_interpolation"].isna().all():
         return None
     ema = df[(df["weights"] == "ema") & df["variance_interpolation"].notna()]
@@ -53,7 +54,7 @@ def fig_variance_interpolation(study: Study, trial: str):
 
 
 def fig_progressive_generation(study: Study, trial: str):
-    path = study.dir / "trial_files" / trial / "samples" / "progressive.npz"
+    path = samples_dir(study.dir, trial) / "progressive.npz"
     if not path.exists():
         return None
     with np.load(path) as z:

@@ -12,8 +12,8 @@ the exact empirical optimal denoiser per t. Writes, atomically:
     <study>/generalization/distance_to_memorization.parquet  one row per pair x step x member x t
     <study>/generalization/samples/<pair>_step_<step>.npz    same-noise samples + nearest images
 
-Models are rebuilt from the snapshot's own config dict (no orchestrator import), so this
-runs on any study folder.
+Models are rebuilt from the snapshots' own core configs (records.snapshots), so this runs
+on any study folder.
 """
 from __future__ import annotations
 
@@ -32,8 +32,10 @@ from diffusion_core.evaluation import EvalConfig, Evaluator
 from diffusion_core.generalization import (distance_to_memorization, mean_interval, nearest_in_subsets,
                                            same_noise_similarity)
 from diffusion_core.samplers import DDIMSampler
-from diffusion_core.schedules import NoiseSchedule, ScheduleConfig
-from diffusion_core.unet import UNet, UNetConfig
+from diffusion_core.schedules import NoiseSchedule
+from records.atomic import atomic_write
+from records.layout import snapshot_files, train_indices_file
+from records.snapshots import load_snapshot
 
 from .tables import load_study
 
@@ -42,37 +44,6 @@ TABLE = "generalization.parquet"
 OPTIMUM_TABLE = "distance_to_memorization.parquet"
 OPTIMUM_T = (5, 20, 50, 100, 200, 400, 700)
 GRID_SAMPLES = 8          # same-noise samples kept per pair and step for the figure grid
-
-
-# ------------------------------------------------------------------ models from snapshots
-def core_configs(config: dict) -> tuple[DataConfig, UNetConfig, NoiseSchedule, dict]:
-    """A snapshot's {section: {...}} config -> (DataConfig, UNetConfig, schedule, evaluation dict)."""
-    d, m, f = config["data"], config["model"], config["diffusion"]
-    data = DataConfig(**d)
-    model = UNetConfig(in_channels=1 if d["dataset"] == "mnist" else 3,
-                       image_size=d["image_size"] or (28 if d["dataset"] == "mnist" else 32),
-                       base_width=m["base_width"], channel_mult=tuple(m["channel_mult"]),
-                       blocks_per_level=m["blocks_per_level"], bottleneck_blocks=m["bottleneck_blocks"],
-                       dropout=m["dropout"], attention=m["attention"], attention_heads=m["attention_heads"])
-    schedule = NoiseSchedule.from_config(ScheduleConfig(name=f["schedule"], T=f["T"], beta_start=f["beta_start"],
-                                                        beta_end=f["beta_end"]))
-    return data, model, schedule, config["evaluation"]
-
-
-def load_snapshot(path: Path, device: torch.device) -> tuple[UNet, dict, int]:
-    snap = torch.load(path, map_location=device, weights_only=True)
-    _, model_cfg, _, _ = core_configs(snap["config"])
-    net = UNet(model_cfg).to(device)
-    net.load_state_dict(snap["ema"])
-    return net.eval(), snap["config"], int(snap["step"])
-
-
-def snapshot_steps(study_dir: Path, trial_id: str) -> dict[int, Path]:
-    folder = study_dir / "trial_files" / trial_id / "ema"
-    out = {}
-    for p in folder.glob("step_*.pt") if folder.is_dir() else []:
-        out[int(p.stem.split("_")[1])] = p
-    return out
 
 
 # ------------------------------------------------------------------ pairs
@@ -120,7 +91,7 @@ def _subset_images(data: DataConfig, study_dir: Path, trial_id: str, cache: dict
         cache[whole] = load_splits(whole)
     splits = cache[whole]
     idx = subset_indices(len(splits.train), data.subset_size, data.subset_index, data.subset_mode, data.data_seed)
-    recorded = study_dir / "trial_files" / trial_id / "train_indices.npy"
+    recorded = train_indices_file(study_dir, trial_id)
     if recorded.exists() and not np.array_equal(np.load(recorded), idx.numpy()):
         raise ValueError(f"trial {trial_id}: its recorded training subset ({recorded}) differs from the one "
                          f"rebuilt from its config; was data.data_seed or the split changed?")
@@ -157,30 +128,25 @@ def _optimum_rows(net, schedule, train_x0, eps, base: dict, member: str, step: i
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "wb") as fh:
+    with atomic_write(path) as fh:
         np.savez_compressed(fh, **arrays)
-    os.replace(tmp, path)
 
 
 def _write_parquet(table: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        table.to_parquet(fh, index=False)
 
 
-def _sampler(val: ImageSet, schedule: NoiseSchedule, ev: dict, n_samples: int, device: torch.device,
+def _sampler(val: ImageSet, schedule: NoiseSchedule, ev: EvalConfig, n_samples: int, device: torch.device,
              clip_x0: float | None) -> Evaluator:
     """An Evaluator holding the study's fixed evaluation noise, sampling DDIM eta = 0: the same
     z as the trials' evaluations (same seed, same residual draw before the noise). With
     clip_x0 = 1 each step's x0 estimate is clipped to the data range [-1, 1] (diffusers'
     clip_sample): an early model's small bias in eps at t ~ T is otherwise amplified by
     1/sqrt(alpha_bar_T) (~160, linear schedule) into a saturated background."""
-    cfg = EvalConfig(n_samples=n_samples, grid_images=1, sampler="ddim", steps=ev["steps"] or 50, eta=0.0,
-                     residual_images=ev["residual_images"], seed=ev["seed"], metrics=False,
-                     batch_size=ev["batch_size"], t_grid=2)
+    cfg = EvalConfig(n_samples=n_samples, grid_images=1, sampler="ddim", steps=ev.steps or 50, eta=0.0,
+                     residual_images=ev.residual_images, seed=ev.seed, metrics=False, batch_size=ev.batch_size,
+                     t_grid=2)
     evaluator = Evaluator(schedule, val, cfg, device=device)
     evaluator.sampler = DDIMSampler(schedule, steps=cfg.steps, eta=0.0, clip_x0=clip_x0)
     return evaluator
@@ -203,30 +169,29 @@ def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None
     out = study.dir / "generalization"
     rows, opt_rows, cache = [], [], {}
     for pair in tqdm(pairs, desc="pairs", disable=not progress):
-        steps_a, steps_b = (snapshot_steps(study.dir, pair[k]) for k in ("trial_a", "trial_b"))
+        steps_a, steps_b = (snapshot_files(study.dir, pair[k]) for k in ("trial_a", "trial_b"))
         steps = sorted(set(steps_a) & set(steps_b))
         if not steps:
             continue
-        _, cfg_a, _ = load_snapshot(steps_a[steps[-1]], torch.device("cpu"))
-        _, cfg_b, _ = load_snapshot(steps_b[steps[-1]], torch.device("cpu"))
-        if cfg_a["data"]["subset_mode"] != "disjoint" or cfg_a["data"]["subset_size"] is None:
+        snap_a, snap_b = load_snapshot(steps_a[steps[-1]]), load_snapshot(steps_b[steps[-1]])
+        cfg_a, data_a, ev = snap_a.config, snap_a.data, snap_a.evaluation
+        if data_a.subset_mode != "disjoint" or data_a.subset_size is None:
             raise ValueError(f"trials {pair['trial_a']}/{pair['trial_b']}: data.subset_mode is "
-                             f"{cfg_a['data']['subset_mode']!r} with subset_size {cfg_a['data']['subset_size']}; "
+                             f"{data_a.subset_mode!r} with subset_size {data_a.subset_size}; "
                              f"the generalization pairs need 'disjoint' subsets of a set size")
-        data_a, _, schedule, ev = core_configs(cfg_a)
-        data_b = core_configs(cfg_b)[0]
+        schedule = NoiseSchedule.from_config(snap_a.schedule)
         train_a, val = _subset_images(data_a, study.dir, pair["trial_a"], cache)
-        train_b, _ = _subset_images(data_b, study.dir, pair["trial_b"], cache)
+        train_b, _ = _subset_images(snap_b.data, study.dir, pair["trial_b"], cache)
         own = {"a": train_a.batch().to(device), "b": train_b.batch().to(device)}
         other = {"a": own["b"], "b": own["a"]}
-        n = n_samples or ev["n_samples"]
+        n = n_samples or ev.n_samples
         sampler = _sampler(val, schedule, ev, n, device, clip_x0)
         pid = _pair_id(cfg_a, study.swept, pair["subset_a"], pair["subset_b"])
         base = {"study": study.name, "pair_id": pid, "trial_a": pair["trial_a"], "trial_b": pair["trial_b"],
                 **{k: _get(cfg_a, k) for k in study.swept if k != PAIR_FIELD},
-                "subset_size": len(train_a), "base_width": cfg_a["model"]["base_width"],
+                "subset_size": len(train_a), "base_width": snap_a.model.base_width,
                 "seed": cfg_a["training"]["seed"], "n_samples": n, "clip_x0": clip_x0}
-        g = torch.Generator().manual_seed(ev["seed"] + 2)   # the noise of the optimum's training points
+        g = torch.Generator().manual_seed(ev.seed + 2)   # the noise of the optimum's training points
         eps = torch.randn((min(optimum_points, len(train_a)), *train_a.shape), generator=g).to(device)
         # Baseline: held-out real images scored as if they were samples of model a.
         held = val.batch(torch.arange(min(n, len(val)))).to(device)
@@ -235,7 +200,7 @@ def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None
         for step in steps:
             samples, nets = {}, {}
             for m, snaps in (("a", steps_a), ("b", steps_b)):
-                nets[m] = load_snapshot(snaps[step], device)[0]
+                nets[m] = load_snapshot(snaps[step], device).net("ema", device)
                 samples[m] = sampler.sample(nets[m])[:n]
             cos, mse = same_noise_similarity(samples["a"], samples["b"])
             nearest = {}

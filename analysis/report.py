@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from records.atomic import write_text
+from records.layout import study_file as study_file_of
+from records.parquet import latest_per_trial
+
 from .figures import CAPTIONS, FigureSet, write_figures
 from .tables import Study, final_evals, load_study
 
@@ -42,13 +46,13 @@ def trial_summary(study: Study) -> pd.DataFrame:
         keep = ["trial_id", "epoch"] + [c for c in FINAL_COLUMNS if c in fe]
         table = table.merge(fe[keep].rename(columns={"epoch": "final_epoch"}), on="trial_id", how="left")
     if len(study.epochs):
-        last = study.epochs.sort_values("epoch").groupby("trial_id").tail(1)[["trial_id", "train_loss", "val_loss"]]
+        last = latest_per_trial(study.epochs, "epoch")[["trial_id", "train_loss", "val_loss"]]
         table = table.merge(last, on="trial_id", how="left")
     return table
 
 
 def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
-    study_file = next((p for p in (study.dir / "study.yaml", study.dir / "study.yml") if p.exists()), None)
+    study_file = study_file_of(study.dir)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(study.name)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
              "img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;font-size:12px}"
@@ -81,13 +85,11 @@ def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
         skipped = [k.split("/")[-1] for k in figs.skipped if k.startswith(trial + "/")]
         if skipped:
             parts.append(f"<p class='warn'>Not drawn (no records yet): {html.escape(', '.join(skipped))}</p>")
-    if study_file:
+    if study_file.exists():
         parts.append(f"<h2>Study file</h2><pre>{html.escape(study_file.read_text())}</pre>")
     parts.append("</body></html>")
     path = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text("\n".join(parts))
-    tmp.replace(path)
+    write_text(path, "\n".join(parts))
     return path
 
 

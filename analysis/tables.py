@@ -12,17 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-KINDS = ("trials", "train_steps", "epochs", "residuals", "evals", "decomposition", "distance_to_memorization")
-
-
-def read_kind(study_dir: str | os.PathLike, kind: str) -> pd.DataFrame:
-    folder = Path(study_dir) / kind
-    if not folder.is_dir():
-        return pd.DataFrame()
-    files = [f for f in folder.glob("*.parquet") if not f.name.startswith((".", "_"))]
-    if not files:
-        return pd.DataFrame()
-    return pd.read_parquet(folder)
+from records.layout import KINDS
+from records.parquet import latest_per_trial, read_table
 
 
 @dataclass
@@ -56,7 +47,8 @@ class Study:
         row = self.trials[self.trials["trial_id"] == trial_id]
         return str(row["status"].iloc[0]) if len(row) else "UNKNOWN"
 
-    def of(self, df: pd.DataFrame, trial_id: str) -> pd.DataFrame:
+    def trial_rows(self, df: pd.DataFrame, trial_id: str) -> pd.DataFrame:
+        """The rows of one trial in one of this study's tables (none if the table is empty)."""
         return df[df["trial_id"] == trial_id] if "trial_id" in df else df.iloc[0:0]
 
     def param(self, trial_id: str, col: str):
@@ -69,7 +61,7 @@ def load_study(study_dir: str | os.PathLike) -> Study:
     if not d.is_dir():
         raise FileNotFoundError(f"study folder {d.resolve()} does not exist; pass the folder a launch wrote "
                                 f"(default runs/<study name>)")
-    tables = {k: read_kind(d, k) for k in KINDS}
+    tables = {k: read_table(d, k) for k in KINDS}
     if all(t.empty for t in tables.values()):
         raise FileNotFoundError(f"no Parquet records under {d.resolve()} (looked for {', '.join(KINDS)}/); "
                                 f"run `studyctl launch` first or check the folder")
@@ -84,7 +76,7 @@ def final_evals(study: Study) -> pd.DataFrame:
     """The last evaluation of every trial joined with its swept fields."""
     if study.evals.empty:
         return pd.DataFrame()
-    last = study.evals.sort_values("step").groupby("trial_id").tail(1)
+    last = latest_per_trial(study.evals)
     cols = ["trial_id"] + [c for c in study.swept if c in study.trials]
     if len(study.trials):
         last = last.drop(columns=[c for c in cols[1:] if c in last], errors="ignore").merge(

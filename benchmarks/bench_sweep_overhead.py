@@ -122,6 +122,7 @@ def main() -> None:
 
     from orchestrator import sweep
     from orchestrator.spec import parse_study
+    from records.layout import worker_file
 
     data_root = str(Path(args.data_root).resolve())
     out = Path(args.keep or tempfile.mkdtemp(prefix="sweep-overhead-"))
@@ -172,7 +173,7 @@ def main() -> None:
     order = sorted(by_trial, key=lambda k: by_trial[k].get("train_start", 0))
     for k, tid in enumerate(order):
         ev = by_trial[tid]
-        rank0 = out / "trial_files" / tid / "workers" / "rank0.json"
+        rank0 = worker_file(out, tid, 0)
         row = {"trial": tid, "tune_start": tune_starts[k]["t"] if k < len(tune_starts) else None,
                "driver": drivers[k]["t"] if k < len(drivers) else None,
                "worker": rank0.stat().st_mtime if rank0.exists() else None,

@@ -10,9 +10,9 @@ checkpoints of one trial — evaluated with the same seed therefore differ only 
 their weights, which is what makes their curves comparable and the ensemble
 decomposition possible.
 
-The metrics (FID, IS, precision/recall, memorization) live in `diffusion_core.metrics`,
-built separately; when that module is absent the evaluation still returns residuals and
-the grid, logs one warning and leaves the metric columns out.
+The metrics (FID, IS, precision/recall, memorization) come from `diffusion_core.metrics`;
+if they fail (e.g. the classifier weights are missing) the evaluation still returns the
+residuals and the grid, logs a warning and leaves the metric columns out.
 """
 from __future__ import annotations
 
@@ -24,19 +24,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import metrics
 from .data import ImageSet, from_unit_range
 from .guidance import GuidedModel, balanced_labels
+from .metrics import METRIC_KEYS  # the metric columns of the `evals` table
 from .residuals import default_t_grid, residual_curve, variance_interpolation_curve
 from .samplers import make_sampler
 from .schedules import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
-# The flat record of diffusion_core.metrics.evaluate_samples (metrics issue); the columns
-# of the `evals` table. Kept here so records have a fixed schema even without the module.
-METRIC_KEYS = ("fid", "fid_mean_term", "fid_cov_term", "inception_score", "inception_score_std",
-               "h_y", "h_y_given_x", "precision", "recall", "memorized_fraction",
-               "conditional_accuracy", "fid_class_mean")
 # The same metrics of real data: n_samples held-out images (the MNIST test set, drawn with the
 # evaluation seed) in place of the samples. What a perfect generator would score at this sample
 # count -- the floor (FID) or ceiling (IS, precision, recall) every curve should be read against.
@@ -94,23 +91,6 @@ def grid_image(images_uint8: torch.Tensor, nrow: int | None = None, pad: int = 2
         out[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = \
             images_uint8[i]
     return out.permute(1, 2, 0).contiguous()
-
-
-_METRICS_WARNED = False
-
-
-def _metrics_module():
-    """diffusion_core.metrics if it is there (imported lazily: it is built separately)."""
-    global _METRICS_WARNED
-    try:
-        from . import metrics  # noqa: F401
-        return metrics
-    except ImportError as e:
-        if not _METRICS_WARNED:
-            log.warning("diffusion_core.metrics is not available (%s): evaluations record residuals and "
-                        "sample grids but no FID/IS/precision/recall columns", e)
-            _METRICS_WARNED = True
-        return None
 
 
 class _GraphedNetwork:
@@ -238,9 +218,6 @@ class Evaluator:
     def _metrics(self, samples_uint8: torch.Tensor) -> dict[str, float]:
         if not self.cfg.metrics:
             return {}
-        m = _metrics_module()
-        if m is None:
-            return {}
         if tuple(samples_uint8.shape[1:]) != (1, 28, 28):
             if not getattr(self, "_shape_warned", False):
                 log.warning("metrics need 1x28x28 MNIST samples, not %s: no metric columns", tuple(samples_uint8.shape[1:]))
@@ -248,21 +225,21 @@ class Evaluator:
             return {}
         try:
             if self._classifier is None:
-                self._classifier = m.load_classifier(self.device)
-                self._reference = m.reference_statistics(self._classifier, "val", data_root=self.data_root,
-                                                         split_seed=self.split_seed)
+                self._classifier = metrics.load_classifier(self.device)
+                self._reference = metrics.reference_statistics(self._classifier, "val", data_root=self.data_root,
+                                                               split_seed=self.split_seed)
             train = self.train_images.images if self.train_images is not None else None
-            rec = m.evaluate_samples(samples_uint8, self._reference, self._classifier, train,
-                                     splits=min(self.cfg.is_splits, samples_uint8.shape[0]),
-                                     labels=self.labels(samples_uint8.shape[0]))
+            rec = metrics.evaluate_samples(samples_uint8, self._reference, self._classifier, train,
+                                           splits=min(self.cfg.is_splits, samples_uint8.shape[0]),
+                                           labels=self.labels(samples_uint8.shape[0]))
             if self._real is None:
-                self._real = self._real_data_metrics(m, samples_uint8.shape[0], train)
+                self._real = self._real_data_metrics(samples_uint8.shape[0], train)
         except Exception as e:  # a metrics failure must not kill a training run
             log.warning("metrics failed (%s: %s); this evaluation records no metric columns", type(e).__name__, e)
             return {}
         return {**{k: float(rec[k]) for k in METRIC_KEYS if k in rec}, **self._real}
 
-    def _real_data_metrics(self, m, n: int, train) -> dict[str, float]:
+    def _real_data_metrics(self, n: int, train) -> dict[str, float]:
         """REAL_DATA_KEYS: the metrics of n MNIST test images (seeded by the evaluation seed; at most
         the 10,000 there are), computed once per run: they depend on the weights not at all."""
         from .data import load_mnist
@@ -270,8 +247,8 @@ class Evaluator:
         test = load_mnist(self.data_root, train=False).images
         g = torch.Generator().manual_seed(self.cfg.seed + 2)  # apart from x_T's and the sampler's streams
         real = test[torch.randperm(len(test), generator=g)[:n]]
-        rec = m.evaluate_samples(real, self._reference, self._classifier, train,
-                                 splits=min(self.cfg.is_splits, real.shape[0]))
+        rec = metrics.evaluate_samples(real, self._reference, self._classifier, train,
+                                       splits=min(self.cfg.is_splits, real.shape[0]))
         out = {f"real_{k}": float(rec[k]) for k in ("fid", "inception_score", "precision", "recall",
                                                     "memorized_fraction")}
         out["real_n_samples"] = float(real.shape[0])

@@ -142,8 +142,6 @@ class NoiseSchedule:
         return (self._gather("sqrt_alpha_bar", t, x0) * x0
                 + self._gather("sqrt_one_minus_alpha_bar", t, x0) * eps)
 
-    add_noise = q_sample  # the diffusers name
-
     def predict_x0(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """(44) x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
         return ((x_t - self._gather("sqrt_one_minus_alpha_bar", t, x_t) * eps)

@@ -25,7 +25,7 @@ the largest divisor of the channel count that is <= the asked-for count and <= c
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -87,11 +87,6 @@ class UNetConfig:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(self.base_width * m for m in self.channel_mult)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        return d
 
 
 def _groups(groups: int, channels: int) -> int:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from records.layout import STUDY_FILE, read_study_file, study_file
+
 app = typer.Typer(
     name="studyctl",
     help="Systematic bias-variance studies of diffusion models (DDPMs) on Ray.\n\n"
@@ -146,17 +148,17 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
         runner = "this process (--local)" if local else f"Ray {address or spec.ray_address or 'local'}"
         typer.echo(f"dry run: would write to {out}; trials run in {runner}")
         return
-    _run_sweep(spec, out, address, resuming=False, local=local)
+    _run_sweep(spec, out, address, local=local)
 
 
-def _run_sweep(spec, out: Path, address: str | None, resuming: bool, local: bool = False) -> None:
+def _run_sweep(spec, out: Path, address: str | None, local: bool = False) -> None:
     """Run (or finish) the sweep, then the study's `analysis` steps; exits with the sweep's code."""
     from .sweep import TrialFailed
     from .sweep import launch as run_launch
 
     t0 = time.time()
     try:
-        code = run_launch(spec, out, address=address, resuming=resuming, local=local, echo=typer.echo)
+        code = run_launch(spec, out, address=address, local=local, echo=typer.echo)
     except TrialFailed as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
@@ -194,8 +196,8 @@ def _after_sweep(spec, out: Path) -> None:
 
 def _study_dir(directory: str) -> Path:
     d = Path(directory).expanduser().resolve()
-    if not (d / "study.yaml").exists():
-        typer.echo(f"error: {d} is not a study folder (no study.yaml): give the folder `studyctl launch` "
+    if not study_file(d).exists():
+        typer.echo(f"error: {d} is not a study folder (no {STUDY_FILE}): give the folder `studyctl launch` "
                    f"wrote (default runs/<study name>)", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
     return d
@@ -209,18 +211,15 @@ def resume(directory: str = typer.Argument(..., help="The study folder of an int
            ) -> None:
     """Finish what an interrupted launch left: finished trials are not run again, an
     interrupted trial continues from its last checkpoint (and its MLflow child run)."""
-    import yaml
-
     from .spec import StudyError, parse_study
-    from .sweep import SNAPSHOT
 
     d = _study_dir(directory)
     try:
-        spec = parse_study(yaml.safe_load((d / SNAPSHOT).read_text()), str(d / SNAPSHOT))
+        spec = parse_study(read_study_file(d), str(study_file(d)))
     except StudyError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
-    _run_sweep(spec, d, address, resuming=True, local=local)
+    _run_sweep(spec, d, address, local=local)
 
 
 @app.command()

@@ -32,14 +32,16 @@ from typing import Callable
 
 import yaml
 
+from records.atomic import write_json, write_text
+from records.layout import STUDY_FILE, study_file, summary_file, worker_file
+from records.parquet import RecordWriter, param_types, read_table
+
 from . import tracking
-from .records import RecordWriter, param_types, read_table
 from .spec import StudySpec, expand, flatten, swept_fields
-from .worker import train_worker, trial_files, write_json_atomic
+from .worker import train_worker
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT = "study.yaml"
 FINISHED = ("COMPLETED", "FAILED", "STOPPED")
 
 
@@ -75,7 +77,7 @@ def statuses(out: Path) -> dict[str, str]:
 
 
 def _read_summary(out: Path, trial_id: str) -> dict:
-    f = trial_files(out, trial_id) / "summary.json"
+    f = summary_file(out, trial_id)
     try:
         return json.loads(f.read_text())
     except (OSError, ValueError):
@@ -164,7 +166,7 @@ def _record_outcome(common: dict, spec: StudySpec, p: dict, i: int, summary: dic
     run (tags, then ended with run_status: FINISHED | FAILED | KILLED)."""
     out, tid = Path(common["out"]), p["trials"][i]["trial_id"]
     summary.update(status=status, error=error)
-    write_json_atomic(trial_files(out, tid) / "summary.json", summary)
+    write_json(summary_file(out, tid), summary)
     trial_writer(out, spec, p, i).write_trial(
         status=status, error=error[:4000] if error else None, parameters=summary.get("parameters"),
         wall_seconds=summary.get("wall_seconds"), step=summary.get("step"), total_steps=summary.get("total_steps"),
@@ -242,7 +244,7 @@ def warm_metric_cache(trials: list[dict], echo: Callable[[str], None] = print) -
         echo(f"warning: metric reference statistics unavailable ({type(e).__name__}: {e})")
 
 
-def prepare(spec: StudySpec, out: Path, *, resuming: bool, echo: Callable[[str], None] = print) -> dict:
+def prepare(spec: StudySpec, out: Path, *, echo: Callable[[str], None] = print) -> dict:
     """Output folder, snapshot, MLflow experiment + parent run, PENDING rows. Returns common config."""
     if spec.tracking.enabled:
         try:
@@ -253,16 +255,14 @@ def prepare(spec: StudySpec, out: Path, *, resuming: bool, echo: Callable[[str],
                               "complete without it)") from None
     out.mkdir(parents=True, exist_ok=True)
     snap = snapshot_spec(spec, out)
-    snap_file = out / SNAPSHOT
+    snap_file = study_file(out)
     if snap_file.exists():
         old = yaml.safe_load(snap_file.read_text())
         if old != snap:
-            raise TrialFailed(f"{out} already holds a different study (its {SNAPSHOT} differs from this one). "
+            raise TrialFailed(f"{out} already holds a different study (its {STUDY_FILE} differs from this one). "
                               f"Use `studyctl resume {out}` to finish it, or pass --output with a new folder.")
     else:
-        tmp = snap_file.with_name(".tmp-" + SNAPSHOT)
-        tmp.write_text(yaml.safe_dump(snap, sort_keys=False))
-        os.replace(tmp, snap_file)
+        write_text(snap_file, yaml.safe_dump(snap, sort_keys=False))
     uri = tracking.tracking_uri(spec.tracking.uri, out) if spec.tracking.enabled else None
     exp_id = tracking.ensure_experiment(uri, spec.tracking.experiment or spec.name, out)
     p = plan(spec, out)
@@ -380,8 +380,8 @@ def _run_tune(spec: StudySpec, out: Path, p: dict, common: dict, todo: list[int]
     _reconcile(spec, out, p, common, ran=todo, tune_errored=outcome.errored)
 
 
-def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: bool = False,
-           local: bool = False, echo: Callable[[str], None] = print) -> int:
+def launch(spec: StudySpec, out: Path, *, address: str | None = None, local: bool = False,
+           echo: Callable[[str], None] = print) -> int:
     """Run (or finish) a study. Returns the process exit code: 0 all finished, 1 some trial failed.
 
     local=True runs the trials one after another in this process, without Ray (a notebook, a
@@ -401,7 +401,7 @@ def launch(spec: StudySpec, out: Path, *, address: str | None = None, resuming: 
 
                 ray.shutdown()
             raise
-    common = prepare(spec, out, resuming=resuming, echo=echo)
+    common = prepare(spec, out, echo=echo)
     try:
         return _launch_prepared(spec, out, common, address, local, device if local else None, echo)
     except KeyboardInterrupt:  # never leave the study's MLflow run RUNNING
@@ -572,7 +572,7 @@ def status_table(out: Path):
 def _stale(out: Path, trial_id: str) -> bool:
     """A RUNNING trial whose worker process (on this host) is gone: killed with its launch."""
     try:
-        w = json.loads((trial_files(out, trial_id) / "workers" / "rank0.json").read_text())
+        w = json.loads(worker_file(out, trial_id, 0).read_text())
     except (OSError, ValueError):
         return False
     if w.get("host") != socket.gethostname():  # another node: its processes are not visible here

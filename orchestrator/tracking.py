@@ -193,12 +193,11 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 def study_store(study_dir: str | os.PathLike) -> tuple[dict, str | None] | None:
     """(study snapshot, its tracking uri — None when tracking is off) of a study folder;
     None if the folder holds no study.yaml."""
-    import yaml
+    from records.layout import read_study_file
 
-    snap_file = Path(study_dir) / "study.yaml"
-    if not snap_file.exists():
+    snap = read_study_file(study_dir)
+    if snap is None:
         return None
-    snap = yaml.safe_load(snap_file.read_text())
     t = snap.get("tracking") or {}
     return snap, (tracking_uri(t.get("uri"), study_dir) if t.get("enabled", True) else None)
 

@@ -43,24 +43,15 @@ from diffusion_core.evaluation import Evaluator, grid_image
 from diffusion_core.train import DivergedError, EpochLosses, TrainContext, fixed_validation_draws, train, validation_loss
 from diffusion_core.unet import count_parameters
 
+from records.atomic import atomic_write, write_json
+from records.layout import samples_dir, snapshot_file, summary_file, train_indices_file, trial_files, worker_file
+from records.parquet import RecordWriter
+from records.snapshots import save_snapshot
+
 from . import tracking
-from .records import RecordWriter
 from .spec import to_core
 
 log = logging.getLogger(__name__)
-
-
-def trial_files(study_dir: str | os.PathLike, trial_id: str) -> Path:
-    """Per-trial files that are not Parquet (grids, EMA snapshots, summary): kept out of the
-    Parquet dataset folders so `pandas.read_parquet(<study>/trials)` reads Parquet only."""
-    return Path(study_dir) / "trial_files" / trial_id
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def save_png(path: Path, grid_hwc: torch.Tensor) -> None:
@@ -69,10 +60,8 @@ def save_png(path: Path, grid_hwc: torch.Tensor) -> None:
     arr = grid_hwc.numpy()
     if arr.shape[-1] == 1:
         arr = arr[..., 0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        Image.fromarray(arr).save(fh, format="PNG")
 
 
 class TrialHooks:
@@ -117,7 +106,7 @@ class TrialHooks:
                                    split_seed=self.trial["config"]["data"]["split_seed"])
         if ctx.splits.train_indices is not None:  # the subset by index, so analysis can rebuild it
             self.files.mkdir(parents=True, exist_ok=True)
-            np.save(self.files / "train_indices.npy", ctx.splits.train_indices.cpu().numpy())
+            np.save(train_indices_file(self.study_dir, self.trial_id), ctx.splits.train_indices.cpu().numpy())
         self.write_summary(ctx, status="RUNNING")
         self.writer.write_trial(status="RUNNING", parameters=self.parameters, step=ctx.step,
                                 total_steps=ctx.total_steps, restarts=self.restarts,
@@ -151,16 +140,14 @@ class TrialHooks:
                                                "weights": weights, "variance_interpolation": v_t})
                 self.metrics.append((f"residual_{weights}_t{t:04d}", r, step))
         name = f"step_{step:09d}"
-        png = self.files / "samples" / f"{name}.png"
+        png = samples_dir(self.study_dir, self.trial_id) / f"{name}.png"
         save_png(png, grid_image(res.grid))
-        np.save(self.files / "samples" / f"{name}.npy", res.grid.numpy())  # rebuild Fig. 28 without MLflow
+        np.save(png.with_suffix(".npy"), res.grid.numpy())  # rebuild Fig. 28 without MLflow
         if step == ctx.total_steps:  # progressive generation of the final model (frames at evaluation.progressive_t)
             frames = self.evaluator.progressive(ctx.ema_model)
             if frames is not None:
-                path = self.files / "samples" / "progressive.npz"
-                with open(path.with_name(".tmp-" + path.name), "wb") as fh:
+                with atomic_write(samples_dir(self.study_dir, self.trial_id) / "progressive.npz") as fh:
                     np.savez(fh, t=np.asarray(frames[0]), frames=frames[1].numpy())
-                os.replace(path.with_name(".tmp-" + path.name), path)
         n_img = self.eval_cfg.n_samples
         row = {"step": step, "epoch": epoch, "eval_seconds": res.seconds,
                "images_per_second": n_img / res.seconds if res.seconds > 0 else None,
@@ -180,13 +167,12 @@ class TrialHooks:
                                                            *self.val_draws)
         self.last_report.setdefault("train_loss", self.last_report.get("loss"))
         # EMA and raw weights (no optimizer state: small, for sampling and the ensemble
-        # decomposition of both along training, `studyctl decompose`; like NVlabs/edm)
-        ema_path = self.files / "ema" / f"{name}.pt"
-        ema_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"ema": ctx.ema_model.state_dict(), "raw": ctx.model.state_dict(), "step": step,
-                    "config": self.trial["config"]},
-                   ema_path.with_name(".tmp-" + ema_path.name))
-        os.replace(ema_path.with_name(".tmp-" + ema_path.name), ema_path)
+        # decomposition of both along training, `studyctl decompose`; like NVlabs/edm), with the
+        # core configs that rebuild the model (records.snapshots)
+        data, _, diffusion, _, _ = to_core(self.trial["config"])
+        save_snapshot(snapshot_file(self.study_dir, self.trial_id, step), step=step,
+                      ema=ctx.ema_model.state_dict(), raw=ctx.model.state_dict(), config=self.trial["config"],
+                      data=data, model=ctx.model.config, schedule=diffusion.schedule, evaluation=self.eval_cfg)
         # Records of this interval, before the checkpoint (see the module docstring).
         self.flush(step)
         tracking.log_artifact(self.uri, self.run_id, png, "samples")
@@ -204,7 +190,7 @@ class TrialHooks:
     def write_summary(self, ctx: TrainContext, status: str, error: str | None = None) -> None:
         # wall_seconds so far, across earlier launches: a killed launch keeps the time up to here.
         wall = self.cfg.get("wall_before", 0.0) + time.time() - self.cfg.get("driver_started_at", self.t0)
-        write_json_atomic(self.files / "summary.json", {
+        write_json(summary_file(self.study_dir, self.trial_id), {
             "trial_id": self.trial_id, "status": status, "error": error, "step": ctx.step,
             "total_steps": ctx.total_steps, "parameters": getattr(self, "parameters", None),
             "restarts": self.restarts, "wall_seconds": wall, "updated_at": time.time()})
@@ -244,10 +230,8 @@ class LocalTrialHooks(TrialHooks):
     RESUME_FILE = "resume.pt"
 
     def on_eval_all_ranks(self, ctx: TrainContext) -> None:
-        path = self.files / self.RESUME_FILE
-        tmp = path.with_name(".tmp-" + path.name)
-        torch.save(ctx.state.state_dict(), tmp)
-        os.replace(tmp, path)
+        with atomic_write(self.files / self.RESUME_FILE) as fh:
+            torch.save(ctx.state.state_dict(), fh)
 
     @classmethod
     def restore(cls, files: Path) -> tuple[dict | None, int]:
@@ -284,9 +268,9 @@ def train_worker(cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    write_json_atomic(trial_files(cfg["study_dir"], cfg["trial"]["trial_id"]) / "workers" / f"rank{rank}.json",
-                      {"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                       "host": socket.gethostname(), "world_size": ctx.get_world_size()})
+    write_json(worker_file(cfg["study_dir"], cfg["trial"]["trial_id"], rank),
+               {"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "host": socket.gethostname(), "world_size": ctx.get_world_size()})
     resume_state, step = restore(rank)
     _work(cfg, rank, ray.train.torch.get_device(), resume_state, step, TrialHooks)
 
@@ -295,10 +279,9 @@ def local_worker(cfg: dict, device: str | torch.device, progress: bool = True) -
     """The same trial in this process, without Ray (`studyctl launch --local`): one worker,
     a progress bar, and the resume state in a local file instead of a Ray checkpoint."""
     files = trial_files(cfg["study_dir"], cfg["trial"]["trial_id"])
-    write_json_atomic(files / "workers" / "rank0.json", {"rank": 0, "pid": os.getpid(), "node_id": "local",
-                                                         "host": socket.gethostname(),
-                                                         "world_size": 1, "device": str(device),
-                                                         "started_at": time.time()})
+    write_json(worker_file(cfg["study_dir"], cfg["trial"]["trial_id"], 0),
+               {"rank": 0, "pid": os.getpid(), "node_id": "local", "host": socket.gethostname(), "world_size": 1,
+                "device": str(device), "started_at": time.time()})
     resume_state, step = LocalTrialHooks.restore(files)
     _work(cfg, 0, torch.device(device), resume_state, step, LocalTrialHooks, progress=progress)
 
@@ -308,7 +291,7 @@ def _work(cfg: dict, rank: int, device: torch.device, resume_state: dict | None,
     data, model, diffusion, training, _ = to_core(cfg["trial"]["config"])
     # Restarts so far (worker-group restarts and resumes), counted across launches in summary.json.
     try:
-        before = json.loads((trial_files(cfg["study_dir"], cfg["trial"]["trial_id"]) / "summary.json").read_text())
+        before = json.loads(summary_file(cfg["study_dir"], cfg["trial"]["trial_id"]).read_text())
     except (OSError, ValueError):
         before = {}
     restarts = int(before.get("restarts") or 0) + (1 if resume_state is not None else 0)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from analysis import figures as F
 from analysis.tables import load_study
+from diffusion_core.evaluation import grid_image
 
 try:
     from .orchestrator_helpers import studyctl
@@ -75,7 +77,7 @@ def test_failed_trial_is_named_and_healthy_ones_still_drawn(figures_run, study):
 def test_loss_figure_shows_the_parquet_values(study):
     tid = _completed(study)[0]
     fig = F.fig26a_loss_per_epoch(study, tid)
-    ep = study.of(study.epochs, tid).sort_values("epoch")
+    ep = study.trial_rows(study.epochs, tid).sort_values("epoch")
     train_line, val_line = fig.axes[0].lines[:2]
     np.testing.assert_allclose(train_line.get_xdata(), ep["epoch"])
     np.testing.assert_allclose(train_line.get_ydata(), ep["train_loss"])
@@ -85,7 +87,7 @@ def test_loss_figure_shows_the_parquet_values(study):
 def test_first_iterations_figure_shows_every_logged_step(study):
     tid = _completed(study)[0]
     line = F.fig26b_first_1000_iterations(study, tid).axes[0].lines[0]
-    steps = study.of(study.train_steps, tid).sort_values("step")
+    steps = study.trial_rows(study.train_steps, tid).sort_values("step")
     np.testing.assert_allclose(line.get_xdata(), steps["step"])
     np.testing.assert_allclose(line.get_ydata(), steps["loss"])
 
@@ -93,7 +95,7 @@ def test_first_iterations_figure_shows_every_logged_step(study):
 def test_residual_figure_shows_the_parquet_values(study):
     tid = _completed(study)[0]
     ax = F.fig27_residual_vs_t(study, tid).axes[0]
-    res = study.of(study.residuals, tid)
+    res = study.trial_rows(study.residuals, tid)
     last = res[(res["weights"] == "ema") & (res["step"] == res["step"].max())].sort_values("t")
     ema_last = ax.lines[len(res.query("weights == 'ema'")["step"].unique()) - 1]
     np.testing.assert_allclose(ema_last.get_xdata(), last["t"])
@@ -102,7 +104,7 @@ def test_residual_figure_shows_the_parquet_values(study):
 
 def test_metric_figures_show_the_parquet_values(study):
     tid = _completed(study)[0]
-    ev = study.of(study.evals, tid).sort_values("step")
+    ev = study.trial_rows(study.evals, tid).sort_values("step")
     fid_line = F.fig30a_fid_vs_epoch(study, tid).axes[0].lines[0]
     np.testing.assert_allclose(fid_line.get_ydata(), ev["fid"])
     mean_line, cov_line = F.fig30b_fid_decomposition(study, tid).axes[0].lines[:2]
@@ -117,10 +119,11 @@ def test_metric_figures_show_the_parquet_values(study):
 def test_sample_grid_figure_shows_the_saved_grids(study):
     tid = _completed(study)[0]
     fig = F.fig28_samples_by_epoch(study, tid)
-    ev = study.of(study.evals, tid).sort_values("step")
+    ev = study.trial_rows(study.evals, tid).sort_values("step")
     shown = fig.axes[-1].images[0].get_array()
-    saved = np.load(study.dir / ev["sample_grid"].iloc[-1].replace(".png", ".npy"))
-    assert shown.shape[:2] == (saved.shape[0], saved.shape[1]) or shown.size > 0
+    # the last panel is the last evaluation's grid: the saved samples (n, C, H, W), tiled
+    saved = torch.from_numpy(np.load(study.dir / ev["sample_grid"].iloc[-1].replace(".png", ".npy")))
+    np.testing.assert_allclose(shown, grid_image(saved).numpy().squeeze(-1) / 255.0, atol=1e-6)
     assert len(fig.axes) == min(6, len(ev))
 
 
@@ -191,7 +194,8 @@ def test_decompose_writes_an_exact_table(study_dir, study, decompose_run):
 
 def test_decompose_uses_the_study_evaluation_seed_and_reads_old_snapshots(study_dir, decompose_run, tmp_path):
     """A copy of the study whose study.yaml names another evaluation seed gets other eps (so other
-    values); snapshots without raw weights (written before issue 9) give EMA rows only."""
+    values); snapshots without raw weights (written before issue 9) and without core configs
+    (before issue 13) give EMA rows only."""
     import shutil
 
     import torch
@@ -209,6 +213,7 @@ def test_decompose_uses_the_study_evaluation_seed_and_reads_old_snapshots(study_
     for f in copy.glob("trial_files/*/ema/*.pt"):
         s = torch.load(f, weights_only=True)
         s.pop("raw")
+        s.pop("core")
         torch.save(s, f)
     other = decompose(copy, n_points=32, steps="final", progress=False, n_boot=50)
     orig = pd.read_parquet(study_dir / "decomposition")

@@ -31,9 +31,21 @@ def test_help_explains_every_command():
     assert r.exit_code == 0 and "--address" in r.output and "--dry-run" in r.output and "--output" in r.output
 
 
-def test_version():
+def test_version_prints_the_installed_versions():
+    import importlib.metadata as md
+    import re
+    from pathlib import Path
+
+    import torch
+
     r = runner.invoke(app, ["version"])
-    assert r.exit_code == 0 and "ray" in r.output and "mlflow" in r.output
+    assert r.exit_code == 0
+    printed = dict(line.split() for line in r.output.strip().splitlines())
+    assert set(printed) == {"studyctl", "torch", "torchvision", "ray", "mlflow"}
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert printed["studyctl"] == re.search(r'^version = "(.+)"', pyproject, re.M).group(1)
+    assert printed["torch"].split("+")[0] == torch.__version__.split("+")[0]   # local tags (+cu130) may differ
+    assert all(printed[name] == md.version(name) for name in ("torchvision", "ray", "mlflow"))
 
 
 def test_validate_prints_trial_table_and_count(tmp_path, data_root):

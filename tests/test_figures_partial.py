@@ -32,7 +32,7 @@ def study_dir(tmp_path_factory, data_root):
 def _as_running(study_dir, tmp_path):
     """A copy of the study whose trial is RUNNING again (as `resume` leaves it while it trains)
     plus a second trial still PENDING: the rows `drive_trial` / `prepare` write, error null."""
-    from orchestrator.records import RecordWriter, read_table
+    from records.parquet import RecordWriter, read_table
 
     d = tmp_path / "running"
     shutil.copytree(study_dir, d)

@@ -61,7 +61,7 @@ def runs(tmp_path_factory, data_root):
     c = MlflowClient(tracking_uri=f"sqlite:///{cut / 'mlflow.db'}")
     child = c.get_run(interrupted["mlflow_run_id"])
     run_states = (child.info.status, c.get_run(child.data.tags["mlflow.parentRunId"]).info.status)
-    resumed = launch(_study(data_root, True), cut, resuming=True, local=True, echo=lambda s: None)
+    resumed = launch(_study(data_root, True), cut, local=True, echo=lambda s: None)
     images = [a.path for a in c.list_artifacts(child.info.run_id, "images")]
     return {"whole": whole, "cut": cut, "code": code, "said": said, "interrupted": interrupted,
             "run_states": run_states, "resumed": resumed, "images": images}
@@ -119,7 +119,7 @@ def test_status_shows_a_killed_trial_as_interrupted_without_nan(runs, tmp_path):
     from typer.testing import CliRunner
 
     from orchestrator.cli import app
-    from orchestrator.records import RecordWriter
+    from records.parquet import RecordWriter
 
     d = tmp_path / "killed"
     shutil.copytree(runs["cut"], d, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))

@@ -1,39 +1,32 @@
 """diffusion_core.metrics on real MNIST: classifier, FID, IS, precision/recall, memorization.
 
-Needs MNIST (STUDYCTL_DATA_ROOT, default ../shared/data relative to the repo) and the
-shipped classifier weights. Features are computed once per module (10,000 test images +
-8,000 noisy copies); the whole file takes ~1-2 min on a 2-core CPU.
+Needs MNIST (conftest.py's `data_root` fixture fails, saying where to put it, if it is
+missing) and the shipped classifier weights. Features are computed once per module
+(10,000 test images + 8,000 noisy copies).
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from diffusion_core.data import DatasetNotFoundError, mnist_splits, to_unit_range
+from diffusion_core.data import mnist_splits, to_unit_range
 from diffusion_core.metrics import (METRIC_KEYS, ClassifierWeightsError, InceptionUnavailableError, PROVENANCE_PATH,
                                     ReferenceStats, WEIGHTS_PATH, evaluate_samples, feature_statistics,
                                     fid_from_features, frechet_distance, inception_fid_cifar10, inception_score,
                                     load_classifier, memorization, precision_recall, reference_statistics)
-from diffusion_core.metrics.classifier import count_parameters, train_classifier
+from diffusion_core.metrics.classifier import train_classifier
 from diffusion_core.metrics.fid import sqrtm_psd
-
-REPO = Path(__file__).resolve().parents[1]
-DATA_ROOT = os.environ.get("STUDYCTL_DATA_ROOT") or str(REPO.parent / "shared" / "data")
+from diffusion_core.unet import count_parameters
 
 
 @pytest.fixture(scope="module")
-def splits():
-    try:
-        return mnist_splits(DATA_ROOT, with_test=True)
-    except DatasetNotFoundError as e:
-        pytest.skip(f"MNIST not available: {e}")
+def splits(data_root):
+    return mnist_splits(data_root, with_test=True)
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +35,18 @@ def clf():
 
 
 @pytest.fixture(scope="module")
-def test_fp(clf, splits):
+def features_of_test_set(clf, splits):
     """Features (float64 numpy) and p(y|x) (numpy) of all 10,000 MNIST test images."""
     f, p = clf.features_and_probs(splits.test.images)
     return f.double().numpy(), p.double().numpy()
 
 
 @pytest.fixture(scope="module")
-def halves(test_fp, splits):
+def halves(features_of_test_set, splits):
     """Two disjoint seeded halves of the test set: (features A, features B, labels A, labels B, idx A, idx B)."""
     perm = torch.randperm(10_000, generator=torch.Generator().manual_seed(0)).numpy()
     a, b = perm[:5000], perm[5000:]
-    f = test_fp[0]
+    f = features_of_test_set[0]
     y = splits.test.labels.numpy()
     return f[a], f[b], y[a], y[b], a, b
 
@@ -69,11 +62,11 @@ def test_shipped_classifier_provenance():
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-def test_classifier_accuracy_on_test_set(test_fp, splits, clf):
-    acc = float((test_fp[1].argmax(1) == splits.test.labels.numpy()).mean())
+def test_classifier_accuracy_on_test_set(features_of_test_set, splits, clf):
+    acc = float((features_of_test_set[1].argmax(1) == splits.test.labels.numpy()).mean())
     assert acc >= 0.993, acc
     assert acc == pytest.approx(json.loads(PROVENANCE_PATH.read_text())["test_accuracy"], abs=1e-4)
-    assert test_fp[0].shape == (10_000, 128) and count_parameters(clf) < 1_000_000
+    assert features_of_test_set[0].shape == (10_000, 128) and count_parameters(clf) < 1_000_000
 
 
 def test_classifier_accepts_uint8_and_unit_range_alike(clf, splits):
@@ -96,15 +89,15 @@ def test_load_classifier_rejects_tampered_weights(tmp_path):
         load_classifier("cpu", weights=w)
 
 
-def test_train_classifier_refuses_to_overwrite(tmp_path):
+def test_train_classifier_refuses_to_overwrite(tmp_path, data_root):
     w = tmp_path / "c.pt"
     w.write_bytes(b"x")
     with pytest.raises(FileExistsError, match="force"):
-        train_classifier(out=w, data_root=DATA_ROOT)
+        train_classifier(out=w, data_root=data_root)
 
 
-def test_train_classifier_is_deterministic(tmp_path):
-    kw = dict(data_root=DATA_ROOT, seed=3, epochs=1, batch_size=64, train_subset=256, evaluate_test=False,
+def test_train_classifier_is_deterministic(tmp_path, data_root):
+    kw = dict(data_root=data_root, seed=3, epochs=1, batch_size=64, train_subset=256, evaluate_test=False,
               progress=False)
     m1 = train_classifier(out=tmp_path / "a.pt", **kw)
     m2 = train_classifier(out=tmp_path / "b.pt", **kw)
@@ -126,8 +119,8 @@ def test_inception_score_closed_forms():
     assert uniform["inception_score"] == pytest.approx(1.0)
 
 
-def test_inception_score_of_mnist_test_set_near_10(test_fp):
-    r = inception_score(test_fp[1], splits=5)
+def test_inception_score_of_mnist_test_set_near_10(features_of_test_set):
+    r = inception_score(features_of_test_set[1], splits=5)
     # Measured with the shipped classifier: IS = 9.804 (std over 5 splits 0.060), H(Y) = 2.2997,
     # H(Y|X) = 0.0169.
     # 10 is the maximum (10 equally frequent, confidently classified digits); MNIST's class frequencies are
@@ -138,12 +131,12 @@ def test_inception_score_of_mnist_test_set_near_10(test_fp):
     assert np.log(r["inception_score"]) == pytest.approx(r["h_y"] - r["h_y_given_x"], rel=1e-12, abs=1e-15)
 
 
-def test_inception_score_single_digit_is_one(test_fp, splits):
+def test_inception_score_single_digit_is_one(features_of_test_set, splits):
     # Measured: IS between 1.02 (digit 1) and 1.05 (digit 7), H(Y) between 0.03 and 0.07 -- not exactly
     # 1 and 0 because a few images per digit are (mis)classified as another digit with some confidence.
     y = splits.test.labels.numpy()
     for digit in range(10):
-        r = inception_score(test_fp[1][y == digit], splits=5)
+        r = inception_score(features_of_test_set[1][y == digit], splits=5)
         assert 1.0 <= r["inception_score"] < 1.1, (digit, r)
         assert r["h_y"] < 0.1, (digit, r)
         assert np.log(r["inception_score"]) == pytest.approx(r["h_y"] - r["h_y_given_x"], rel=1e-12, abs=1e-15)
@@ -192,7 +185,7 @@ def test_psd_clipping_rank_deficient_covariance(halves):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # clean-fid passes scipy sqrtm a deprecated arg
 def test_agrees_with_cleanfid(halves):
-    cfid = pytest.importorskip("cleanfid.fid")
+    from cleanfid import fid as cfid
     fa, fb = halves[0], halves[1]
     noisy = fb + np.random.default_rng(0).normal(scale=0.3 * fb.std(), size=fb.shape)
     for x, y in [(fa, fb), (fa, noisy), (fa[:2000], fb[:3000])]:
@@ -203,11 +196,11 @@ def test_agrees_with_cleanfid(halves):
 
 
 # ------------------------------------------------------------------------ FID on real MNIST
-def test_fid_of_disjoint_real_halves_small(halves, test_fp):
+def test_fid_of_disjoint_real_halves_small(halves, features_of_test_set):
     fd = fid_from_features(halves[0], halves[1])
     # Measured: 0.223 (mean term 0.057, covariance term 0.166) for two 5,000-image halves of the
     # test set, against a feature-covariance trace of 137 and an FID of 292 between the 0s and the 1s.
-    tr = np.trace(feature_statistics(test_fp[0])[1])
+    tr = np.trace(feature_statistics(features_of_test_set[0])[1])
     assert fd.total < 0.01 * tr, (fd, tr)
     y = halves[2]
     zeros_vs_ones = fid_from_features(halves[0][y == 0], halves[0][y == 1])
@@ -228,7 +221,7 @@ def test_fid_rises_monotonically_with_noise(clf, splits, halves):
     assert totals[-1] > 20 * totals[0]
 
 
-def test_reference_statistics_cache(tmp_path, splits, monkeypatch):
+def test_reference_statistics_cache(tmp_path, splits, monkeypatch, data_root):
     class Stub:                                                 # cheap "features": 4x4-pooled pixels
         sha256 = "ab" * 32
         calls = 0
@@ -237,14 +230,14 @@ def test_reference_statistics_cache(tmp_path, splits, monkeypatch):
             Stub.calls += 1
             return torch.nn.functional.avg_pool2d(to_unit_range(x), 7).flatten(1)
 
-    ref = reference_statistics(Stub(), "test", data_root=DATA_ROOT, cache_dir=tmp_path)
+    ref = reference_statistics(Stub(), "test", data_root=data_root, cache_dir=tmp_path)
     assert ref.n == 10_000 and ref.path.exists() and ref.path.parent == tmp_path and Stub.calls == 1
     assert "mnist-test" in ref.path.name and Stub.sha256[:16] in ref.path.name
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    again = reference_statistics(Stub(), "test", data_root=DATA_ROOT, cache_dir=tmp_path)
+    again = reference_statistics(Stub(), "test", data_root=data_root, cache_dir=tmp_path)
     assert Stub.calls == 1 and np.array_equal(again.sigma, ref.sigma) and again.sigma.dtype == np.float64
     monkeypatch.setenv("STUDYCTL_CACHE_DIR", str(tmp_path / "env"))
-    val = reference_statistics(Stub(), "val", data_root=DATA_ROOT)
+    val = reference_statistics(Stub(), "val", data_root=data_root)
     assert val.n == 12_000 and val.path.parent == tmp_path / "env"
 
 
@@ -297,7 +290,7 @@ def test_memorization_matches_brute_force(splits):
 
 
 # ------------------------------------------------------------------------ evaluate_samples
-def test_evaluate_samples_flat_dict(clf, splits, halves, test_fp):
+def test_evaluate_samples_flat_dict(clf, splits, halves, features_of_test_set):
     fa, _, _, _, a_idx, b_idx = halves
     mu, sigma = feature_statistics(fa)
     ref = ReferenceStats(fa.astype(np.float32), mu, sigma, "mnist", "test-half-a", clf.sha256)
@@ -306,7 +299,7 @@ def test_evaluate_samples_flat_dict(clf, splits, halves, test_fp):
     m = evaluate_samples(to_unit_range(samples), ref, clf, splits.train.images[:5000], timings=timings)
     assert set(METRIC_KEYS) <= set(m) and all(isinstance(m[k], float) for k in METRIC_KEYS)
     assert set(timings) == {"features", "fid", "inception_score", "precision_recall", "memorization"}
-    fb = test_fp[0][b_idx[:2000]]
+    fb = features_of_test_set[0][b_idx[:2000]]
     assert m["fid"] == pytest.approx(fid_from_features(fa, fb).total, rel=1e-4)
     assert m["fid_mean_term"] + m["fid_cov_term"] == m["fid"]
     assert m["inception_score"] > 9.5 and m["precision"] > 0.85 and m["recall"] > 0.8

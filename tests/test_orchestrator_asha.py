@@ -12,6 +12,8 @@ except ImportError:
 
 from orchestrator import sweep
 from orchestrator.spec import StudySpec
+from records.atomic import write_json
+from records.layout import summary_file
 
 
 @pytest.mark.slow
@@ -50,7 +52,7 @@ def test_reconcile_follows_tunes_verdict_not_the_race(tmp_path, data_root):
                               "asha": {"metric": "val_loss", "mode": "min", "max_t": 4}},
                        evaluation={"metrics": False})
     spec, out = StudySpec.model_validate(study), tmp_path / "out"
-    common = sweep.prepare(spec, out, resuming=False, echo=lambda _: None)
+    common = sweep.prepare(spec, out, echo=lambda _: None)
     p = sweep.plan(spec, out)
     tids = [t["trial_id"] for t in p["trials"]]
     runs = []
@@ -60,8 +62,7 @@ def test_reconcile_follows_tunes_verdict_not_the_race(tmp_path, data_root):
         run_id = sweep.tracking.ensure_child_run(common["mlflow_uri"], common["experiment_id"],
                                                  common["parent_run_id"], spec.name, tids[i], {})
         runs.append(run_id)
-        sweep.write_json_atomic(sweep.trial_files(out, tids[i]) / "summary.json",
-                                {"step": step, "total_steps": 32, "status": status})
+        write_json(summary_file(out, tids[i]), {"step": step, "total_steps": 32, "status": status})
         sweep.trial_writer(out, spec, p, i).write_trial(
             status=status, mlflow_run_id=run_id, step=step, total_steps=32,
             error="ActorDiedError: placement group was removed" if status == "FAILED" else None)

@@ -15,6 +15,7 @@ import pytest
 
 from diffusion_core.evaluation import METRIC_KEYS
 from diffusion_core.residuals import default_t_grid
+from records.snapshots import load_snapshot
 
 try:  # tests/ may or may not be a package
     from .orchestrator_helpers import NAN_LR, expected_steps, studyctl
@@ -28,14 +29,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def launched(e2e_study):
     return e2e_study
-
-
-def _metrics_available() -> bool:
-    try:
-        from diffusion_core.metrics import WEIGHTS_PATH
-    except ImportError:
-        return False
-    return WEIGHTS_PATH.exists()
 
 
 def _trials(out):
@@ -96,9 +89,8 @@ def test_parquet_tables_columns_and_row_counts(launched):
         assert np.allclose(e["ema_init_share"], tr["ema_decay"] ** e["step"], rtol=1e-9)   # no warm-up: decay^k
         for k in METRIC_KEYS:
             assert k in e.columns, k
-        if _metrics_available():  # wired once diffusion_core.metrics ships its classifier
-            assert e[["fid", "fid_mean_term", "fid_cov_term", "inception_score", "h_y", "precision"]].notna().all().all()
-            assert ((e["fid_mean_term"] + e["fid_cov_term"] - e["fid"]).abs() < 1e-6 * e["fid"].abs().max()).all()
+        assert e[["fid", "fid_mean_term", "fid_cov_term", "inception_score", "h_y", "precision"]].notna().all().all()
+        assert ((e["fid_mean_term"] + e["fid_cov_term"] - e["fid"]).abs() < 1e-6 * e["fid"].abs().max()).all()
         for rel in e["sample_grid"]:
             assert (out / rel).exists() and (out / rel).with_suffix(".npy").exists()
     # the diverged trial: its rows up to the divergence are kept, nothing past it
@@ -120,8 +112,9 @@ def test_checkpoints_and_ema_snapshots(launched):
         assert (last / "rng_rank0.pt").exists() and (last / "rng_rank1.pt").exists()  # merged from both ranks
         emas = sorted((out / "trial_files" / tid / "ema").glob("step_*.pt"))
         assert len(emas) == len(pd.read_parquet(out / "evals").query("trial_id == @tid"))
-        snap = torch.load(emas[-1], weights_only=True)
-        assert snap["step"] == state["step"] and set(snap["ema"]) == set(state["ema"]["module"])
+        snap = load_snapshot(emas[-1])    # the model rebuilt from the snapshot's own core configs
+        assert snap.step == state["step"] and snap.model.base_width == trials.loc[tid, "model.base_width"]
+        assert all(torch.equal(v, state["ema"]["module"][k]) for k, v in snap.net("ema").state_dict().items())
 
 
 def test_mlflow_parent_and_children(launched):

@@ -33,8 +33,10 @@ from .inception_score import inception_score
 from .memorization import MemorizationResult, as_unit_images, memorization, nearest_two
 from .precision_recall import knn_radii, precision_recall
 
+# The keys of evaluate_samples that the `evals` table records (every call returns all of
+# them; the conditional two are NaN for samples without class labels).
 METRIC_KEYS = ("fid", "fid_mean_term", "fid_cov_term", "inception_score", "inception_score_std", "h_y",
-               "h_y_given_x", "precision", "recall", "memorized_fraction")
+               "h_y_given_x", "precision", "recall", "memorized_fraction", "conditional_accuracy", "fid_class_mean")
 
 
 @contextmanager

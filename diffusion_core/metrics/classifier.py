@@ -20,7 +20,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
@@ -29,7 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atomic import write_bytes
 from ..data import ImageSet, mnist_splits, to_unit_range
+from ..unet import count_parameters
 
 WEIGHTS_PATH = Path(__file__).with_name("mnist_classifier.pt")
 PROVENANCE_PATH = Path(__file__).with_name("mnist_classifier.json")
@@ -134,10 +135,6 @@ class MnistResNet(nn.Module):
         return self.features_and_probs(x, batch_size)[1]
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # ------------------------------------------------------------------------ weights I/O
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
@@ -145,20 +142,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)                                   # mkstemp makes 0600; these files ship
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_classifier(device: torch.device | str | None = None, *, weights: str | os.PathLike | None = None,
@@ -216,11 +199,13 @@ def train_classifier(*, data_root: str | os.PathLike | None = None, out: str | o
                      widths: Iterable[int] = DEFAULT_WIDTHS, split_seed: int = 0, num_threads: int | None = 1,
                      device: str | torch.device = "cpu", progress: bool = True,
                      command: str | None = None, train_subset: int | None = None, evaluate_test: bool = True) -> dict:
-    """Train the reduced ResNet-18 on the 48,000-image MNIST training split; write .pt + .json.
+    """Train the reduced ResNet-18 on the MNIST training split (48,000 images of split_seed);
+    write the weights to `out` (default: the shipped WEIGHTS_PATH) and their provenance (sha256,
+    hyperparameters, history, test accuracy) beside it as .json, each atomically.
 
-    Deterministic for a given seed, torch version and device (SGD + Nesterov, one-cycle
-    LR, random +-`max_shift` px shifts from a seeded generator). Refuses to overwrite an
-    existing weights file unless `force`. Returns the provenance dict that is written.
+    Deterministic for a given seed, torch version, device and num_threads (SGD + Nesterov,
+    one-cycle LR, random +-`max_shift` px shifts from a seeded generator). Refuses to overwrite
+    an existing weights file unless `force`. Returns the provenance dict that is written.
     train_subset (the first N images of the training split) and evaluate_test=False are for
     quick checks only; the shipped weights use the full split and report test accuracy.
     """
@@ -285,7 +270,7 @@ def train_classifier(*, data_root: str | os.PathLike | None = None, out: str | o
     import io
     buf = io.BytesIO()
     torch.save(state, buf)
-    _atomic_write_bytes(wpath, buf.getvalue())
+    write_bytes(wpath, buf.getvalue())
     meta = {
         "sha256": sha256_file(wpath),
         "file": wpath.name,
@@ -316,7 +301,7 @@ def train_classifier(*, data_root: str | os.PathLike | None = None, out: str | o
         "machine": platform.machine(),
         "command": command or REGENERATE_COMMAND,
     }
-    _atomic_write_bytes(ppath, (json.dumps(meta, indent=2) + "\n").encode())
+    write_bytes(ppath, (json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
 

@@ -16,7 +16,6 @@ keyed by the classifier's sha256, the dataset, the split and the split seed.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_write
 
 CACHE_ENV = "STUDYCTL_CACHE_DIR"
 REFERENCE_SPLITS = ("val", "test", "train")
@@ -134,16 +135,8 @@ def cache_key(classifier_sha256: str, dataset: str, split: str, split_seed: int 
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def _split_images(split: str, data_root, split_seed: int) -> torch.Tensor:

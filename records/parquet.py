@@ -8,8 +8,8 @@ Why part files per evaluation interval: rank 0 buffers the rows of an interval a
 writes them right before the checkpoint of that evaluation. When a worker group
 restarts from the checkpoint at step S, the parts of steps > S (written, but whose
 checkpoint never landed) are deleted and their rows produced again — so the records
-have neither holes nor duplicates. Every file is written under a dot-name and renamed
-(`os.replace`, atomic on POSIX): readers never see a torn file, and pyarrow ignores
+have neither holes nor duplicates. Every file is written atomically (records.atomic: a
+dot-named temp file, renamed): readers never see a torn file, and pyarrow ignores
 dot-files, so `pandas.read_parquet(<study>/<kind>)` always reads a consistent set.
 
 Every row carries `study`, `trial_id` and the swept fields (dotted names such as
@@ -23,13 +23,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from diffusion_core.evaluation import METRIC_KEYS, REAL_DATA_KEYS
 
-KINDS = ("trials", "train_steps", "epochs", "residuals", "evals")
-STATUSES = ("PENDING", "RUNNING", "COMPLETED", "FAILED", "STOPPED", "INTERRUPTED")  # INTERRUPTED: resumable
+from .atomic import TEMP_SUFFIX, atomic_write
+from .layout import INTERVAL_KINDS, kind_dir
 
 _BASE = {
     "trials": [("study", pa.string()), ("trial_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
@@ -86,12 +87,8 @@ def _coerce(v, t: pa.DataType):
 
 
 def write_atomic_table(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as fh:  # make the bytes durable before the rename makes them visible
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path) as fh:
+        pq.write_table(table, fh)
 
 
 class RecordWriter:
@@ -114,12 +111,12 @@ class RecordWriter:
     def write_part(self, kind: str, rows: list[dict], step: int) -> Path | None:
         if not rows:
             return None
-        path = self.dir / kind / f"{self.trial_id}--s{step:09d}.parquet"
+        path = kind_dir(self.dir, kind) / f"{self.trial_id}--s{step:09d}.parquet"
         write_atomic_table(path, self._table(kind, rows, self.params, self.types))
         return path
 
     def write_trial(self, **row) -> Path:
-        path = self.dir / "trials" / f"{self.trial_id}.parquet"
+        path = kind_dir(self.dir, "trials") / f"{self.trial_id}.parquet"
         write_atomic_table(path, self._table("trials", [row], self.trial_params, self.trial_types))
         return path
 
@@ -127,23 +124,30 @@ class RecordWriter:
         """Delete this trial's parts of intervals ending after `step` (and stray temp files)."""
         removed = []
         pat = re.compile(rf"^{re.escape(self.trial_id)}--s(\d+)\.parquet$")
-        for kind in KINDS[1:]:
-            folder = self.dir / kind
+        for kind in INTERVAL_KINDS:
+            folder = kind_dir(self.dir, kind)
             if not folder.is_dir():
                 continue
             for f in folder.iterdir():
                 m = pat.match(f.name)
-                if (m and int(m.group(1)) > step) or (f.name.startswith(".tmp-") and self.trial_id in f.name):
+                if (m and int(m.group(1)) > step) or (f.name.startswith(f".{self.trial_id}--s")
+                                                      and f.name.endswith(TEMP_SUFFIX)):
                     f.unlink(missing_ok=True)
                     removed.append(f)
         return removed
 
 
-def read_table(study_dir: str | os.PathLike, kind: str):
-    """The kind's rows as a DataFrame (empty if nothing was written yet)."""
-    import pandas as pd
-
-    folder = Path(study_dir) / kind
-    if not folder.is_dir() or not any(f.suffix == ".parquet" and not f.name.startswith(".") for f in folder.iterdir()):
+def read_table(study_dir: str | os.PathLike, kind: str) -> pd.DataFrame:
+    """The kind's rows as a DataFrame (empty if nothing was written yet). Dot- and
+    underscore-files (temp files, pyarrow's _metadata) are not parts."""
+    folder = kind_dir(study_dir, kind)
+    if not folder.is_dir() or not any(not f.name.startswith((".", "_")) for f in folder.glob("*.parquet")):
         return pd.DataFrame()
     return pd.read_parquet(folder)
+
+
+def latest_per_trial(df: pd.DataFrame, order: str = "step") -> pd.DataFrame:
+    """The last row of each trial by `order` (ties: the row written last), one row per trial."""
+    if df.empty:
+        return df
+    return df.sort_values(order, kind="stable").groupby("trial_id").tail(1)

@@ -1,0 +1,146 @@
+"""records/: atomic writes, EMA snapshots that rebuild their model, the latest row per trial,
+and the direction of the package dependencies. Fast (no training, no MNIST)."""
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from diffusion_core.data import DataConfig
+from diffusion_core.evaluation import EvalConfig
+from diffusion_core.schedules import ScheduleConfig
+from diffusion_core.unet import UNet, UNetConfig
+from records.atomic import atomic_write
+from records.parquet import latest_per_trial
+from records.snapshots import load_snapshot, save_snapshot
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ atomic writes
+def test_atomic_write_gives_old_or_new_content_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "table.parquet"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as fh:
+            fh.write(b"new, half")
+            assert target.read_bytes() == b"old"          # a reader meanwhile sees the old file
+            raise RuntimeError("writer died mid-way")
+    assert target.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["table.parquet"]
+
+    with atomic_write(target) as fh:
+        fh.write(b"new")
+    assert target.read_bytes() == b"new" and sorted(os.listdir(tmp_path)) == ["table.parquet"]
+
+    fresh = tmp_path / "sub" / "fresh.json"                # a new file in a new folder: none, or whole
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(fresh) as fh:
+            fh.write(b"{")
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path / "sub") == []
+
+
+def test_atomic_write_keeps_the_umask_permissions(tmp_path):
+    """Not mkstemp's 0600: a shared study folder and the shipped weights stay readable."""
+    before = os.umask(0o027)
+    try:
+        with atomic_write(tmp_path / "f") as fh:
+            fh.write(b"x")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o640
+
+
+# ------------------------------------------------------------------------------ snapshots
+TINY = dict(in_channels=1, image_size=28, base_width=4, channel_mult=(1, 2), blocks_per_level=1,
+            bottleneck_blocks=1, dropout=0.0)
+
+
+def _outputs(net: UNet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 28, 28, generator=g)
+    with torch.no_grad():
+        return net(x, torch.tensor([3, 40]), torch.tensor([1, 7]))
+
+
+def test_snapshot_rebuilds_the_model_from_its_core_configs(tmp_path):
+    model = UNetConfig(**TINY, class_conditional=True, learn_sigma=True)
+    net = UNet(model).eval()
+    configs = dict(data=DataConfig(subset_size=256, subset_index=1), model=model,
+                   schedule=ScheduleConfig(name="cosine", T=50), evaluation=EvalConfig(seed=7, t_grid=(1, 5)))
+    save_snapshot(tmp_path / "step_000000010.pt", step=10, ema=net.state_dict(), raw=net.state_dict(),
+                  config={"model": {"base_width": 4}}, **configs)
+    snap = load_snapshot(tmp_path / "step_000000010.pt")
+    assert (snap.step, snap.data, snap.model, snap.schedule, snap.evaluation) == (10, *configs.values())
+    assert sorted(snap.weights) == ["ema", "raw"] and snap.config == {"model": {"base_width": 4}}
+    assert torch.equal(_outputs(snap.net("ema")), _outputs(net))
+
+
+def test_snapshot_without_core_configs_maps_its_study_config(tmp_path):
+    """Snapshots written before they held core configs: the study sections are mapped as the
+    orchestrator did, including the learned variance (2 output channels) and class conditioning."""
+    net = UNet(UNetConfig(**TINY, class_conditional=True, learn_sigma=True)).eval()
+    study_config = {
+        "data": {"dataset": "mnist", "root": None, "split_seed": 0, "subset_size": 256, "subset_index": 1,
+                 "subset_mode": "disjoint", "data_seed": 0, "image_size": None, "val_size": None},
+        "model": {"base_width": 4, "channel_mult": [1, 2], "blocks_per_level": 1, "bottleneck_blocks": 1,
+                  "dropout": 0.0, "attention": False, "attention_heads": 1, "class_conditional": True},
+        "diffusion": {"schedule": "cosine", "T": 50, "beta_start": 1e-4, "beta_end": 0.02,
+                      "reverse_variance": "learned", "loss": "hybrid"},
+        "evaluation": {"every": 100, "seed": 7, "t_grid": [1, 5], "n_samples": 16, "progressive_t": [10, 0]},
+    }
+    torch.save({"step": 10, "ema": net.state_dict(), "config": study_config}, tmp_path / "old.pt")
+    snap = load_snapshot(tmp_path / "old.pt")
+    assert snap.model == UNetConfig(**TINY, attention=False, attention_heads=1, class_conditional=True,
+                                    learn_sigma=True)
+    assert snap.schedule == ScheduleConfig(name="cosine", T=50)
+    assert (snap.evaluation.seed, snap.evaluation.t_grid, snap.evaluation.progressive_t) == (7, (1, 5), (10, 0))
+    assert snap.data == DataConfig(subset_size=256, subset_index=1) and list(snap.weights) == ["ema"]
+    assert torch.equal(_outputs(snap.net("ema")), _outputs(net))
+
+
+# ------------------------------------------------------------------------------ tables
+def test_latest_per_trial_takes_each_trials_last_row_by_the_given_order():
+    df = pd.DataFrame({"trial_id": ["a", "b", "a", "b", "a"], "step": [30, 5, 10, 50, 20],
+                       "epoch": [1.0, 9.0, 3.0, 2.0, 2.0], "loss": [0.3, 0.5, 0.1, 0.2, 0.9]})
+    by_step = latest_per_trial(df).set_index("trial_id")["loss"].to_dict()
+    by_epoch = latest_per_trial(df, "epoch").set_index("trial_id")["loss"].to_dict()
+    assert by_step == {"a": 0.3, "b": 0.2} and by_epoch == {"a": 0.1, "b": 0.5}
+
+
+# ------------------------------------------------------------------------------ layering
+# CLI (orchestrator/cli.py) -> orchestrator, analysis -> records -> diffusion_core. The CLI may
+# import both sides; nothing below it imports upward or sideways.
+FORBIDDEN = {
+    "diffusion_core": {"records", "orchestrator", "analysis", "ray", "mlflow"},
+    "records": {"orchestrator", "analysis", "ray", "mlflow"},
+    "analysis": {"orchestrator", "ray", "mlflow"},
+    "orchestrator": {"analysis"},
+}
+ALLOWED = {"orchestrator/cli.py"}    # the command line sits on top of both
+
+
+def _imported_packages(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):   # lazy imports inside functions count too
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_dependencies_point_one_way():
+    broken = []
+    for package, forbidden in FORBIDDEN.items():
+        files = sorted((REPO / package).rglob("*.py"))
+        assert files, package
+        for f in files:
+            rel = f.relative_to(REPO).as_posix()
+            if rel not in ALLOWED and (bad := _imported_packages(f) & forbidden):
+                broken.append(f"{rel} imports {', '.join(sorted(bad))}")
+    assert not broken, "imports against the layering:\n" + "\n".join(broken)
