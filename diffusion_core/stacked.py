@@ -31,7 +31,7 @@ from .schedules import NoiseSchedule
 from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
 from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
-                    build_model, fixed_validation_draws, pick_device)
+                    build_model, fixed_validation_draws, pick_device, validates_at)
 from .unet import UNet, UNetConfig, count_parameters
 
 # Fields every member of a group must share (the rest may differ member by member).
@@ -122,7 +122,7 @@ class _Run:
     def __init__(self, group: "_Group", member: Member, splits, device: torch.device, eval_seed: int):
         tr = member.training
         self.group, self.member, self.splits, self.device = group, member, splits, device
-        self.schedule = NoiseSchedule.from_config(member.diffusion.schedule)
+        self.schedule = NoiseSchedule.from_config(member.diffusion.schedule_config)
         self.n_train = len(splits.train)
         if tr.batch_size > self.n_train:
             raise ValueError(f"member {member.name!r}: batch_size={tr.batch_size} is larger than the training set "
@@ -388,7 +388,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                     diverge(r, f"training loss became {train_loss} in epoch {math.ceil(step / r.spe)} "
                                f"(step {step}); lower the learning rate or check the data")
             live = [r for r in live if r.status == "RUNNING"]
-            val = [r for r in live if r.member.training.val_every_epoch]
+            val = [r for r in live if validates_at(r.member.training, step, r.spe, r.total)]
             val_losses = dict(zip(val, group.validation_losses(val))) if val else {}
             for r in live:
                 train_loss = train_loss_of[r]
