@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol, get_args
 
 import torch
@@ -124,11 +124,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.label_dropout={self.label_dropout!r} must lie in [0, 1)")
 
 
-def validates_at(training: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+def validates_at(training: TrainConfig, step: int, epoch_steps: int, total_steps: int) -> bool:
     """Whether the epoch ending at `step` computes its evaluation-mode losses (TrainConfig.val_every):
     a function of the step only, so a resumed run agrees."""
     n = training.val_every
-    return n is None or step == total_steps or step // n > (step - steps_per_epoch) // n
+    return n is None or step == total_steps or step // n > (step - epoch_steps) // n
 
 
 class DivergedError(RuntimeError):
@@ -345,8 +345,8 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     n_train = len(splits.train)
     if training.batch_size > n_train:
         raise ValueError(f"batch_size={training.batch_size} is larger than the training set ({n_train} images)")
-    spe = steps_per_epoch(n_train, training.batch_size, world)
-    total_steps = training.epochs * spe
+    epoch_steps = steps_per_epoch(n_train, training.batch_size, world)
+    total_steps = training.epochs * epoch_steps
     if training.max_steps is not None:
         total_steps = min(total_steps, training.max_steps)
 
@@ -381,8 +381,8 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     val_t, val_eps = fixed_validation_draws(splits.val, schedule, eval_seed)
     tr_idx, tr_t, tr_eps = fixed_train_draws(splits.train, schedule, eval_seed, training.train_eval_images)
     train_batch = splits.train.subset(tr_idx)
-    ctx = TrainContext(state.step, state.step / spe, net, ema.module, schedule, splits, device, rank, world,
-                       spe, total_steps, state)
+    ctx = TrainContext(state.step, state.step / epoch_steps, net, ema.module, schedule, splits, device, rank, world,
+                       epoch_steps, total_steps, state)
     is_main = rank == 0
 
     def call(name, *args, all_ranks: bool = False):
@@ -428,18 +428,18 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         for (step, _), value in zip(pending_losses, values):
             if not math.isfinite(value):
                 raise DivergedError(f"training loss became {value} at step {step} "
-                                    f"(epoch {step / spe:.2f}); lower the learning rate or check the data")
+                                    f"(epoch {step / epoch_steps:.2f}); lower the learning rate or check the data")
             train_losses.append((step, value))
-            ctx.step, ctx.epoch = step, step / spe  # what hooks see is the step the loss belongs to
+            ctx.step, ctx.epoch = step, step / epoch_steps  # what hooks see is the step the loss belongs to
             call("on_step", value)
         ctx.step, ctx.epoch = now
         pending_losses.clear()
     net.train()
     while state.step < total_steps:
-        epoch = state.step // spe
+        epoch = state.step // epoch_steps
         batches = epoch_batches(n_train, training.batch_size, epoch, training.seed, rank=rank, world_size=world,
                                 device=splits.train.images.device)
-        for idx in batches[state.step - epoch * spe:]:
+        for idx in batches[state.step - epoch * epoch_steps:]:
             if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -454,10 +454,10 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             loss = graphed(x0, t, eps) if graphed is not None else step_fn(x0, t, eps, y)
             ema.update(net)
             state.step += 1
-            ctx.step, ctx.epoch = state.step, state.step / spe
+            ctx.step, ctx.epoch = state.step, state.step / epoch_steps
 
             log_now = state.step <= training.log_every_first or state.step % training.log_every == 0
-            end_of_epoch = state.step % spe == 0 or state.step == total_steps
+            end_of_epoch = state.step % epoch_steps == 0 or state.step == total_steps
             # Losses accumulate on the device; they are fetched (a sync) only when logged.
             state.epoch_loss_sum = state.epoch_loss_sum + loss.detach().double()
             state.epoch_loss_count += 1
@@ -477,12 +477,12 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                     raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1} "
                                         f"(step {state.step}); lower the learning rate or check the data")
                 val_loss = val_raw = train_eval = None
-                if validates_at(training, state.step, spe, total_steps):  # eval mode, fixed draws: no RNG
+                if validates_at(training, state.step, epoch_steps, total_steps):  # eval mode, fixed draws: no RNG
                     val_loss = validation_loss(ema.module, schedule, splits.val, val_t, val_eps,
                                                rank=rank, world_size=world)
                     val_raw = eval_mode_loss(net, schedule, splits.val, val_t, val_eps, rank, world)
                     train_eval = eval_mode_loss(net, schedule, train_batch, tr_t, tr_eps, rank, world)
-                losses = EpochLosses(math.ceil(state.step / spe), state.step, train_loss, val_loss, val_raw,
+                losses = EpochLosses(math.ceil(state.step / epoch_steps), state.step, train_loss, val_loss, val_raw,
                                      train_eval, ema.init_share)
                 epoch_losses.append(losses)
                 call("on_epoch", losses)
@@ -500,6 +500,6 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     if bar is not None:
         bar.close()
     call("on_end")
-    return TrainResult(state.step, math.ceil(state.step / spe), train_losses, epoch_losses, net, ema.module,
+    return TrainResult(state.step, math.ceil(state.step / epoch_steps), train_losses, epoch_losses, net, ema.module,
                        schedule, count_parameters(net), time.time() - t_start)
 

@@ -48,7 +48,8 @@ SET_HELP = ("Override a study field, FIELD=VALUE in YAML syntax (repeatable), e.
 
 def _load(file: str, overrides: list[str] | None = None):
     """Load + validate a study file (a path, or a packaged study's bare name); exit 2 if bad."""
-    from .spec import StudyError, load_study_file
+    from .spec import StudyError
+    from .study_file import load_study_file
 
     try:
         return load_study_file(file, overrides or [])

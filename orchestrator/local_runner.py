@@ -60,7 +60,8 @@ def local_trial(study: StudyRun, trial_id: str, device: str, threads: int | None
 
         torch.set_num_threads(threads)
     try:
-        drive_trial(study, study.plan.trial(trial_id), lambda task: local_worker(task, device, progress=threads is None))
+        drive_trial(study, study.plan.trial(trial_id),
+                    lambda task: local_worker(task, device, progress=threads is None))
     except TrialFailed as e:
         return str(e)
     return None

@@ -213,56 +213,56 @@ def _doomed_value(spec: StudySpec, data: DataConfig, model: UNetConfig, diffusio
                   training: TrainConfig, evaluation: EvalConfig) -> str | None:
     """A value the schema accepts but the trial would fail on, or silently change: the message
     naming the field, the value and what is allowed; None if the trial config is sound."""
-    d, m, f, t, e = data, model, diffusion, training, evaluation
     n_workers = spec.resources.workers_per_trial
-    if t.batch_size % n_workers:
-        return (f"field 'training.batch_size': bad value {t.batch_size}: the global batch must be "
+    if training.batch_size % n_workers:
+        return (f"field 'training.batch_size': bad value {training.batch_size}: the global batch must be "
                 f"divisible by resources.workers_per_trial={n_workers}")
-    size = d.subset_size
-    if size is not None and size < t.batch_size:
-        return (f"field 'data.subset_size': bad value {size}: smaller than the batch size {t.batch_size}; "
+    size = data.subset_size
+    if size is not None and size < training.batch_size:
+        return (f"field 'data.subset_size': bad value {size}: smaller than the batch size {training.batch_size}; "
                 f"allowed: >= training.batch_size")
-    n_train, n_val = SPLIT_SIZES[d.dataset]
-    split = f"the {d.dataset} split has {n_train:,} training / {n_val:,} validation images"
+    n_train, n_val = SPLIT_SIZES[data.dataset]
+    split = f"the {data.dataset} split has {n_train:,} training / {n_val:,} validation images"
     if size is not None and size > n_train:
         return f"field 'data.subset_size': bad value {size}: {split}; allowed: 1..{n_train}"
-    if size is not None and d.subset_mode == "disjoint" and (d.subset_index + 1) * size > n_train:
-        return (f"field 'data.subset_index': bad value {d.subset_index}: disjoint subsets of {size} images "
+    if size is not None and data.subset_mode == "disjoint" and (data.subset_index + 1) * size > n_train:
+        return (f"field 'data.subset_index': bad value {data.subset_index}: disjoint subsets of {size} images "
                 f"fit {n_train // size} times in {n_train:,}; allowed: 0..{n_train // size - 1} "
                 f"(or data.subset_mode: bootstrap)")
-    if size is None and d.subset_index != 0:
-        return (f"field 'data.subset_index': bad value {d.subset_index}: without data.subset_size the whole "
+    if size is None and data.subset_index != 0:
+        return (f"field 'data.subset_index': bad value {data.subset_index}: without data.subset_size the whole "
                 f"split is used; allowed: 0 (or set data.subset_size)")
-    if d.val_size is not None and d.val_size > n_val:
-        return f"field 'data.val_size': bad value {d.val_size}: {split}; allowed: 1..{n_val}"
-    native = NATIVE_IMAGE_SIZE[d.dataset]
-    if d.image_size is not None and d.image_size < native:
-        return (f"field 'data.image_size': bad value {d.image_size}: {d.dataset} images are {native}x{native} "
+    if data.val_size is not None and data.val_size > n_val:
+        return f"field 'data.val_size': bad value {data.val_size}: {split}; allowed: 1..{n_val}"
+    native = NATIVE_IMAGE_SIZE[data.dataset]
+    if data.image_size is not None and data.image_size < native:
+        return (f"field 'data.image_size': bad value {data.image_size}: {data.dataset} images are {native}x{native} "
                 f"and are zero-padded, never shrunk; allowed: null or >= {native}")
-    if m.attention:
-        channels = m.base_width * m.channel_mult[-1]
-        if channels % m.attention_heads:
-            return (f"field 'model.attention_heads': bad value {m.attention_heads}: must divide the "
+    if model.attention:
+        channels = model.base_width * model.channel_mult[-1]
+        if channels % model.attention_heads:
+            return (f"field 'model.attention_heads': bad value {model.attention_heads}: must divide the "
                     f"{channels} channels where attention runs (base_width x channel_mult[-1]); allowed: "
                     f"{', '.join(str(h) for h in range(1, channels + 1) if channels % h == 0)}")
-    if f.schedule != "cosine" and f.beta_start > f.beta_end:
-        return (f"field 'diffusion.beta_start': bad value {f.beta_start}: above diffusion.beta_end="
-                f"{f.beta_end}; allowed: 0 < beta_start <= beta_end < 1")
-    if e.sampler == "ddim" and (e.steps or 50) > f.T:
-        return f"field 'evaluation.steps': bad value {e.steps}: allowed 1..diffusion.T={f.T}"
-    if isinstance(e.t_grid, int) and not 2 <= e.t_grid <= f.T:
-        return (f"field 'evaluation.t_grid': bad value {e.t_grid}: the number of residual timesteps; "
-                f"allowed: 2..diffusion.T={f.T}, or an explicit list of timesteps")
-    if isinstance(e.t_grid, tuple):
-        if not e.t_grid or max(e.t_grid) > f.T or len(set(e.t_grid)) != len(e.t_grid):
-            return (f"field 'evaluation.t_grid': bad value {list(e.t_grid)}: allowed: distinct timesteps in "
-                    f"1..diffusion.T={f.T}")
-    val = d.val_size or n_val
-    if e.residual_images > val:
-        return (f"field 'evaluation.residual_images': bad value {e.residual_images}: more than the {val} "
+    if diffusion.schedule != "cosine" and diffusion.beta_start > diffusion.beta_end:
+        return (f"field 'diffusion.beta_start': bad value {diffusion.beta_start}: above diffusion.beta_end="
+                f"{diffusion.beta_end}; allowed: 0 < beta_start <= beta_end < 1")
+    if evaluation.sampler == "ddim" and (evaluation.steps or 50) > diffusion.T:
+        return f"field 'evaluation.steps': bad value {evaluation.steps}: allowed 1..diffusion.T={diffusion.T}"
+    if isinstance(evaluation.t_grid, int) and not 2 <= evaluation.t_grid <= diffusion.T:
+        return (f"field 'evaluation.t_grid': bad value {evaluation.t_grid}: the number of residual timesteps; "
+                f"allowed: 2..diffusion.T={diffusion.T}, or an explicit list of timesteps")
+    if isinstance(evaluation.t_grid, tuple):
+        grid = evaluation.t_grid
+        if not grid or max(grid) > diffusion.T or len(set(grid)) != len(grid):
+            return (f"field 'evaluation.t_grid': bad value {list(evaluation.t_grid)}: allowed: distinct timesteps in "
+                    f"1..diffusion.T={diffusion.T}")
+    val = data.val_size or n_val
+    if evaluation.residual_images > val:
+        return (f"field 'evaluation.residual_images': bad value {evaluation.residual_images}: more than the {val} "
                 f"validation images; allowed: 1..{val} (data.val_size)")
-    if e.metrics and e.is_splits > e.n_samples // 2:
+    if evaluation.metrics and evaluation.is_splits > evaluation.n_samples // 2:
         # A split of one sample has IS exactly 1 (p(y|x) is its own marginal): a meaningless number.
-        return (f"field 'evaluation.is_splits': bad value {e.is_splits}: each IS split needs >= 2 of the "
-                f"{e.n_samples} samples; allowed: 1..{max(1, e.n_samples // 2)}")
+        return (f"field 'evaluation.is_splits': bad value {evaluation.is_splits}: each IS split needs >= 2 of the "
+                f"{evaluation.n_samples} samples; allowed: 1..{max(1, evaluation.n_samples // 2)}")
     return None

@@ -58,7 +58,8 @@ def status_table(out: Path):
     df["status"] = [("INTERRUPTED" if st == "RUNNING" and _stale(out, t) else st)
                     for t, st in zip(df["trial_id"], df["status"])]
     df["error"] = df["error"].fillna("") if "error" in df else ""
-    df["progress"] = [f"{100 * s / t:.0f}%" if pd.notna(t) and t else "-" for s, t in zip(df["step"], df["total_steps"])]
+    df["progress"] = [f"{100 * s / t:.0f}%" if pd.notna(t) and t else "-"
+                      for s, t in zip(df["step"], df["total_steps"])]
     steps = read_table(out, "train_steps")
     if not steps.empty:
         df["loss"] = df["trial_id"].map(latest_per_trial(steps).set_index("trial_id")["loss"])

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from orchestrator.plan import build_plan
-from orchestrator.spec import PACKAGED_STUDIES, StudyError, load_study_file, parse_study, resolve_study_path
+from orchestrator.spec import StudyError, parse_study
+from orchestrator.study_file import PACKAGED_STUDIES, load_study_file, resolve_study_path
 
 
 def tiny(data_root, **over) -> dict:

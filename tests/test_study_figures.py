@@ -19,7 +19,7 @@ from analysis.groups import t_interval
 from analysis.tables import load_study
 from orchestrator.driver import StudyRun
 from orchestrator.plan import build_plan
-from orchestrator.spec import load_study_file
+from orchestrator.study_file import load_study_file
 
 SIZE_TERM = {1000: 10.0, 6000: 5.0, 24000: 3.0, 48000: 0.0}
 EVAL_STEPS = (3000, 39000, 75000)
