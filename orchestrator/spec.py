@@ -49,6 +49,7 @@ StrictBool = Annotated[bool, Strict()]
 UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]   # [0, 1): Adam's betas, dropout, EMA decay
 OpenUnitInterval = Annotated[float, Field(gt=0.0, lt=1.0)]
 
+
 class StudyError(ValueError):
     """A study file is wrong; the message names the field, the value and what is allowed."""
 
