@@ -72,8 +72,7 @@ def overlays(synthetic):
 
 def truth(p, value, **where) -> float:
     """Mean of value(cfg) over the trials (one per seed) matching every dotted field in `where`."""
-    vals = [value(t["config"]) for t in p["trials"]
-            if all(t["config"][k.split(".")[0]][k.split(".")[1]] == v for k, v in where.items())]
+    vals = [value(t.config()) for t in p.trials if all(t.get(k) == v for k, v in where.items())]
     assert len(vals) == 3, (where, len(vals))   # exactly the three seeds
     return float(np.mean(vals))
 
