@@ -27,6 +27,7 @@ CIFAR10_TRAIN, CIFAR10_VAL = 40_000, 10_000  # the 50k training images, same 80/
 # The one place the split sizes and native image sizes live (study validation reads them here).
 SPLIT_SIZES = {"mnist": (MNIST_TRAIN, MNIST_VAL), "cifar10": (CIFAR10_TRAIN, CIFAR10_VAL)}
 NATIVE_IMAGE_SIZE = {"mnist": 28, "cifar10": 32}
+IMAGE_CHANNELS = {"mnist": 1, "cifar10": 3}
 
 
 class DatasetNotFoundError(FileNotFoundError):

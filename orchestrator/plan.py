@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from diffusion_core.data import NATIVE_IMAGE_SIZE, SPLIT_SIZES, DataConfig
+from diffusion_core.data import IMAGE_CHANNELS, NATIVE_IMAGE_SIZE, SPLIT_SIZES, DataConfig
 from diffusion_core.evaluation import EvalConfig
 from diffusion_core.train import DiffusionConfig, TrainConfig
 from diffusion_core.unet import UNetConfig
@@ -58,7 +58,6 @@ class Trial:
     def get(self, dotted: str):
         section, field = dotted.split(".")
         return getattr(getattr(self, section), field)
-
 
 
 def flatten(config: dict[str, dict]) -> dict[str, Any]:
@@ -204,7 +203,7 @@ def make_trial(spec: StudySpec, tid: str, overrides: dict, cfg: dict[str, dict])
 
 def resolve_model(model: UNetConfig, data: DataConfig, diffusion: DiffusionConfig) -> UNetConfig:
     """The U-Net of a trial: image channels and size from its data, a variance output if learned."""
-    return dataclasses.replace(model, in_channels=1 if data.dataset == "mnist" else 3,
+    return dataclasses.replace(model, in_channels=IMAGE_CHANNELS[data.dataset],
                                image_size=data.image_size or NATIVE_IMAGE_SIZE[data.dataset],
                                learn_sigma=diffusion.reverse_variance == "learned")
 
