@@ -53,7 +53,7 @@ def main() -> None:
         total = args.warmup + args.steps
         return TrainConfig(epochs=10 ** 6, batch_size=args.batch, max_steps=total, seed=seed,
                            log_every_first=args.log_first, log_every=min(100, args.warmup), eval_start=10 ** 9, eval_every=10 ** 9,
-                           val_every_epoch=False, **kw)
+                           val_every=10 ** 9, **kw)
 
     model = UNetConfig(base_width=args.width)
     variants = {"eager": {}, "eager+nosync": dict(device_noise=True, deferred_sync=True)}

@@ -58,7 +58,7 @@ def _one_trial(rank: int, args, barrier, results) -> None:
     # real trial's `log_every` is 100.
     training = TrainConfig(epochs=10 ** 6, batch_size=args.batch, max_steps=args.warmup + args.steps, seed=rank,
                            log_every_first=0, log_every=args.warmup, eval_start=10 ** 9, eval_every=10 ** 9,
-                           val_every_epoch=False, precision=args.precision, channels_last=args.channels_last)
+                           val_every=10 ** 9, precision=args.precision, channels_last=args.channels_last)
     clock = _Clock(barrier, args.warmup, device)
     train(data=DataConfig(root=args.data_root, subset_size=args.subset), model=UNetConfig(base_width=args.width),
           training=training, hooks=clock, device=device)

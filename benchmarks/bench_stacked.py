@@ -58,7 +58,7 @@ def configs(args, seed: int):
     model = UNetConfig(base_width=args.width, dropout=args.dropout)
     training = TrainConfig(epochs=10 ** 6, batch_size=args.batch, max_steps=args.warmup + args.steps, seed=seed,
                            log_every_first=0, log_every=args.warmup, eval_start=10 ** 9, eval_every=10 ** 9,
-                           val_every_epoch=False)
+                           val_every=10 ** 9)
     return model, training
 
 

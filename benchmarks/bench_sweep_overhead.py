@@ -5,7 +5,7 @@ TorchTrainer with N DDP workers -> diffusion_core.train) on a study of a few tin
 time-stamps each hop of every trial:
 
     tune_start    Tune starts the trial (a Tune Callback in this process, on_trial_start)
-    driver        the trial's driver function runs (orchestrator.sweep.run_trial calls plan())
+    driver        the trial's driver function runs (orchestrator.ray_runner.run_trial calls drive_trial())
     worker        the rank-0 Ray Train worker process enters train_worker (its rank0.json)
     train_start   diffusion_core.train() is set up: data loaded, model built, DDP wrapped (hooks.on_start)
     first_step    the first optimizer step has finished (hooks.on_step at step 1)
@@ -41,16 +41,15 @@ def _stamp(event: str, trial_id: str, **extra) -> None:
 
 def setup_hook() -> None:
     """Runs in every Ray worker process before it executes anything: wrap the orchestrator's hooks."""
-    import orchestrator.sweep as sweep
+    import orchestrator.ray_runner as ray_runner
     import orchestrator.worker as worker
 
-    plan = sweep.plan
+    drive_trial = ray_runner.drive_trial
 
-    def plan_stamped(spec, out):
-        p = plan(spec, out)
-        _stamp("driver", "?", pid_role="driver")
-        return p
-    sweep.plan = plan_stamped
+    def drive_trial_stamped(study, trial, fit):
+        _stamp("driver", trial.trial_id, pid_role="driver")
+        return drive_trial(study, trial, fit)
+    ray_runner.drive_trial = drive_trial_stamped
 
     on_start, on_step = worker.TrialHooks.on_start, worker.TrialHooks.on_step
 
@@ -73,9 +72,9 @@ def tiny_study(data_root: str, trials: int, workers: int, steps: int) -> dict:
         "data": {"root": data_root, "subset_size": 512, "val_size": 128},
         "model": {"base_width": 8, "channel_mult": [1, 2], "blocks_per_level": 1, "bottleneck_blocks": 1},
         "diffusion": {"T": 200},
-        "training": {"epochs": 1, "batch_size": 16,
+        "training": {"epochs": 1, "batch_size": 16, "eval_every": steps, "eval_start": steps,
                      "lr": 1e-3, "ema_decay": 0.9, "log_every_first": 10, "log_every": 5},
-        "evaluation": {"every": steps, "start": steps, "n_samples": 16, "grid_images": 16, "sampler": "ddim",
+        "evaluation": {"n_samples": 16, "grid_images": 16, "sampler": "ddim",
                        "steps": 2, "t_grid": 4, "residual_images": 16, "is_splits": 1, "metrics": False},
         "sweep": {"grid": {"model.base_width": widths}},
         "resources": {"workers_per_trial": workers, "cpus_per_worker": 1, "max_concurrent_trials": 1},
@@ -121,6 +120,7 @@ def main() -> None:
     from ray import tune
 
     from orchestrator import sweep
+    from orchestrator.plan import build_plan
     from orchestrator.spec import parse_study
     from records.layout import worker_file
 
@@ -134,7 +134,7 @@ def main() -> None:
     study = tiny_study(data_root, args.trials, args.workers, args.steps)
     study["training"]["epochs"] = 1
     study["training"]["max_steps"] = args.steps
-    spec = parse_study(study, "<bench_sweep_overhead>")
+    plan = build_plan(parse_study(study, "<bench_sweep_overhead>"))
 
     class StartStamp(tune.Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
@@ -155,7 +155,7 @@ def main() -> None:
     ray_init_s = time.time() - t_init
     t_launch = time.time()
     try:
-        code = sweep.launch(spec, out, echo=lambda s: None)
+        code = sweep.launch(plan, out, echo=lambda s: None)
     finally:
         ray.shutdown()
         tune.RunConfig = real_run_config

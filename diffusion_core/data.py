@@ -13,18 +13,21 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
 DATA_ROOT_ENV = "STUDYCTL_DATA_ROOT"
-DATASETS = ("mnist", "cifar10")
-SUBSET_MODES = ("disjoint", "bootstrap")
+Dataset = Literal["mnist", "cifar10"]
+SubsetMode = Literal["disjoint", "bootstrap"]
+DATASETS, SUBSET_MODES = get_args(Dataset), get_args(SubsetMode)
 MNIST_TRAIN, MNIST_VAL = 48_000, 12_000  # thesis 2.5.3: 80/20 split of the 60k training images
 CIFAR10_TRAIN, CIFAR10_VAL = 40_000, 10_000  # the 50k training images, same 80/20 split
 # The one place the split sizes and native image sizes live (study validation reads them here).
 SPLIT_SIZES = {"mnist": (MNIST_TRAIN, MNIST_VAL), "cifar10": (CIFAR10_TRAIN, CIFAR10_VAL)}
 NATIVE_IMAGE_SIZE = {"mnist": 28, "cifar10": 32}
+IMAGE_CHANNELS = {"mnist": 1, "cifar10": 3}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -205,12 +208,12 @@ def subset_indices(n_total: int, size: int, index: int = 0, mode: str = "disjoin
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist"            # mnist | cifar10
+    dataset: Dataset = "mnist"
     root: str | None = None           # None: $STUDYCTL_DATA_ROOT, else ./data
     split_seed: int = 0               # the seeded 48,000 / 12,000 split (thesis 2.5.3)
     subset_size: int | None = None    # None: the whole training split
     subset_index: int = 0             # which subset (the variance study trains on several)
-    subset_mode: str = "disjoint"     # disjoint | bootstrap
+    subset_mode: SubsetMode = "disjoint"
     data_seed: int = 0                # drives subset selection, identical across trials
     image_size: int | None = None     # None: native (28 MNIST, 32 CIFAR); larger zero-pads
     val_size: int | None = None       # None: the whole validation split; else its first N

@@ -29,8 +29,9 @@ from .data import ImageSet, from_unit_range
 from .guidance import GuidedModel, balanced_labels
 from .metrics import METRIC_KEYS  # the metric columns of the `evals` table
 from .residuals import default_t_grid, residual_curve, variance_interpolation_curve
-from .samplers import make_sampler
+from .samplers import Sampler, make_sampler
 from .schedules import NoiseSchedule
+from .train import PRECISIONS, Precision
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,9 @@ REAL_DATA_KEYS = ("real_fid", "real_inception_score", "real_precision", "real_re
 
 @dataclass(frozen=True)
 class EvalConfig:
-    n_samples: int = 64              # samples drawn for the metrics (the first grid_images form the grid)
+    n_samples: int = 1000            # samples drawn for the metrics (the first grid_images form the grid)
     grid_images: int = 64            # images in the saved sample grid (Fig. 28)
-    sampler: str = "ddpm"            # ddpm (thesis) | ddim
+    sampler: Sampler = "ddpm"        # ddpm (thesis)
     steps: int | None = None         # DDIM steps (None: 50)
     eta: float = 0.0                 # DDIM eta
     is_splits: int = 5               # IS averaged over this many splits (thesis: 5)
@@ -55,7 +56,7 @@ class EvalConfig:
     metrics: bool = True             # compute the metrics record (needs diffusion_core.metrics)
     batch_size: int = 256            # sampling / residual batch
     # Sampling fast path (the residuals stay fp32 eager: they are the measurement).
-    precision: str = "fp32"          # fp32 | bf16 (autocast of the network inside the sampler)
+    precision: Precision = "fp32"    # bf16: autocast of the network inside the sampler
     compile: bool = False            # torch.compile the network for sampling (CUDA graphs on a GPU)
     guidance_scale: float = 1.0      # classifier-free guidance s (class-conditional models): 0 uncond., 1 cond.
     progressive_t: tuple[int, ...] = ()  # progressive-generation frames (t values; 0 = the sample), last eval
@@ -64,8 +65,8 @@ class EvalConfig:
     def __post_init__(self):
         if self.guidance_scale < 0:
             raise ValueError(f"EvalConfig.guidance_scale={self.guidance_scale!r} must be >= 0")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"EvalConfig.precision={self.precision!r}; allowed: fp32, bf16")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"EvalConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"EvalConfig.batch_size={self.batch_size!r} must be an integer >= 1")
 

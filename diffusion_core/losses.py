@@ -11,14 +11,15 @@ numbers of the loss curves and of the residual curves share one scale.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 
 from .schedules import NoiseSchedule
 from .variance import HYBRID_LAMBDA, interpolation, vlb_terms
 
-LOSSES = ("simple", "elbo", "hybrid")
+Loss = Literal["simple", "elbo", "hybrid"]
+LOSSES = get_args(Loss)
 
 
 def per_example_mse(eps: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ frames for progressive-generation figures.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 from tqdm.auto import tqdm
@@ -17,7 +17,8 @@ from .schedules import NoiseSchedule
 from .variance import interpolation, learned_log_variance
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("ddpm", "ddim")
+Sampler = Literal["ddpm", "ddim"]
+SAMPLERS = get_args(Sampler)
 
 
 def _split(out) -> tuple[torch.Tensor, torch.Tensor | None]:

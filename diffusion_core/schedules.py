@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+Schedule = Literal["linear", "cosine", "quadratic", "sigmoid"]
+SCHEDULES = get_args(Schedule)
 
 
 def _check_T(T: int) -> None:
@@ -59,7 +61,7 @@ def make_betas(name: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: str = "linear"         # linear (thesis) | cosine | quadratic | sigmoid
+    name: Schedule = "linear"    # linear (thesis)
     T: int = 1000                # number of diffusion steps (thesis: 1000)
     beta_start: float = 1e-4     # linear/quadratic/sigmoid only (thesis: 1e-4)
     beta_end: float = 0.02       # linear/quadratic/sigmoid only (thesis: 0.02)

@@ -31,7 +31,7 @@ from .schedules import NoiseSchedule
 from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
 from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
-                    build_model, fixed_validation_draws, pick_device)
+                    build_model, fixed_validation_draws, pick_device, validates_at)
 from .unet import UNet, UNetConfig, count_parameters
 
 # Fields every member of a group must share (the rest may differ member by member).
@@ -122,13 +122,15 @@ class _Run:
     def __init__(self, group: "_Group", member: Member, splits, device: torch.device, eval_seed: int):
         tr = member.training
         self.group, self.member, self.splits, self.device = group, member, splits, device
-        self.schedule = NoiseSchedule.from_config(member.diffusion.schedule)
+        self.schedule = NoiseSchedule.from_config(member.diffusion.schedule_config)
         self.n_train = len(splits.train)
         if tr.batch_size > self.n_train:
             raise ValueError(f"member {member.name!r}: batch_size={tr.batch_size} is larger than the training set "
                              f"({self.n_train} images)")
-        self.spe = steps_per_epoch(self.n_train, tr.batch_size)
-        self.total = tr.epochs * self.spe if tr.max_steps is None else min(tr.epochs * self.spe, tr.max_steps)
+        self.epoch_steps = steps_per_epoch(self.n_train, tr.batch_size)
+        self.total = tr.epochs * self.epoch_steps
+        if tr.max_steps is not None:
+            self.total = min(self.total, tr.max_steps)
         self.net = build_model(member.model, tr.seed, device)       # the initialisation of train()
         self.dropout_generator = torch.Generator(device)           # ... and the dropout stream after it
         if device.type == "cpu":
@@ -144,16 +146,16 @@ class _Run:
         self.epoch_losses: list[EpochLosses] = []
         self.epoch_count = 0
         self.status, self.error, self._batches = "RUNNING", None, (None, None)
-        self.ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, self.spe,
+        self.ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, self.epoch_steps,
                                 self.total, MemberState(self))
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Indices of the batch of (0-based) step `step`, exactly as train() walks epoch_batches."""
-        epoch = step // self.spe
+        epoch = step // self.epoch_steps
         if self._batches[0] != epoch:
             self._batches = (epoch, epoch_batches(self.n_train, self.member.training.batch_size, epoch,
                                                   self.member.training.seed, device=self.splits.train.images.device))
-        return self._batches[1][step - epoch * self.spe]
+        return self._batches[1][step - epoch * self.epoch_steps]
 
     def refresh_modules(self) -> None:
         row = self.group.row(self)
@@ -166,7 +168,7 @@ class _Run:
         fn = getattr(self.member.hooks, name, None) if self.member.hooks is not None else None
         if fn is not None:
             step = self.group.step if step is None else step
-            self.ctx.step, self.ctx.epoch = step, step / self.spe
+            self.ctx.step, self.ctx.epoch = step, step / self.epoch_steps
             self.refresh_modules()
             fn(self.ctx, *args) if name != "on_diverged" else fn(*args)
 
@@ -338,7 +340,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
     def finish(run: _Run, status: str, error: str | None = None) -> None:
         run.status, run.error = status, error
         run.refresh_modules()
-        res = TrainResult(group.step, math.ceil(group.step / run.spe), run.train_losses, run.epoch_losses, run.net,
+        res = TrainResult(group.step, math.ceil(group.step / run.epoch_steps), run.train_losses, run.epoch_losses, run.net,
                           run.ema_net, run.schedule, count_parameters(run.net), time.time() - t_start)
         results[members.index(run.member)] = MemberResult(run.member.name, status, error, res)
 
@@ -357,7 +359,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                 if r.status != "RUNNING" or not r.logs_at(step):
                     continue
                 if not math.isfinite(value):
-                    diverge(r, f"training loss became {value} at step {step} (epoch {step / r.spe:.2f}); "
+                    diverge(r, f"training loss became {value} at step {step} (epoch {step / r.epoch_steps:.2f}); "
                                f"lower the learning rate or check the data")
                     continue
                 r.train_losses.append((step, value))
@@ -375,7 +377,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
             r.epoch_count += 1
         if any(r.logs_at(step) for r in group.runs):
             pending.append((step, loss))
-        ends = [r for r in group.runs if step % r.spe == 0 or step == r.total]
+        ends = [r for r in group.runs if step % r.epoch_steps == 0 or step == r.total]
         evals = [r for r in group.runs if r.should_eval(step)]
         if not deferred_sync or ends or evals or step % members[0].training.log_every == 0:
             flush()
@@ -385,14 +387,14 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                              for r, s in zip(live, group.epoch_sum[[group.row(r) for r in live]].tolist())}
             for r, train_loss in train_loss_of.items():
                 if not math.isfinite(train_loss):
-                    diverge(r, f"training loss became {train_loss} in epoch {math.ceil(step / r.spe)} "
+                    diverge(r, f"training loss became {train_loss} in epoch {math.ceil(step / r.epoch_steps)} "
                                f"(step {step}); lower the learning rate or check the data")
             live = [r for r in live if r.status == "RUNNING"]
-            val = [r for r in live if r.member.training.val_every_epoch]
+            val = [r for r in live if validates_at(r.member.training, step, r.epoch_steps, r.total)]
             val_losses = dict(zip(val, group.validation_losses(val))) if val else {}
             for r in live:
                 train_loss = train_loss_of[r]
-                completed = math.ceil(step / r.spe)
+                completed = math.ceil(step / r.epoch_steps)
                 # The raw weights' eval-mode losses (val_raw, train_eval) are not computed for stacked
                 # members yet; the EMA share is lambda^k (FlatEMA has no warm-up: refused above).
                 losses = EpochLosses(completed, step, train_loss, val_losses.get(r), None, None,

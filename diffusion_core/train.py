@@ -16,8 +16,8 @@ import copy
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 import torch.distributed as dist
@@ -26,16 +26,26 @@ import torch.nn as nn
 from .data import DataConfig, ImageSet, epoch_batches, load_splits, steps_per_epoch
 from .ema import EMA
 from .graph_step import GraphedStep
-from .losses import LOSSES, diffusion_loss, per_example_mse
-from .schedules import NoiseSchedule, ScheduleConfig
+from .losses import LOSSES, Loss, diffusion_loss, per_example_mse
+from .schedules import NoiseSchedule, Schedule, ScheduleConfig
 from .unet import UNet, UNetConfig, count_parameters
+
+ReverseVariance = Literal["beta", "beta_tilde", "learned"]
+Precision = Literal["fp32", "bf16"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+REVERSE_VARIANCES, PRECISIONS, COMPILE_MODES = get_args(ReverseVariance), get_args(Precision), get_args(CompileMode)
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # thesis: linear 1e-4..0.02, T=1000
-    reverse_variance: str = "beta"   # sigma_t^2 for sampling and the ELBO weight: beta | beta_tilde | learned
-    loss: str = "simple"             # simple (eq. 72, thesis) | elbo (eq. 70) | hybrid (iDDPM, with learned)
+    # The noise schedule's fields, flat (a study file's `diffusion:` section is this class); the
+    # defaults are ScheduleConfig's, the thesis's: linear 1e-4..0.02, T=1000.
+    T: int = ScheduleConfig.T
+    schedule: Schedule = ScheduleConfig.name
+    beta_start: float = ScheduleConfig.beta_start
+    beta_end: float = ScheduleConfig.beta_end
+    reverse_variance: ReverseVariance = "beta"   # sigma_t^2 for sampling and the ELBO weight
+    loss: Loss = "simple"            # simple (eq. 72, thesis) | elbo (eq. 70) | hybrid (iDDPM, with learned)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -44,19 +54,19 @@ class DiffusionConfig:
             raise ValueError(f"unknown reverse_variance {self.reverse_variance!r}; "
                              f"allowed: {', '.join(REVERSE_VARIANCES)}")
         if (self.reverse_variance == "learned") != (self.loss == "hybrid"):
-            raise ValueError("reverse_variance 'learned' and loss 'hybrid' go together: only L_vlb trains the "
-                             f"variance (got reverse_variance={self.reverse_variance!r}, loss={self.loss!r})")
+            raise ValueError(f"reverse_variance={self.reverse_variance!r} with loss={self.loss!r}: a learned "
+                             f"variance is trained only by L_vlb; allowed: reverse_variance 'learned' together "
+                             f"with loss 'hybrid' (iDDPM), or 'beta' / 'beta_tilde' with 'simple' / 'elbo'")
+
+    @property
+    def schedule_config(self) -> ScheduleConfig:
+        return ScheduleConfig(name=self.schedule, T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
 
     def model_config(self, model: UNetConfig) -> UNetConfig:
         """The U-Net config this diffusion needs: a variance output exactly when the variance is learned."""
         return dataclasses.replace(model, learn_sigma=self.reverse_variance == "learned")
 
 
-REVERSE_VARIANCES = ("beta", "beta_tilde", "learned")
-
-
-PRECISIONS = ("fp32", "bf16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -75,17 +85,18 @@ class TrainConfig:
     log_every: int = 100             # ... then every N steps
     eval_every: int = 2000           # call hooks.on_eval every N steps ...
     eval_start: int = 8000           # ... from this step on (and always at the last step)
-    val_every_epoch: bool = True     # at each epoch end: validation loss (EMA and raw weights, fixed t/eps)
-    #                                  and the raw weights' loss on a fixed training batch (EpochLosses)
+    # The epoch-end evaluation-mode losses (EpochLosses): validation loss of the EMA and raw weights
+    # (fixed t/eps) and the raw weights' loss on a fixed training batch. None: at every epoch end; N:
+    # only at the epoch ends that pass a multiple of N steps (and the last step) -- a 1,000-image set
+    # has 1,210 epochs in 75,000 steps, and 1,210 passes over a 12,000-image validation split would
+    # outweigh the training. N = eval_every: about once per evaluation.
+    val_every: int | None = None
     train_eval_images: int = 512     # size of that fixed training batch (capped at the training set)
-    val_every_steps: int | None = None   # None: those losses at every epoch end; N: only at the epoch ends
-    #   that pass a multiple of N steps (and the last step) -- a 1,000-image set has 1,210 epochs in
-    #   75,000 steps, and 1,210 passes over a 12,000-image validation split would outweigh the training
     # Fast path (see BENCHMARKS.md); the defaults are the plain fp32 thesis loop.
-    precision: str = "fp32"          # fp32 | bf16 (autocast of the forward pass; loss and Adam in fp32)
+    precision: Precision = "fp32"    # bf16: autocast of the forward pass; loss and Adam in fp32
     channels_last: bool = False      # NHWC memory layout for convolutions
     compile: bool = False            # torch.compile the training forward ...
-    compile_mode: str = "default"    # ... default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_mode: CompileMode = "default"   # ... reduce-overhead: CUDA graphs
     fused_adam: bool | None = None   # None: fused Adam on CUDA, the reference loop elsewhere
     # No host in the loop (issue 11). device_noise draws (t, eps) from a seeded generator on the
     # training device: on a GPU that is another random stream than the default CPU one (same on a CPU).
@@ -95,7 +106,7 @@ class TrainConfig:
     label_dropout: float = 0.1       # class-conditional models: P(label -> null label), classifier-free guidance
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "log_every", "eval_every"):
+        for name in ("epochs", "batch_size", "log_every", "eval_every", "train_eval_images"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name}={v!r} must be an integer >= 1")
@@ -111,6 +122,13 @@ class TrainConfig:
                              "(compile_mode=reduce-overhead is compile's own CUDA graphs)")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"TrainConfig.label_dropout={self.label_dropout!r} must lie in [0, 1)")
+
+
+def validates_at(training: TrainConfig, step: int, epoch_steps: int, total_steps: int) -> bool:
+    """Whether the epoch ending at `step` computes its evaluation-mode losses (TrainConfig.val_every):
+    a function of the step only, so a resumed run agrees."""
+    n = training.val_every
+    return n is None or step == total_steps or step // n > (step - epoch_steps) // n
 
 
 class DivergedError(RuntimeError):
@@ -318,7 +336,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     t_start = time.time()
     rank, world = _dist()
     device = pick_device(device)
-    schedule = NoiseSchedule.from_config(diffusion.schedule)
+    schedule = NoiseSchedule.from_config(diffusion.schedule_config)
 
     if splits is None:
         splits = load_splits(data)
@@ -327,8 +345,8 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     n_train = len(splits.train)
     if training.batch_size > n_train:
         raise ValueError(f"batch_size={training.batch_size} is larger than the training set ({n_train} images)")
-    spe = steps_per_epoch(n_train, training.batch_size, world)
-    total_steps = training.epochs * spe
+    epoch_steps = steps_per_epoch(n_train, training.batch_size, world)
+    total_steps = training.epochs * epoch_steps
     if training.max_steps is not None:
         total_steps = min(total_steps, training.max_steps)
 
@@ -363,8 +381,8 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     val_t, val_eps = fixed_validation_draws(splits.val, schedule, eval_seed)
     tr_idx, tr_t, tr_eps = fixed_train_draws(splits.train, schedule, eval_seed, training.train_eval_images)
     train_batch = splits.train.subset(tr_idx)
-    ctx = TrainContext(state.step, state.step / spe, net, ema.module, schedule, splits, device, rank, world,
-                       spe, total_steps, state)
+    ctx = TrainContext(state.step, state.step / epoch_steps, net, ema.module, schedule, splits, device, rank, world,
+                       epoch_steps, total_steps, state)
     is_main = rank == 0
 
     def call(name, *args, all_ranks: bool = False):
@@ -372,9 +390,6 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         if fn is not None and (is_main or all_ranks):
             fn(ctx, *args)
 
-    def validate_now(step: int) -> bool:  # a function of the step only, so a resumed run agrees
-        n = training.val_every_steps
-        return n is None or step == total_steps or step // n > (step - spe) // n
 
     def should_eval(step: int) -> bool:
         return step == total_steps or (step >= training.eval_start and step % training.eval_every == 0)
@@ -413,18 +428,18 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         for (step, _), value in zip(pending_losses, values):
             if not math.isfinite(value):
                 raise DivergedError(f"training loss became {value} at step {step} "
-                                    f"(epoch {step / spe:.2f}); lower the learning rate or check the data")
+                                    f"(epoch {step / epoch_steps:.2f}); lower the learning rate or check the data")
             train_losses.append((step, value))
-            ctx.step, ctx.epoch = step, step / spe  # what hooks see is the step the loss belongs to
+            ctx.step, ctx.epoch = step, step / epoch_steps  # what hooks see is the step the loss belongs to
             call("on_step", value)
         ctx.step, ctx.epoch = now
         pending_losses.clear()
     net.train()
     while state.step < total_steps:
-        epoch = state.step // spe
+        epoch = state.step // epoch_steps
         batches = epoch_batches(n_train, training.batch_size, epoch, training.seed, rank=rank, world_size=world,
                                 device=splits.train.images.device)
-        for idx in batches[state.step - epoch * spe:]:
+        for idx in batches[state.step - epoch * epoch_steps:]:
             if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -439,10 +454,10 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             loss = graphed(x0, t, eps) if graphed is not None else step_fn(x0, t, eps, y)
             ema.update(net)
             state.step += 1
-            ctx.step, ctx.epoch = state.step, state.step / spe
+            ctx.step, ctx.epoch = state.step, state.step / epoch_steps
 
             log_now = state.step <= training.log_every_first or state.step % training.log_every == 0
-            end_of_epoch = state.step % spe == 0 or state.step == total_steps
+            end_of_epoch = state.step % epoch_steps == 0 or state.step == total_steps
             # Losses accumulate on the device; they are fetched (a sync) only when logged.
             state.epoch_loss_sum = state.epoch_loss_sum + loss.detach().double()
             state.epoch_loss_count += 1
@@ -462,12 +477,12 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                     raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1} "
                                         f"(step {state.step}); lower the learning rate or check the data")
                 val_loss = val_raw = train_eval = None
-                if training.val_every_epoch and validate_now(state.step):  # eval mode, fixed draws: no RNG
+                if validates_at(training, state.step, epoch_steps, total_steps):  # eval mode, fixed draws: no RNG
                     val_loss = validation_loss(ema.module, schedule, splits.val, val_t, val_eps,
                                                rank=rank, world_size=world)
                     val_raw = eval_mode_loss(net, schedule, splits.val, val_t, val_eps, rank, world)
                     train_eval = eval_mode_loss(net, schedule, train_batch, tr_t, tr_eps, rank, world)
-                losses = EpochLosses(math.ceil(state.step / spe), state.step, train_loss, val_loss, val_raw,
+                losses = EpochLosses(math.ceil(state.step / epoch_steps), state.step, train_loss, val_loss, val_raw,
                                      train_eval, ema.init_share)
                 epoch_losses.append(losses)
                 call("on_epoch", losses)
@@ -485,6 +500,6 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     if bar is not None:
         bar.close()
     call("on_end")
-    return TrainResult(state.step, math.ceil(state.step / spe), train_losses, epoch_losses, net, ema.module,
+    return TrainResult(state.step, math.ceil(state.step / epoch_steps), train_losses, epoch_losses, net, ema.module,
                        schedule, count_parameters(net), time.time() - t_start)
 

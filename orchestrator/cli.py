@@ -50,48 +50,44 @@ SET_HELP = ("Override a study field, FIELD=VALUE in YAML syntax (repeatable), e.
 
 def _load(file: str, overrides: list[str] | None = None):
     """Load + validate a study file (a path, or a packaged study's bare name); exit 2 if bad."""
+    from .spec import StudyError
+    from .study_file import load_study_file
+
+    try:
+        return load_study_file(file, overrides or [])
+    except StudyError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+
+
+def _plan_or_exit(spec):
+    """The study's plan (its sweep expanded and every trial validated: once per command); exit 2 if bad."""
+    import dataclasses
+
     from diffusion_core.data import resolve_data_root
 
-    from .spec import StudyError, load_study
+    from .plan import build_plan
+    from .spec import StudyError
 
-    try:
-        spec = load_study(file, overrides or [])
-    except StudyError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_BAD_STUDY)
     # Workers may start elsewhere (another node, another working dir): pin the data root.
-    spec.data.root = str(resolve_data_root(spec.data.root).resolve())
-    return spec
-
-
-def _trials_or_exit(spec):
-    from .spec import StudyError, expand
-
+    spec.data = dataclasses.replace(spec.data, root=str(resolve_data_root(spec.data.root).resolve()))
     try:
-        return expand(spec)
+        return build_plan(spec)
     except StudyError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
 
 
-def _print_table(spec, trials) -> None:
+def _print_table(plan) -> None:
     import pandas as pd
 
-    from .spec import trial_table
-
-    df = pd.DataFrame(trial_table(spec, trials), dtype=object).fillna("-")
+    df = pd.DataFrame(plan.table(), dtype=object).fillna("-")
     with pd.option_context("display.max_rows", 500, "display.max_columns", 30, "display.width", 160):
         typer.echo(df.to_string(index=False))
-    r = spec.resources
-    typer.echo(f"{len(trials)} trial(s); each: {r.workers_per_trial} DDP worker(s) x "
+    r = plan.spec.resources
+    typer.echo(f"{len(plan.trials)} trial(s); each: {r.workers_per_trial} DDP worker(s) x "
                f"(CPU {r.cpus_per_worker:g}, GPU {r.gpus_per_worker:g})")
-    _print_duplicates(spec)
-
-
-def _print_duplicates(spec) -> None:
-    from .spec import expand_with_duplicates
-
-    dropped = expand_with_duplicates(spec)[1]
+    dropped = plan.dropped
     if dropped:
         typer.echo(f"{len(dropped)} duplicate trial(s) dropped (same resolved config as a listed trial): "
                    + "; ".join(", ".join(f"{k}={v}" for k, v in ov.items()) for ov in dropped))
@@ -106,12 +102,10 @@ def validate(file: str = typer.Argument(..., help="Study YAML: a path, or a pack
     Exit status 2 (with a message naming the field, the bad value and what is allowed)
     if the file is wrong; nothing is started.
     """
-    from .spec import study_notes
-
     spec = _load(file, overrides)
-    trials = _trials_or_exit(spec)
-    _print_table(spec, trials)
-    for note in study_notes(trials):
+    plan = _plan_or_exit(spec)
+    _print_table(plan)
+    for note in plan.notes():
         typer.echo(f"note: {note}")
     typer.echo(f"study {spec.name!r} is valid; output folder {spec.output_dir()}")
 
@@ -141,25 +135,25 @@ def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packag
     spec = _load(file, overrides)
     if no_tracking:
         spec.tracking.enabled = False
-    trials = _trials_or_exit(spec)
+    plan = _plan_or_exit(spec)
     out = spec.output_dir(output)
     if dry_run:
-        _print_table(spec, trials)
+        _print_table(plan)
         runner = "this process (--local)" if local else f"Ray {address or spec.ray_address or 'local'}"
         typer.echo(f"dry run: would write to {out}; trials run in {runner}")
         return
-    _run_sweep(spec, out, address, local=local)
+    _run_sweep(plan, out, address, local=local)
 
 
-def _run_sweep(spec, out: Path, address: str | None, local: bool = False) -> None:
+def _run_sweep(plan, out: Path, address: str | None, local: bool = False) -> None:
     """Run (or finish) the sweep, then the study's `analysis` steps; exits with the sweep's code."""
-    from .sweep import TrialFailed
+    from .driver import SetupError
     from .sweep import launch as run_launch
 
     t0 = time.time()
     try:
-        code = run_launch(spec, out, address=address, local=local, echo=typer.echo)
-    except TrialFailed as e:
+        code = run_launch(plan, out, address=address, local=local, echo=typer.echo)
+    except SetupError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:  # before the trials started (the sweep handles its own interrupts)
@@ -168,7 +162,7 @@ def _run_sweep(spec, out: Path, address: str | None, local: bool = False) -> Non
     typer.echo(f"wall time {time.time() - t0:.0f} s")
     if code == 130:  # interrupted: the message is printed; no analysis of a half-run sweep
         raise typer.Exit(code)
-    _after_sweep(spec, out)
+    _after_sweep(plan.spec, out)
     raise typer.Exit(code)
 
 
@@ -219,13 +213,13 @@ def resume(directory: str = typer.Argument(..., help="The study folder of an int
     except StudyError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
-    _run_sweep(spec, d, address, local=local)
+    _run_sweep(_plan_or_exit(spec), d, address, local=local)
 
 
 @app.command()
 def status(directory: str = typer.Argument(..., help="A study folder (written by `studyctl launch`).")) -> None:
     """Trials with their state, progress and latest metrics (from the Parquet records)."""
-    from .sweep import summary_lines
+    from .status import summary_lines
 
     d = _study_dir(directory)
     summary_lines(d, typer.echo)

@@ -1,5 +1,8 @@
 """The Ray Train worker loop: `train_worker(config)` runs on each of a trial's DDP workers.
 
+What a worker gets is a `TrialTask`: the trial's typed configs (plan.Trial), the writer of
+its records and its MLflow run, built once by the trial's driver (driver.py).
+
 It calls the same `diffusion_core.train` as the single-process path (DDP is already set
 up by Ray's TorchTrainer: gloo on CPU, NCCL on GPU) and plugs in `TrialHooks`:
 
@@ -33,6 +36,7 @@ import shutil
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +53,7 @@ from records.parquet import RecordWriter
 from records.snapshots import save_snapshot
 
 from . import tracking
-from .spec import to_core
+from .plan import Trial
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +68,38 @@ def save_png(path: Path, grid_hwc: torch.Tensor) -> None:
         Image.fromarray(arr).save(fh, format="PNG")
 
 
+@dataclass(frozen=True)
+class TrialTask:
+    """Everything a worker needs to run one trial (pickled to each Ray Train worker)."""
+    trial: Trial
+    writer: RecordWriter             # the study folder, and the columns every record row of the trial carries
+    mlflow_uri: str | None
+    mlflow_run_id: str | None
+    wall_before: float = 0.0         # wall seconds of earlier launches (summary.json keeps the total)
+    driver_started_at: float = 0.0   # when this launch's driver started the trial
+
+    @property
+    def study_dir(self) -> Path:
+        return self.writer.dir
+
+    @property
+    def files(self) -> Path:
+        return trial_files(self.writer.dir, self.trial.trial_id)
+
+
 class TrialHooks:
     """diffusion_core TrainHooks for one trial (records on rank 0, checkpoints on every rank)."""
 
-    def __init__(self, cfg: dict, rank: int, restored_step: int, restarts: int):
-        self.cfg, self.rank = cfg, rank
-        self.trial = cfg["trial"]
-        self.trial_id = self.trial["trial_id"]
-        self.study_dir = Path(cfg["study_dir"])
-        self.files = trial_files(self.study_dir, self.trial_id)
-        self.uri, self.run_id = cfg["mlflow_uri"], cfg["mlflow_run_id"]
-        self.eval_cfg = to_core(self.trial["config"])[4]
+    def __init__(self, task: TrialTask, rank: int, restored_step: int, restarts: int):
+        self.task, self.rank = task, rank
+        self.trial = task.trial
+        self.trial_id = self.trial.trial_id
+        self.study_dir = task.study_dir
+        self.files = task.files
+        self.uri, self.run_id = task.mlflow_uri, task.mlflow_run_id
+        self.eval_cfg = self.trial.evaluation
         self.restored_step, self.restarts = restored_step, restarts
-        self.writer = RecordWriter(self.study_dir, cfg["study"], self.trial_id, cfg["row_params"],
-                                   cfg["row_types"], cfg["trial_params"], cfg["trial_types"])
+        self.writer = task.writer
         self.rows: dict[str, list[dict]] = {"train_steps": [], "epochs": [], "residuals": [], "evals": []}
         self.metrics: list[tuple[str, float, int]] = []
         self.last_report: dict = {}
@@ -100,10 +122,8 @@ class TrialHooks:
             self.mlflow_through = tracking.last_step(self.uri, self.run_id, "eval_seconds")
         self.parameters = count_parameters(ctx.model)
         self.evaluator = Evaluator(ctx.schedule, ctx.splits.val, self.eval_cfg, train_images=ctx.splits.train,
-                                   device=ctx.device,
-                                   reverse_variance=self.trial["config"]["diffusion"]["reverse_variance"],
-                                   data_root=self.trial["config"]["data"]["root"],
-                                   split_seed=self.trial["config"]["data"]["split_seed"])
+                                   device=ctx.device, reverse_variance=self.trial.diffusion.reverse_variance,
+                                   data_root=self.trial.data.root, split_seed=self.trial.data.split_seed)
         if ctx.splits.train_indices is not None:  # the subset by index, so analysis can rebuild it
             self.files.mkdir(parents=True, exist_ok=True)
             np.save(train_indices_file(self.study_dir, self.trial_id), ctx.splits.train_indices.cpu().numpy())
@@ -162,17 +182,17 @@ class TrialHooks:
         # fall on an epoch end) and, before the first epoch ends, the latest logged loss.
         if self.last_report.get("val_step") != step:
             if self.val_draws is None:
-                self.val_draws = fixed_validation_draws(ctx.splits.val, ctx.schedule, self.cfg["eval_seed"])
+                self.val_draws = fixed_validation_draws(ctx.splits.val, ctx.schedule, self.eval_cfg.seed)
             self.last_report["val_loss"] = validation_loss(ctx.ema_model, ctx.schedule, ctx.splits.val,
                                                            *self.val_draws)
         self.last_report.setdefault("train_loss", self.last_report.get("loss"))
         # EMA and raw weights (no optimizer state: small, for sampling and the ensemble
         # decomposition of both along training, `studyctl decompose`; like NVlabs/edm), with the
         # core configs that rebuild the model (records.snapshots)
-        data, _, diffusion, _, _ = to_core(self.trial["config"])
         save_snapshot(snapshot_file(self.study_dir, self.trial_id, step), step=step,
-                      ema=ctx.ema_model.state_dict(), raw=ctx.model.state_dict(), config=self.trial["config"],
-                      data=data, model=ctx.model.config, schedule=diffusion.schedule, evaluation=self.eval_cfg)
+                      ema=ctx.ema_model.state_dict(), raw=ctx.model.state_dict(), config=self.trial.config(),
+                      data=self.trial.data, model=ctx.model.config,
+                      schedule=self.trial.diffusion.schedule_config, evaluation=self.eval_cfg)
         # Records of this interval, before the checkpoint (see the module docstring).
         self.flush(step)
         tracking.log_artifact(self.uri, self.run_id, png, "samples")
@@ -189,7 +209,7 @@ class TrialHooks:
 
     def write_summary(self, ctx: TrainContext, status: str, error: str | None = None) -> None:
         # wall_seconds so far, across earlier launches: a killed launch keeps the time up to here.
-        wall = self.cfg.get("wall_before", 0.0) + time.time() - self.cfg.get("driver_started_at", self.t0)
+        wall = self.task.wall_before + time.time() - (self.task.driver_started_at or self.t0)
         write_json(summary_file(self.study_dir, self.trial_id), {
             "trial_id": self.trial_id, "status": status, "error": error, "step": ctx.step,
             "total_steps": ctx.total_steps, "parameters": getattr(self, "parameters", None),
@@ -212,7 +232,8 @@ class TrialHooks:
             torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 torch.save(ctx.state.state_dict(), tmp / "state.pt")
-                (tmp / "config.json").write_text(json.dumps({"trial": self.trial, "step": ctx.step}, indent=1))
+                (tmp / "config.json").write_text(json.dumps({"trial_id": self.trial_id, "config": self.trial.config(),
+                                                             "step": ctx.step}, indent=1))
                 metrics = {k: v for k, v in self.last_report.items() if v is not None}
                 metrics.update(step=ctx.step, trial_id=self.trial_id)
             else:
@@ -234,7 +255,7 @@ class LocalTrialHooks(TrialHooks):
             torch.save(ctx.state.state_dict(), fh)
 
     @classmethod
-    def restore(cls, files: Path) -> tuple[dict | None, int]:
+    def load_resume_file(cls, files: Path) -> tuple[dict | None, int]:
         path = files / cls.RESUME_FILE
         if not path.exists():
             return None, 0
@@ -242,7 +263,7 @@ class LocalTrialHooks(TrialHooks):
         return state, int(state["step"])
 
 
-def restore(rank: int) -> tuple[dict | None, int]:
+def restore_from_ray_checkpoint(rank: int) -> tuple[dict | None, int]:
     """(resume_state, step) from Ray's latest checkpoint, with this rank's own RNG streams."""
     import ray.train
 
@@ -260,47 +281,49 @@ def restore(rank: int) -> tuple[dict | None, int]:
     return state, int(state["step"])
 
 
-def train_worker(cfg: dict) -> None:
-    """Entry point of each Ray Train worker (TorchTrainer's train_loop_per_worker)."""
+def train_worker(config: dict) -> None:
+    """Entry point of each Ray Train worker (TorchTrainer's train_loop_per_worker; config: {"task": TrialTask})."""
     import ray
     import ray.train
     import ray.train.torch
 
+    task: TrialTask = config["task"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    write_json(worker_file(cfg["study_dir"], cfg["trial"]["trial_id"], rank),
+    write_json(worker_file(task.study_dir, task.trial.trial_id, rank),
                {"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
                 "host": socket.gethostname(), "world_size": ctx.get_world_size()})
-    resume_state, step = restore(rank)
-    _work(cfg, rank, ray.train.torch.get_device(), resume_state, step, TrialHooks)
+    resume_state, step = restore_from_ray_checkpoint(rank)
+    run_trial_loop(task, rank, ray.train.torch.get_device(), resume_state, step, TrialHooks)
 
 
-def local_worker(cfg: dict, device: str | torch.device, progress: bool = True) -> None:
+def local_worker(task: TrialTask, device: str | torch.device, progress: bool = True) -> None:
     """The same trial in this process, without Ray (`studyctl launch --local`): one worker,
     a progress bar, and the resume state in a local file instead of a Ray checkpoint."""
-    files = trial_files(cfg["study_dir"], cfg["trial"]["trial_id"])
-    write_json(worker_file(cfg["study_dir"], cfg["trial"]["trial_id"], 0),
+    write_json(worker_file(task.study_dir, task.trial.trial_id, 0),
                {"rank": 0, "pid": os.getpid(), "node_id": "local", "host": socket.gethostname(), "world_size": 1,
                 "device": str(device), "started_at": time.time()})
-    resume_state, step = LocalTrialHooks.restore(files)
-    _work(cfg, 0, torch.device(device), resume_state, step, LocalTrialHooks, progress=progress)
+    resume_state, step = LocalTrialHooks.load_resume_file(task.files)
+    run_trial_loop(task, 0, torch.device(device), resume_state, step, LocalTrialHooks, progress=progress)
 
 
-def _work(cfg: dict, rank: int, device: torch.device, resume_state: dict | None, step: int,
-          hooks_class: type[TrialHooks], progress: bool = False) -> None:
-    data, model, diffusion, training, _ = to_core(cfg["trial"]["config"])
+def run_trial_loop(task: TrialTask, rank: int, device: torch.device, resume_state: dict | None, step: int,
+                   hooks_class: type[TrialHooks], progress: bool = False) -> None:
+    """diffusion_core.train on the trial's configs, with the trial's hooks (Ray worker or --local)."""
+    trial = task.trial
     # Restarts so far (worker-group restarts and resumes), counted across launches in summary.json.
     try:
-        before = json.loads(summary_file(cfg["study_dir"], cfg["trial"]["trial_id"]).read_text())
+        before = json.loads(summary_file(task.study_dir, trial.trial_id).read_text())
     except (OSError, ValueError):
         before = {}
     restarts = int(before.get("restarts") or 0) + (1 if resume_state is not None else 0)
-    splits = load_splits(data)
-    hooks = hooks_class(cfg, rank, step, restarts)
+    splits = load_splits(trial.data)
+    hooks = hooks_class(task, rank, step, restarts)
     try:
-        train(data=data, model=model, diffusion=diffusion, training=training, eval_seed=cfg["eval_seed"],
-              hooks=hooks, resume_state=resume_state, splits=splits, device=device, progress=progress)
+        train(data=trial.data, model=trial.model, diffusion=trial.diffusion, training=trial.training,
+              eval_seed=trial.evaluation.seed, hooks=hooks, resume_state=resume_state, splits=splits,
+              device=device, progress=progress)
     except DivergedError as e:
-        log.error("trial %s diverged: %s", cfg["trial"]["trial_id"], e)
+        log.error("trial %s diverged: %s", trial.trial_id, e)
         if rank == 0:
             hooks.on_diverged(e)

@@ -29,8 +29,8 @@ def tiny_study(data_root, name: str = "tiny", **sections) -> dict:
         "model": {"base_width": 8, "channel_mult": [1, 2], "blocks_per_level": 1, "bottleneck_blocks": 1},
         "diffusion": {"T": 200},
         "training": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "ema_decay": 0.9, "log_every_first": 10,
-                     "log_every": 5},
-        "evaluation": {"every": 10, "start": 10, "n_samples": 32, "grid_images": 16, "sampler": "ddim",
+                     "log_every": 5, "eval_every": 10, "eval_start": 10},
+        "evaluation": {"n_samples": 32, "grid_images": 16, "sampler": "ddim",
                        "steps": 5, "t_grid": 6, "residual_images": 32, "is_splits": 2},
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
     }

@@ -179,3 +179,25 @@ def test_ui_prints_the_experiment_in_model_training_view(tmp_path, data_root, mo
     assert r.exit_code == 0 and execs and execs[0][-1] == str(port), r.output
     assert (f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
             f"&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true") in r.output
+
+
+def test_the_sweep_is_expanded_once_per_command(tmp_path, data_root, monkeypatch):
+    """`validate`, and a --local `launch` through every trial's driver, each expand the 42-trial
+    bias_variance sweep exactly once (training stubbed: this counts planning, not training)."""
+    from orchestrator import plan, sweep, worker
+
+    expansions, trained = [], []
+    expand = plan.sweep_points
+    monkeypatch.setattr(plan, "sweep_points", lambda *a: expansions.append(1) or expand(*a))
+    r = runner.invoke(app, ["validate", "bias_variance"])
+    assert r.exit_code == 0 and "42 trial(s)" in r.output, r.output
+    assert len(expansions) == 1
+    monkeypatch.setattr(worker, "local_worker", lambda task, device, progress: trained.append(task.trial))
+    monkeypatch.setattr(sweep, "warm_metric_cache", lambda plan, echo: None)
+    expansions.clear()
+    r = runner.invoke(app, ["launch", "bias_variance", "--local", "--no-tracking", "--output", str(tmp_path / "bv"),
+                            "--set", "resources.gpus_per_worker=0", "--set", "analysis.figures=false",
+                            "--set", "analysis.decompose=false"])
+    assert r.exit_code == 0, r.output
+    assert len(expansions) == 1 and len(trained) == 42
+    assert trained[0].diffusion.reverse_variance == "beta_tilde"   # typed configs reached the worker

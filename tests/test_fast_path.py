@@ -42,7 +42,7 @@ BF16_RTOL = 1e-2
 
 def cfg(**kw) -> TrainConfig:
     return TrainConfig(epochs=100, batch_size=32, lr=1e-3, ema_decay=0.9, max_steps=STEPS, seed=0,
-                       log_every_first=1000, val_every_epoch=False, eval_start=10 ** 9, **kw)
+                       log_every_first=1000, val_every=10 ** 9, eval_start=10 ** 9, **kw)
 
 
 class Seen:

@@ -17,15 +17,16 @@ except ImportError:
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory, data_root):
+    from orchestrator.plan import build_plan
     from orchestrator.spec import parse_study
     from orchestrator.sweep import launch
 
-    study = tiny_study(data_root, name="partial", training={"epochs": 1},
-                       evaluation={"every": 8, "start": 8, "metrics": False})
+    study = tiny_study(data_root, name="partial", training={"epochs": 1, "eval_every": 8, "eval_start": 8},
+                       evaluation={"metrics": False})
     study["tracking"] = {"enabled": False}
     study["analysis"] = {"figures": False}
     out = tmp_path_factory.mktemp("partial") / "out"
-    assert launch(parse_study(study), out, local=True, echo=lambda s: None) == 0
+    assert launch(build_plan(parse_study(study)), out, local=True, echo=lambda s: None) == 0
     return out
 
 

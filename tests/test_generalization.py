@@ -102,8 +102,8 @@ def test_mean_interval_covers_the_mean():
 def test_quick_real_study_writes_the_table_and_draws_figures_from_it(tmp_path, data_root):
     study = tiny_study(data_root, name="gen",
                        data={"subset_size": 16, "subset_mode": "disjoint", "val_size": 32},
-                       training={"epochs": 1000, "max_steps": 20, "batch_size": 16},
-                       evaluation={"every": 10, "start": 10, "n_samples": 12, "grid_images": 4, "metrics": False},
+                       training={"epochs": 1000, "max_steps": 20, "batch_size": 16, "eval_every": 10, "eval_start": 10},
+                       evaluation={"n_samples": 12, "grid_images": 4, "metrics": False},
                        sweep={"grid": {"data.subset_index": [0, 1]}},
                        resources={"workers_per_trial": 1, "cpus_per_worker": 1},
                        analysis={"figures": True, "generalization": True})

@@ -21,15 +21,16 @@ INTERRUPT_AT = 8  # the first evaluation (of three: steps 8, 16, 24)
 
 
 def _study(data_root, tracking: bool):
+    from orchestrator.plan import build_plan
     from orchestrator.spec import parse_study
 
     s = tiny_study(data_root, name="resume", data={"subset_size": 128, "val_size": 128},
-                   training={"epochs": 3, "log_every_first": 1000},  # every step's loss
-                   evaluation={"every": 8, "start": 8, "n_samples": 16, "grid_images": 16, "metrics": True})
+                   training={"epochs": 3, "log_every_first": 1000, "eval_every": 8, "eval_start": 8},  # every step's loss
+                   evaluation={"n_samples": 16, "grid_images": 16, "metrics": True})
     s["model"]["dropout"] = 0.3  # dropout draws from the global RNG: the stream that must not move
     s["tracking"] = {"enabled": tracking}
     s["analysis"] = {"figures": False}
-    return parse_study(s)
+    return build_plan(parse_study(s))
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,11 @@ try:
 except ImportError:
     from orchestrator_helpers import studyctl, tiny_study, write_study
 
-from orchestrator import sweep
+from orchestrator import sweep, tracking
+from orchestrator.plan import build_plan
+from orchestrator.ray_runner import reconcile_asha
 from orchestrator.spec import StudySpec
+from orchestrator.status import statuses
 from records.atomic import write_json
 from records.layout import summary_file
 
@@ -52,27 +55,26 @@ def test_reconcile_follows_tunes_verdict_not_the_race(tmp_path, data_root):
                               "asha": {"metric": "val_loss", "mode": "min", "max_t": 4}},
                        evaluation={"metrics": False})
     spec, out = StudySpec.model_validate(study), tmp_path / "out"
-    common = sweep.prepare(spec, out, echo=lambda _: None)
-    p = sweep.plan(spec, out)
-    tids = [t["trial_id"] for t in p["trials"]]
+    study_run = sweep.prepare(build_plan(spec), out, echo=lambda _: None)
+    tids = [t.trial_id for t in study_run.plan.trials]
     runs = []
     # 0: finished, then its driver saw the trainer die  1: stopped mid-run, driver killed silently
     # 2: stopped mid-run, driver saw the trainer die    3: a real failure (Tune saw the driver raise)
     for i, (step, status) in enumerate([(32, "FAILED"), (20, "RUNNING"), (20, "FAILED"), (12, "FAILED")]):
-        run_id = sweep.tracking.ensure_child_run(common["mlflow_uri"], common["experiment_id"],
-                                                 common["parent_run_id"], spec.name, tids[i], {})
+        run_id = tracking.ensure_child_run(study_run.mlflow_uri, study_run.experiment_id,
+                                           study_run.parent_run_id, spec.name, tids[i], {})
         runs.append(run_id)
         write_json(summary_file(out, tids[i]), {"step": step, "total_steps": 32, "status": status})
-        sweep.trial_writer(out, spec, p, i).write_trial(
+        study_run.writer(study_run.plan.trials[i]).write_trial(
             status=status, mlflow_run_id=run_id, step=step, total_steps=32,
             error="ActorDiedError: placement group was removed" if status == "FAILED" else None)
-    sweep._reconcile(spec, out, p, common, ran=[0, 1, 2, 3], tune_errored={3})
-    got = sweep.statuses(out)
+    reconcile_asha(study_run, ran=tids, tune_errored={tids[3]})
+    got = statuses(out)
     assert [got[t] for t in tids] == ["COMPLETED", "STOPPED", "STOPPED", "FAILED"]
     trials = pd.read_parquet(out / "trials").set_index("trial_id")
     assert pd.isna(trials.loc[tids[0], "error"]) and "ASHA at step 20" in trials.loc[tids[2], "error"]
     from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=common["mlflow_uri"])
+    c = MlflowClient(tracking_uri=study_run.mlflow_uri)
     assert [c.get_run(r).info.status for r in runs[:3]] == ["FINISHED", "KILLED", "KILLED"]
     assert c.get_run(runs[0]).data.tags["status"] == "COMPLETED"

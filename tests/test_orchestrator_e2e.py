@@ -65,7 +65,7 @@ def test_parquet_tables_columns_and_row_counts(launched):
     ok = trials.index[trials["status"] == "COMPLETED"]
     tr, ev = study["training"], study["evaluation"]
     logged, ends, evals = expected_steps(study["data"]["subset_size"], tr["batch_size"], 2, tr["epochs"],
-                                         tr["log_every_first"], tr["log_every"], ev["every"], ev["start"])
+                                         tr["log_every_first"], tr["log_every"], tr["eval_every"], tr["eval_start"])
     n_t = len(default_t_grid(study["diffusion"]["T"], ev["t_grid"]))
     swept = ["model.base_width", "training.lr", "training.seed"]
     tables = {k: pd.read_parquet(out / k) for k in ("train_steps", "epochs", "residuals", "evals")}

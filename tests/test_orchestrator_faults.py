@@ -53,8 +53,8 @@ def _parts(out, tid):
 def scenario(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("faults")
     study = tiny_study(data_root, name="faults",
-                       training={"epochs": 3, "log_every_first": 10, "log_every": 5},
-                       evaluation={"every": 8, "start": 8},
+                       training={"epochs": 3, "log_every_first": 10, "log_every": 5, "eval_every": 8,
+                                 "eval_start": 8},
                        sweep={"grid": {"model.base_width": [8, 12]}},
                        resources={"workers_per_trial": 2, "cpus_per_worker": 1, "max_failures": 2})
     f = write_study(tmp / "faults.yaml", study)
@@ -115,9 +115,9 @@ def test_resume_finishes_the_sweep_without_rerunning(scenario):
 def test_records_have_no_duplicated_and_no_missing_steps(scenario, which):
     out, study = scenario["out"], scenario["study"]
     tid = scenario[which]
-    tr, ev = study["training"], study["evaluation"]
+    tr = study["training"]
     logged, ends, evals = expected_steps(study["data"]["subset_size"], tr["batch_size"], 2, tr["epochs"],
-                                         tr["log_every_first"], tr["log_every"], ev["every"], ev["start"])
+                                         tr["log_every_first"], tr["log_every"], tr["eval_every"], tr["eval_start"])
     steps = pd.read_parquet(out / "train_steps").query("trial_id == @tid")
     assert steps["step"].tolist() == logged
     epochs = pd.read_parquet(out / "epochs").query("trial_id == @tid")

@@ -53,8 +53,8 @@ def test_local_launch_records_tracks_and_isolates_a_diverged_trial(tmp_path, dat
 
 
 def test_local_run_killed_resumes_from_its_file_without_mlflow(tmp_path, data_root):
-    study = tiny_study(data_root, name="localkill", training={"epochs": 12},
-                       evaluation={"every": 20, "start": 20, "metrics": False})
+    study = tiny_study(data_root, name="localkill", training={"epochs": 12, "eval_every": 20, "eval_start": 20},
+                       evaluation={"metrics": False})
     study["analysis"] = {"figures": False}
     f, out = write_study(tmp_path / "localkill.yaml", study), tmp_path / "out"
     files = None

@@ -6,7 +6,7 @@ import logging
 
 
 def test_placement_group_cleaner_warnings_are_quieted_errors_kept():
-    from orchestrator.sweep import PG_CLEANER_LOGGER, quiet_placement_group_cleaner
+    from orchestrator.ray_runner import PG_CLEANER_LOGGER, quiet_placement_group_cleaner
 
     logger = logging.getLogger(PG_CLEANER_LOGGER)
     before = logger.level

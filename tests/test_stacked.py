@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_core import DataConfig, ScheduleConfig, TrainConfig, UNetConfig, subset_indices, train
+from diffusion_core import DataConfig, TrainConfig, UNetConfig, subset_indices, train
 from diffusion_core.data import Splits
 from diffusion_core.stacked import Member, train_stacked
 from diffusion_core.train import DiffusionConfig
@@ -38,7 +38,7 @@ def members_and_runs(mnist_splits):
         idx = subset_indices(len(mnist_splits.train), 128, index=index, mode="disjoint", seed=0)
         return Splits(mnist_splits.train.subset(idx), val)
 
-    cosine = DiffusionConfig(schedule=ScheduleConfig(name="cosine"))
+    cosine = DiffusionConfig(schedule="cosine")
     specs = [dict(training=tc(seed=0), splits=subset(0)),
              dict(training=tc(seed=1, lr=2e-3, ema_decay=0.5), splits=subset(1), diffusion=cosine),
              dict(training=tc(seed=2, grad_clip=0.5), splits=Splits(mnist_splits.train.subset(torch.arange(256)),

@@ -17,8 +17,9 @@ import pytest
 from analysis import figures as F
 from analysis.groups import t_interval
 from analysis.tables import load_study
-from orchestrator.spec import load_study as load_spec
-from orchestrator.sweep import plan, trial_writer
+from orchestrator.driver import StudyRun
+from orchestrator.plan import build_plan
+from orchestrator.study_file import load_study_file
 
 SIZE_TERM = {1000: 10.0, 6000: 5.0, 24000: 3.0, 48000: 0.0}
 EVAL_STEPS = (3000, 39000, 75000)
@@ -41,12 +42,11 @@ def residual_of(cfg: dict, t: int) -> float:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    spec = load_spec("bias_variance")
+    p = build_plan(load_study_file("bias_variance"))
     out = tmp_path_factory.mktemp("bv")
-    p = plan(spec, out)
-    assert len(p["trials"]) == 42
-    for i, trial in enumerate(p["trials"]):
-        cfg, w = trial["config"], trial_writer(out, spec, p, i)
+    assert len(p.trials) == 42
+    for trial in p.trials:
+        cfg, w = trial.config(), StudyRun(p, out, None, None, None).writer(trial)
         w.write_trial(status="COMPLETED", step=75000, total_steps=75000)
         spe = cfg["data"]["subset_size"] // 16
         w.write_part("epochs", [{"epoch": s // spe, "step": s, "train_loss": 1.0, "val_loss": val_of(cfg, s)}
@@ -72,8 +72,7 @@ def overlays(synthetic):
 
 def truth(p, value, **where) -> float:
     """Mean of value(cfg) over the trials (one per seed) matching every dotted field in `where`."""
-    vals = [value(t["config"]) for t in p["trials"]
-            if all(t["config"][k.split(".")[0]][k.split(".")[1]] == v for k, v in where.items())]
+    vals = [value(t.config()) for t in p.trials if all(t.get(k) == v for k, v in where.items())]
     assert len(vals) == 3, (where, len(vals))   # exactly the three seeds
     return float(np.mean(vals))
 

@@ -273,9 +273,9 @@ def test_evaluation_consumes_no_training_randomness_and_warmup_resumes_exactly(m
         return Splits(mnist_splits.train.subset(torch.arange(64)), mnist_splits.val.subset(torch.arange(64)))
 
     small = dict(max_steps=8, eval_every=4, eval_start=4)
-    # val_every_steps=3: the epoch ends at 4 and 6 pass a multiple of 3 steps, 8 is the last step, 2 is neither
-    with_eval = train(model=TINY, training=cfg(val_every_steps=3, **small), splits=splits(), device="cpu")
-    quiet = train(model=TINY, training=cfg(val_every_epoch=False, **small), splits=splits(), device="cpu")
+    # val_every=3: the epoch ends at 4 and 6 pass a multiple of 3 steps, 8 is the last step, 2 is neither
+    with_eval = train(model=TINY, training=cfg(val_every=3, **small), splits=splits(), device="cpu")
+    quiet = train(model=TINY, training=cfg(val_every=10 ** 9, **small), splits=splits(), device="cpu")
     assert quiet.train_losses == with_eval.train_losses                      # exact: same training streams
     assert [e.val_raw is not None for e in with_eval.epoch_losses] == [False, True, True, True]
     assert quiet.epoch_losses[0].val_raw is None

@@ -47,7 +47,7 @@ DOOMED = [
     ("unknown precision", {"training/precision": "fp16"}, ["training.precision", "'bf16'"]),
     ("no levels", {"model/channel_mult": []}, ["model.channel_mult"]),
     ("negative eta", {"evaluation/eta": -1}, ["evaluation.eta", "-1"]),
-    ("zero checkpoints kept", {"evaluation/keep_checkpoints": 0}, ["evaluation.keep_checkpoints", "0"]),
+    ("zero checkpoints kept", {"resources/keep_checkpoints": 0}, ["resources.keep_checkpoints", "0"]),
     ("unknown reverse variance", {"diffusion/reverse_variance": "sigma"}, ["diffusion.reverse_variance",
                                                                             "'beta_tilde'"]),
     ("unknown placement", {"resources/placement_strategy": "RANDOM"}, ["resources.placement_strategy", "'PACK'"]),
@@ -121,16 +121,18 @@ def test_launch_refuses_a_trial_bigger_than_the_cluster_before_writing(data_root
     run exists (Ray stubbed to a 2-CPU cluster: this is the check, not Ray)."""
     import ray
 
-    from orchestrator import sweep
+    from orchestrator import ray_runner, sweep
+    from orchestrator.driver import SetupError
+    from orchestrator.plan import build_plan
     from orchestrator.spec import parse_study
 
-    monkeypatch.setattr(sweep, "init_ray", lambda address: None)
+    monkeypatch.setattr(ray_runner, "init_ray", lambda address: None)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     d = tiny(data_root)
     for extra in ({}, {"max_concurrent_trials": 1}):
         d["resources"] = {"workers_per_trial": 4, "cpus_per_worker": 1, **extra}
         out = tmp_path / "out"
-        with pytest.raises(sweep.TrialFailed, match=r"one trial needs 4 x \(CPU 1.0"):
-            sweep.launch(parse_study(d), out)
+        with pytest.raises(SetupError, match=r"one trial needs 4 x \(CPU 1.0"):
+            sweep.launch(build_plan(parse_study(d)), out)
         assert not out.exists()

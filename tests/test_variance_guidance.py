@@ -191,8 +191,8 @@ def test_a_conditional_learned_variance_study_records_its_axes(tmp_path, data_ro
 
     study = tiny_study(data_root, name="axes", model={"class_conditional": True},
                        diffusion={"T": 50, "reverse_variance": "learned", "loss": "hybrid"},
-                       training={"epochs": 1},
-                       evaluation={"sampler": "ddpm", "every": 16, "start": 16, "n_samples": 40, "t_grid": 4,
+                       training={"epochs": 1, "eval_every": 16, "eval_start": 16},
+                       evaluation={"sampler": "ddpm", "n_samples": 40, "t_grid": 4,
                                    "progressive_t": [50, 25, 0], "progressive_rows": 3},
                        sweep={"grid": {"evaluation.guidance_scale": [0.0, 2.0]}},
                        resources={"workers_per_trial": 1})

@@ -1,0 +1,67 @@
+"""The trials without Ray (`studyctl launch --local`): one after another in this process
+(with a progress bar), or `resources.max_concurrent_trials` at a time in as many processes
+sharing the device (packed trials: `benchmarks/bench_packing.py` measures what that buys).
+Each resumes from its own trial_files/<id>/resume.pt, and a failed trial does not stop the
+others. Same records and MLflow runs as a Ray launch; one worker per trial."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .driver import SetupError, StudyRun, TrialFailed, drive_trial
+
+
+def local_device(gpus_per_worker: float) -> str:
+    """Where `--local` trains: the first GPU if the study asks for GPUs, else the CPU."""
+    import torch
+
+    if gpus_per_worker > 0:
+        if not torch.cuda.is_available():
+            raise SetupError(f"resources.gpus_per_worker is {gpus_per_worker:g} but torch sees no "
+                             f"CUDA device here: set it to 0 to train on the CPU, or run on a GPU machine")
+        return "cuda"
+    return "cpu"
+
+
+def run_local(study: StudyRun, todo: list[str], device: str, echo: Callable[[str], None]) -> None:
+    r = study.plan.spec.resources
+    if r.workers_per_trial > 1:
+        echo(f"--local: one process per trial (resources.workers_per_trial={r.workers_per_trial} "
+             f"applies to Ray runs); the global batch is unchanged")
+    k = min(r.max_concurrent_trials or 1, len(todo))
+    if k == 1:
+        for n, tid in enumerate(todo, 1):
+            echo(f"[{n}/{len(todo)}] trial {tid} on {device}")
+            error = local_trial(study, tid, device)
+            if error:
+                echo(error)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    threads = max(1, int(r.cpus_per_worker))
+    echo(f"{len(todo)} trials, {k} at a time in separate processes on {device} ({threads} CPU thread(s) each)")
+    with cf.ProcessPoolExecutor(max_workers=k, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(local_trial, study, tid, device, threads): tid for tid in todo}
+        for n, fut in enumerate(cf.as_completed(futures), 1):
+            try:
+                error = fut.result()
+            except Exception as e:  # the process died (killed, out of memory): marked INTERRUPTED after the sweep
+                error = f"trial {futures[fut]}: its process died ({type(e).__name__}: {e})"
+            echo(f"[{n}/{len(todo)}] {error or f'trial {futures[fut]} finished'}")
+
+
+def local_trial(study: StudyRun, trial_id: str, device: str, threads: int | None = None) -> str | None:
+    """One trial in this process; returns the failure message, None if it completed. With
+    `threads` (packed trials) it trains on that many CPU threads, without a progress bar."""
+    from .worker import local_worker
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        drive_trial(study, study.plan.trial(trial_id),
+                    lambda task: local_worker(task, device, progress=threads is None))
+    except TrialFailed as e:
+        return str(e)
+    return None

@@ -1,0 +1,176 @@
+"""The trials as a Ray Tune sweep, each trial driving a Ray Train TorchTrainer.
+
+    run_tune(study, todo)                  (launcher process)
+      -> tune.Tuner(run_trial, param_space={"trial_id": grid_search(todo)})
+           run_trial(config, study)        (a Tune trial: a light driver actor, 0 CPU)
+             -> drive_trial(study, trial, fit): TorchTrainer(train_worker, N DDP workers,
+                FailureConfig(max_failures))
+
+The plan travels to the drivers once, through tune.with_parameters (Ray's object store);
+Tune's config holds only the trial id, so its tables stay readable. Trial ids are
+deterministic (plan.trial_id): `resume` skips finished trials and Ray Train finds the
+checkpoints of an interrupted trial (same run name, same storage).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Callable
+
+from .driver import SetupError, StudyRun, drive_trial, record_outcome
+from .status import read_summary, statuses
+from .worker import TrialTask, train_worker
+
+
+def run_trial(config: dict, study: StudyRun) -> None:
+    """One Tune trial: drive a TorchTrainer for the trial `config["trial_id"]` of the plan."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    r = study.plan.spec.resources
+    use_gpu = r.gpus_per_worker > 0
+    per_worker = {"CPU": r.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = r.gpus_per_worker
+
+    def fit(task: TrialTask) -> None:
+        TorchTrainer(
+            train_worker, train_loop_config={"task": task},
+            scaling_config=ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
+                                         resources_per_worker=per_worker,
+                                         placement_strategy=r.placement_strategy),
+            run_config=RunConfig(name=task.trial.trial_id, storage_path=str(study.out / "ray" / "train"),
+                                 failure_config=FailureConfig(max_failures=r.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
+                                 callbacks=[TuneReportCallback()])).fit()
+
+    drive_trial(study, study.plan.trial(config["trial_id"]), fit)
+
+
+def concurrency(study_resources, n_todo: int) -> int:
+    """Trials at a time: what the Ray cluster fits (or resources.max_concurrent_trials)."""
+    import ray
+
+    r = study_resources
+    res = ray.cluster_resources()
+    fit = math.floor(res.get("CPU", 1) / (r.workers_per_trial * r.cpus_per_worker))
+    if r.gpus_per_worker > 0:
+        fit = min(fit, math.floor(res.get("GPU", 0) / (r.workers_per_trial * r.gpus_per_worker)))
+    if fit < 1:
+        raise SetupError(
+            f"one trial needs {r.workers_per_trial} x (CPU {r.cpus_per_worker}, GPU {r.gpus_per_worker}) but the "
+            f"Ray cluster has {res}. Lower resources.workers_per_trial / cpus_per_worker / gpus_per_worker, or "
+            f"add nodes.")
+    if r.max_concurrent_trials:
+        return min(r.max_concurrent_trials, n_todo)
+    # Tune would otherwise start every driver and leave their worker groups waiting for resources.
+    return max(1, min(fit, n_todo))
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # a local Ray sized to this machine, no dashboard (nothing to serve)
+        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+
+
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Runs in every worker of our local Ray. Ray Train V2 starts a detached PlacementGroupCleaner
+    per TorchTrainer that asks the State API once a second whether the Train controller still
+    lives (ray-project/ray#58515). The State API is served by the dashboard, which a local Ray
+    here runs without: every query fails and logs "Failed to query Ray Train Controller actor
+    state" (hundreds of lines per quickstart). The cleaner only matters when a controller dies
+    while its Ray session goes on; ours ends with the launch (ray.shutdown frees every placement
+    group), so its warnings are noise here: keep that one logger to errors."""
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def run_tune(study: StudyRun, todo: list[str], address: str | None, echo: Callable[[str], None]) -> None:
+    """The trials `todo` (ids) as a Ray Tune sweep, each driving a Ray Train TorchTrainer."""
+    import ray
+    from ray import tune
+
+    spec = study.plan.spec
+    init_ray(address or spec.ray_address)
+    try:
+        conc = concurrency(spec.resources, len(todo))
+        echo(f"Ray: {ray.cluster_resources()}; up to {conc} trial(s) at a time")
+        scheduler = None
+        if spec.sweep is not None and spec.sweep.asha is not None:
+            a = spec.sweep.asha
+            scheduler = tune.schedulers.ASHAScheduler(
+                metric=a.metric, mode=a.mode, time_attr="training_iteration", grace_period=a.grace_period,
+                reduction_factor=a.reduction_factor, max_t=a.max_t)
+        outcome = _tune_outcome()
+        tuner = tune.Tuner(
+            # A driver only waits for its TorchTrainer: it holds a token of memory, no CPU, so the
+            # workers get every CPU (Tune refuses an all-zero request).
+            tune.with_resources(tune.with_parameters(run_trial, study=study), {"cpu": 0, "memory": 32 * 1024 ** 2}),
+            param_space={"trial_id": tune.grid_search(todo)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=conc, scheduler=scheduler,
+                                        trial_name_creator=lambda t: t.config["trial_id"],
+                                        trial_dirname_creator=lambda t: t.config["trial_id"]),
+            run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                                      storage_path=str(study.out / "ray" / "tune"),
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1,
+                                      callbacks=[outcome]))
+        # Ctrl-C should stop the launch now, as under --local (launch records the interruption);
+        # Tune's own handler would instead wind the sweep down and return as if it had ended.
+        os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+        tuner.fit()  # trial errors are in our records (and Tune's table above)
+    finally:
+        if not address and not spec.ray_address:
+            ray.shutdown()
+    reconcile_asha(study, ran=todo, tune_errored=outcome.errored)
+
+
+def _tune_outcome():
+    """A Tune callback noting which trials Tune itself saw fail (their driver raised TrialFailed).
+    Built on call: Ray is imported lazily so that `studyctl --help` stays fast."""
+    from ray.tune import Callback
+
+    class TuneOutcome(Callback):
+        def __init__(self):
+            self.errored: set[str] = set()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.errored.add(trial.config["trial_id"])
+
+    return TuneOutcome()
+
+
+def reconcile_asha(study: StudyRun, ran: list[str], tune_errored: set[str]) -> None:
+    """Record the trials a scheduler (ASHA) stopped: they never reach their driver's end.
+
+    When ASHA stops a trial, Tune removes its placement group. The driver is then either killed
+    before it records anything (the row stays RUNNING) or sees its TorchTrainer die first and
+    records FAILED (ActorDiedError) — a race. Tune's own verdict decides: a trial Tune did not
+    see fail was stopped by the scheduler, possibly at its very last step (reports reaching
+    max_t), and a trial whose training finished is COMPLETED whoever ended its driver."""
+    from records.parquet import read_table
+
+    spec = study.plan.spec
+    if spec.sweep is None or spec.sweep.asha is None:
+        return
+    trials = read_table(study.out, "trials")
+    known = statuses(study.out)
+    run_ids = {} if trials.empty else dict(zip(trials["trial_id"], trials["mlflow_run_id"]))
+    for tid in ran:
+        if tid in tune_errored or known.get(tid) not in ("RUNNING", "FAILED"):
+            continue
+        s = read_summary(study.out, tid)
+        finished = s.get("step") is not None and s.get("step") == s.get("total_steps")
+        record_outcome(study, study.plan.trial(tid), s, "COMPLETED" if finished else "STOPPED",
+                       None if finished else f"stopped early by ASHA at step {s.get('step')}",
+                       run_ids.get(tid), "FINISHED" if finished else "KILLED")
