@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .figures import STYLE, _pick_ts, _width_axis
+from .figures import STYLE
+from .figures_study import _pick_ts, _width_axis
 from .tables import Study
 
 BN_LABEL = "bias² + noise"

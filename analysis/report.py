@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -11,11 +12,41 @@ from records.atomic import write_text
 from records.layout import study_file as study_file_of
 from records.parquet import latest_per_trial
 
-from .figures import CAPTIONS, FigureSet, write_figures
+from .figures import CAPTIONS, TRIAL_FIGURES, save, styled
+from .figures_study import study_overlays
 from .tables import Study, final_evals, load_study
 
 FINAL_COLUMNS = ["fid", "fid_mean_term", "fid_cov_term", "inception_score", "h_y", "h_y_given_x", "precision",
                  "recall", "memorized_fraction"]
+
+@dataclass
+class FigureSet:
+    written: dict[str, Path] = field(default_factory=dict)   # name -> PNG path (PDF beside it)
+    skipped: dict[str, str] = field(default_factory=dict)    # name -> why
+
+
+def write_figures(study: Study, out: Path | None = None) -> FigureSet:
+    out = out or study.dir / "figures"
+    result = FigureSet()
+    for trial in study.trial_ids():
+        for name, fn in TRIAL_FIGURES.items():
+            key = f"{trial}/{name}"
+            with styled():
+                fig = fn(study, trial)
+                if fig is not None:
+                    result.written[key] = save(fig, out / trial / name)
+            if fig is None:
+                result.skipped[key] = f"no data yet (trial status {study.status(trial)})"
+    with styled():
+        overlays = study_overlays(study)
+        for name, fig in overlays.items():
+            if fig is not None:
+                result.written[name] = save(fig, out / name)
+    for name, fig in overlays.items():
+        if fig is None:
+            result.skipped[name] = "needs a swept field with >= 2 values and records for it"
+    return result
+
 
 
 def _caption(name: str) -> str:

@@ -1,5 +1,7 @@
 """K trials in one process as one stacked model: `train()`'s loop, vmapped over the members.
 
+(Just over 400 lines: it mirrors train.py step for step so the two can be read side by side.)
+
 Trials that share an architecture (UNetConfig) and batch size — and differ in seed, noise
 schedule, training subset, learning rate, EMA decay — train together. Each member keeps what
 its own `train()` run would have: initialisation `build_model(model, seed)`, data order

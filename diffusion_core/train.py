@@ -1,5 +1,8 @@
 """The training loop: one function, plain PyTorch, single process or DDP.
 
+(Over 400 lines on purpose: the loop is one function to read top to bottom, as in NVlabs/edm,
+and its configs — the dataclasses its signature takes — live beside it.)
+
 `train()` runs the thesis configuration by default (TrainConfig() + UNetConfig() +
 DiffusionConfig() + DataConfig()). It works in a notebook as is; under
 `torch.distributed` (the Ray Train worker in orchestrator/ calls this same function)

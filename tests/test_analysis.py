@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from analysis import figures as F
+from analysis import figures_study as S
 from analysis.tables import load_study
 from diffusion_core.evaluation import grid_image
 
@@ -130,7 +131,7 @@ def test_sample_grid_figure_shows_the_saved_grids(study):
 def test_capacity_overlay_is_the_mean_over_seeds(study):
     """One panel per value of the other swept fields (here training.lr: the diverged arm has one width,
     so no panel), one curve per width, each the mean over seeds of exactly that width's trials."""
-    fig = F.study_overlays(study)["study_val_loss_by_capacity"]
+    fig = S.study_overlays(study)["study_val_loss_by_capacity"]
     col = "model.base_width"
     ep = study.epochs.dropna(subset=["val_loss"])
     axes = [a for a in fig.axes if a.get_visible()]

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from analysis import figures as F
+from analysis import figures_study as S
 from analysis.groups import t_interval
 from analysis.tables import load_study
 from orchestrator.driver import StudyRun
@@ -65,7 +66,7 @@ def synthetic(tmp_path_factory):
 def overlays(synthetic):
     import matplotlib.pyplot as plt
 
-    figs = F.study_overlays(synthetic[1])
+    figs = S.study_overlays(synthetic[1])
     yield figs
     plt.close("all")
 
@@ -91,7 +92,7 @@ def test_t_interval_is_the_student_t_95_interval():
 
 def test_fid_vs_capacity_plots_each_group_mean_and_no_pooled_kink(synthetic):
     p, study = synthetic
-    ax = F.fig_fid_bias_variance_vs_capacity(study).axes[0]
+    ax = S.fig_fid_bias_variance_vs_capacity(study).axes[0]
     lines = data_lines(ax)
     assert len(lines) == 2   # linear and cosine at the full set; the arms have one width each: no curve
     for ln, schedule in zip(lines, ("cosine", "linear")):
@@ -142,7 +143,7 @@ def test_data_size_curves_are_against_optimizer_steps_per_subset(synthetic, over
 
 def test_precision_recall_memorization_vs_size_one_curve_per_group(synthetic):
     p, study = synthetic
-    fig = F.fig_pr_memorization_vs_size(study)
+    fig = S.fig_pr_memorization_vs_size(study)
     prec_ax = fig.axes[0]
     line, = data_lines(prec_ax)[:1]
     assert len(data_lines(prec_ax)) == 1
