@@ -78,8 +78,15 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:  # a local Ray sized to this machine, no dashboard (nothing to serve)
+        # One machine is never preempted: without Ray Train's PreemptionWatcher each trial starts
+        # one process fewer (8 -> 7 Ray processes per trial; each start imports Ray). Set here,
+        # before the local Ray starts, so its processes inherit it; a user's own value wins.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": quiet_placement_group_cleaner})
+
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
