@@ -147,7 +147,7 @@ class TrialHooks:
         self.metrics += [(k, v, ctx.step) for k, v in values.items() if v is not None and k != "ema_init_share"]
         self.metrics.append(("epoch", losses.epoch, ctx.step))
         self.last_report.update(train_loss=losses.train, epoch=losses.epoch)
-        if losses.val is not None:  # else on_eval measures it (evaluation.val_every may skip this epoch)
+        if losses.val is not None:  # else on_eval measures it (training.val_every may skip this epoch)
             self.last_report.update(val_loss=losses.val, val_step=ctx.step)
 
     def on_eval(self, ctx: TrainContext) -> None:
