@@ -83,6 +83,12 @@ def check_stackable(members: list[Member]) -> None:
                                  f"supported when stacking; allowed: {allowed!r}")
 
 
+@dataclass(frozen=True)
+class _EMAView:
+    """What hooks read of train()'s EMA: the initial weights' share lambda^k (no warm-up when stacked)."""
+    init_share: float
+
+
 class MemberState:
     """A member's view of the group, with TrainState's interface (state_dict, generator, step)."""
 
@@ -96,6 +102,10 @@ class MemberState:
     @property
     def generator(self) -> torch.Generator:
         return self.run.generator
+
+    @property
+    def ema(self) -> "_EMAView":
+        return _EMAView(self.run.member.training.ema_decay ** self.run.group.step)
 
     def state_dict(self) -> dict:
         run, group = self.run, self.run.group

@@ -185,6 +185,9 @@ class ResourcesSpec(_Strict):
     keep_checkpoints: Optional[PositiveInt] = 3    # full resume states kept per trial (EMA snapshots: all)
     # How a trial's workers are placed: PACK (fewest nodes), SPREAD (across nodes), STRICT_*.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # --local: up to this many trials that can share a stacked model (same architecture, batch
+    # size, ...: orchestrator/stacking.py) train together in one process; 1: one trial per process.
+    stack: PositiveInt = 1
 
 
 class TrackingSpec(_Strict):
