@@ -20,6 +20,7 @@ group; a member that reaches its last step leaves after `on_end`; the others go 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -335,7 +336,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
         if splits is None:
             splits = split_cache.get(m.data) or split_cache.setdefault(m.data, load_splits(m.data))
         if m.data.on_device:
-            splits = type(splits)(splits.train.to(device), splits.val.to(device), getattr(splits, "test", None))
+            splits = dataclasses.replace(splits, train=splits.train.to(device), val=splits.val.to(device))
         runs.append(_Run(group, m, splits, device, eval_seed))
     group.__init__(runs, device, backend, channels_last)
     for r in runs:
