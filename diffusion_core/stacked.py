@@ -339,14 +339,14 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
             splits = dataclasses.replace(splits, train=splits.train.to(device), val=splits.val.to(device))
         runs.append(_Run(group, m, splits, device, eval_seed))
     group.__init__(runs, device, backend, channels_last)
-    for r in runs:
-        if r.member.resume_state is not None:
-            _load_member_state(group, r, r.member.resume_state)
     steps = {int((m.resume_state or {}).get("step", 0)) for m in members}
     if len(steps) > 1:
         raise ValueError(f"resumed members are at different steps {sorted(steps)}: stack only members at one step")
     group.step = steps.pop()
-    group.adam.set_step(group.step)
+    group.adam.set_step(group.step)  # before the members' states: load_row checks their step against it
+    for r in runs:
+        if r.member.resume_state is not None:
+            _load_member_state(group, r, r.member.resume_state)
     results: dict[int, MemberResult] = {}
     pending: list[tuple[int, torch.Tensor]] = []   # (step, (K,) losses) of logged steps, not yet fetched
 

@@ -3,7 +3,8 @@ each trial's records exactly as trials run one by one — the same Parquet rows 
 per-step losses equal to float tolerance (the stacked core's contract, tests/test_stacked.py:
 ~2e-7 relative measured, 1e-5 allowed), its own MLflow child run, EMA snapshots, resume file
 and summary — and a member that diverges is FAILED with its DivergedError while the other
-completes. Real MNIST, real Parquet, real MLflow (SQLite), in this process."""
+completes. The stacked launch is interrupted and resumed on the way (each member from its
+own resume file). Real MNIST, real Parquet, real MLflow (SQLite), in this process."""
 from __future__ import annotations
 
 import json
@@ -35,14 +36,30 @@ def _plan(data_root, name: str, stack: int, sweep: dict):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_root):
+    """Three launches; the stacked one is interrupted (Ctrl-C) after its first evaluation's
+    resume files, then resumed: the group resumes stacked from its members' files."""
+    from orchestrator import worker
     from orchestrator.sweep import launch
 
     tmp = tmp_path_factory.mktemp("stacked")
     out = {}
+    original = worker.LocalTrialHooks.on_eval_all_ranks
+
+    def then_ctrl_c(self, ctx):  # after the last member's resume file of step 8
+        original(self, ctx)
+        if ctx.step == EVALS[0] and self.trial_id == last_id:
+            raise KeyboardInterrupt
+
     for key, stack, sweep in [("alone", 1, {"seeds": [0, 1]}), ("stacked", 2, {"seeds": [0, 1]}),
                               ("diverged", 2, {"grid": {"training.lr": [1e-3, NAN_LR]}})]:
         said: list[str] = []
-        code = launch(_plan(data_root, key, stack, sweep), tmp / key, local=True, echo=said.append)
+        plan = _plan(data_root, key, stack, sweep)
+        if key == "stacked":
+            last_id = plan.trials[-1].trial_id
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(worker.LocalTrialHooks, "on_eval_all_ranks", then_ctrl_c)
+                out["interrupted"] = launch(plan, tmp / key, local=True, echo=said.append)
+        code = launch(plan, tmp / key, local=True, echo=said.append)
         out[key] = {"dir": tmp / key, "code": code, "said": said}
     return out
 
@@ -64,8 +81,9 @@ def _child_runs(study_dir):
 
 def test_stacked_trials_write_the_records_of_trials_run_alone(runs):
     alone, stacked = runs["alone"]["dir"], runs["stacked"]["dir"]
-    assert runs["alone"]["code"] == runs["stacked"]["code"] == 0
-    assert any("stacked on cpu" in line for line in runs["stacked"]["said"])  # one group, not two trials
+    assert runs["alone"]["code"] == runs["stacked"]["code"] == 0 and runs["interrupted"] == 130
+    # one group, not two trials, in the interrupted launch and again when resumed
+    assert sum("stacked on cpu" in line for line in runs["stacked"]["said"]) == 2
     assert not any("stacked on" in line for line in runs["alone"]["said"])
     trials = _table(stacked, "trials")
     assert list(trials.status) == ["COMPLETED"] * 2 and trials.error.isna().all()
@@ -92,7 +110,8 @@ def test_stacked_trials_write_the_records_of_trials_run_alone(runs):
         assert [st for st, _ in history] == LOGGED
         np.testing.assert_allclose([v for _, v in history], s_steps(stacked, tid), rtol=1e-6)
         files = stacked / "trial_files" / tid
-        assert json.loads((files / "summary.json").read_text())["status"] == "COMPLETED"
+        summary = json.loads((files / "summary.json").read_text())
+        assert summary["status"] == "COMPLETED" and summary["restarts"] == 1  # resumed once
         assert torch.load(files / "resume.pt", weights_only=True)["step"] == 16
         assert len(list((files / "ema").iterdir())) == len(EVALS)
         assert (files / "train_indices.npy").exists()
