@@ -22,9 +22,9 @@ from .stacking import member
 from .worker import LocalTrialHooks, TrialTask, restarts_so_far, write_local_worker_file
 
 
-def resume_steps(tasks_or_files) -> set[int]:
-    """The steps of the members' resume files (0: none yet)."""
-    return {LocalTrialHooks.load_resume_file(f)[1] for f in tasks_or_files}
+def resume_steps(trial_files) -> set[int]:
+    """The steps of the members' resume files, one per trial_files/<id> folder (0: none yet)."""
+    return {LocalTrialHooks.load_resume_file(f)[1] for f in trial_files}
 
 
 def stacked_worker(tasks: list[TrialTask], device: str | torch.device) -> None:

@@ -136,3 +136,26 @@ def test_a_diverging_member_fails_alone(runs):
     assert children[bad.trial_id].info.status == "FAILED"
     assert children[bad.trial_id].data.tags["error"].startswith("DivergedError")
     assert children[ok.trial_id].info.status == "FINISHED"
+
+
+def test_groups_are_stackable_trials_in_plan_order_at_most_k(data_root, tmp_path):
+    """First fit in plan order: batch sizes 16 and 8 interleaved by the grid never share a group,
+    a group holds at most K = 2, and `validate` prints the groups."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_study
+    from orchestrator.stacking import stack_groups
+
+    s = tiny_study(data_root, resources={"workers_per_trial": 1, "stack": 2},
+                   sweep={"grid": {"training.seed": [0, 1, 2], "training.batch_size": [16, 8]}})
+    plan = build_plan(parse_study(s))
+    groups = [[(t.training.seed, t.training.batch_size) for t in g] for g in stack_groups(plan)]
+    assert groups == [[(0, 16), (1, 16)], [(0, 8), (1, 8)], [(2, 16)], [(2, 8)]]
+    assert stack_groups(build_plan(parse_study({**s, "resources": {"stack": 1}}))) == [[t] for t in plan.trials]
+    f = tmp_path / "study.yaml"
+    f.write_text(yaml.safe_dump(s))
+    r = CliRunner().invoke(app, ["validate", str(f)])
+    assert r.exit_code == 0 and "resources.stack=2: 2 stacked group(s), 2 trial(s) alone" in r.output, r.output
