@@ -5,7 +5,7 @@ run alone (Parquet parts, MLflow metrics, EMA snapshots, sample grids, summary.j
 resume file trial_files/<id>/resume.pt): diffusion_core.stacked calls each member's hooks with
 a context of that member's own model, EMA, schedule, splits and state. A member whose loss
 diverges gets `on_diverged` (its summary.json says FAILED with the DivergedError) and leaves
-the group; the others go on.
+the group; the others go on. Each member's wall_seconds is the group's: they trained at once.
 
 Resume: each member restarts from its own resume file. train_stacked needs every member at
 one step, so the runner stacks a group again only if its resume files agree
