@@ -20,6 +20,7 @@ group; a member that reaches its last step leaves after `on_end`; the others go 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,12 @@ def check_stackable(members: list[Member]) -> None:
                                  f"supported when stacking; allowed: {allowed!r}")
 
 
+@dataclass(frozen=True)
+class _EMAView:
+    """What hooks read of train()'s EMA: the initial weights' share lambda^k (no warm-up when stacked)."""
+    init_share: float
+
+
 class MemberState:
     """A member's view of the group, with TrainState's interface (state_dict, generator, step)."""
 
@@ -96,6 +103,10 @@ class MemberState:
     @property
     def generator(self) -> torch.Generator:
         return self.run.generator
+
+    @property
+    def ema(self) -> "_EMAView":
+        return _EMAView(self.run.member.training.ema_decay ** self.run.group.step)
 
     def state_dict(self) -> dict:
         run, group = self.run, self.run.group
@@ -325,17 +336,17 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
         if splits is None:
             splits = split_cache.get(m.data) or split_cache.setdefault(m.data, load_splits(m.data))
         if m.data.on_device:
-            splits = type(splits)(splits.train.to(device), splits.val.to(device), getattr(splits, "test", None))
+            splits = dataclasses.replace(splits, train=splits.train.to(device), val=splits.val.to(device))
         runs.append(_Run(group, m, splits, device, eval_seed))
     group.__init__(runs, device, backend, channels_last)
-    for r in runs:
-        if r.member.resume_state is not None:
-            _load_member_state(group, r, r.member.resume_state)
     steps = {int((m.resume_state or {}).get("step", 0)) for m in members}
     if len(steps) > 1:
         raise ValueError(f"resumed members are at different steps {sorted(steps)}: stack only members at one step")
     group.step = steps.pop()
-    group.adam.set_step(group.step)
+    group.adam.set_step(group.step)  # before the members' states: load_row checks their step against it
+    for r in runs:
+        if r.member.resume_state is not None:
+            _load_member_state(group, r, r.member.resume_state)
     results: dict[int, MemberResult] = {}
     pending: list[tuple[int, torch.Tensor]] = []   # (step, (K,) losses) of logged steps, not yet fetched
 

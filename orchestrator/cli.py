@@ -111,6 +111,10 @@ def validate(file: str = typer.Argument(..., help="Study YAML: a path, or a pack
     _print_table(plan)
     for note in plan.notes():
         typer.echo(f"note: {note}")
+    if spec.resources.stack > 1:
+        from .stacking import describe, stack_groups
+
+        typer.echo(describe(stack_groups(plan), spec.resources.stack))
     typer.echo(f"study {spec.name!r} is valid; output folder {spec.output_dir()}")
 
 

@@ -6,6 +6,9 @@
          process (local_runner.py)
       -> COMPLETED / FAILED row with the reason, summary.json, child run ended
 
+    drive_group(study, trials, fit)   (resources.stack: K trials in one stacked model, --local)
+      -> the same begin_trial / finish_trial steps for each member around one fit(tasks)
+
 `StudyRun` is what every driver of one launch shares: the plan (built once by the command)
 and the study's MLflow context. It is pickled to the drivers as is, so no driver expands or
 validates the study again.
@@ -56,6 +59,40 @@ class StudyRun:
 def drive_trial(study: StudyRun, trial: Trial, fit: Callable[[TrialTask], None]) -> None:
     """Record `trial` as RUNNING (and its MLflow child run), run `fit(task)` — a Ray TorchTrainer,
     or the trial in this process — and record how it ended; raise TrialFailed if it failed."""
+    task = begin_trial(study, trial)
+    error = None
+    try:
+        fit(task)
+    except Exception as e:  # TrainingFailedError after max_failures restarts, or a setup error
+        error = f"{type(e).__name__}: {e}"
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (launch turns it into KeyboardInterrupt)
+        interrupt_trial(study, task)
+        raise
+    error = finish_trial(study, task, error)
+    if error:
+        raise TrialFailed(f"trial {trial.trial_id} failed: {error}")
+
+
+def drive_group(study: StudyRun, trials: list[Trial], fit: Callable[[list[TrialTask]], None]) -> list[str | None]:
+    """drive_trial for trials trained together in one process (resources.stack): each gets its own
+    RUNNING row, MLflow child run and outcome; `fit(tasks)` trains them all. A member's own failure
+    (a divergence) is in its summary.json; an exception of `fit` fails every member. Returns each
+    trial's failure message (None: completed)."""
+    tasks = [begin_trial(study, t) for t in trials]
+    error = None
+    try:
+        fit(tasks)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    except KeyboardInterrupt:
+        for task in tasks:
+            interrupt_trial(study, task)
+        raise
+    return [finish_trial(study, task, error) for task in tasks]
+
+
+def begin_trial(study: StudyRun, trial: Trial) -> TrialTask:
+    """The trial's MLflow child run (found again on resume) and RUNNING row: the task to fit."""
     out, tid, uri = study.out, trial.trial_id, study.mlflow_uri
     params = {"trial_id": tid, "study": study.plan.spec.name, **study.plan.params[tid]}
     run_id = tracking.ensure_child_run(uri, study.experiment_id, study.parent_run_id, study.plan.spec.name, tid,
@@ -63,26 +100,27 @@ def drive_trial(study: StudyRun, trial: Trial, fit: Callable[[TrialTask], None])
     wall_before = float(read_summary(out, tid).get("wall_seconds") or 0.0)
     writer = study.writer(trial)
     writer.write_trial(status="RUNNING", mlflow_run_id=run_id, wall_seconds=wall_before, updated_at=time.time())
-    t0 = time.time()
-    error = None
-    try:
-        fit(TrialTask(trial, writer, uri, run_id, wall_before, t0))
-    except Exception as e:  # TrainingFailedError after max_failures restarts, or a setup error
-        error = f"{type(e).__name__}: {e}"
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (launch turns it into KeyboardInterrupt)
-        s = read_summary(out, tid)
-        s["wall_seconds"] = wall_before + time.time() - t0
-        record_outcome(study, trial, s, "INTERRUPTED", None, run_id, "KILLED")
-        raise
-    s = read_summary(out, tid)
+    return TrialTask(trial, writer, uri, run_id, wall_before, time.time())
+
+
+def interrupt_trial(study: StudyRun, task: TrialTask) -> None:
+    s = read_summary(study.out, task.trial.trial_id)
+    s["wall_seconds"] = task.wall_before + time.time() - task.driver_started_at
+    record_outcome(study, task.trial, s, "INTERRUPTED", None, task.mlflow_run_id, "KILLED")
+
+
+def finish_trial(study: StudyRun, task: TrialTask, error: str | None) -> str | None:
+    """Record how the fitted trial ended (`error`: fit raised; else its summary.json says);
+    returns its failure message, None if it completed."""
+    tid, uri, run_id = task.trial.trial_id, study.mlflow_uri, task.mlflow_run_id
+    s = read_summary(study.out, tid)
     if error is None and s.get("status") == "FAILED":
         error = s.get("error") or "failed"
-    s["wall_seconds"] = wall_before + time.time() - t0
+    s["wall_seconds"] = task.wall_before + time.time() - task.driver_started_at
     tracking.log_metrics(uri, run_id, [("wall_seconds", s["wall_seconds"], int(s.get("step") or 0))])
-    record_outcome(study, trial, s, "FAILED" if error else "COMPLETED", error, run_id,
+    record_outcome(study, task.trial, s, "FAILED" if error else "COMPLETED", error, run_id,
                    "FAILED" if error else "FINISHED")
-    if error:
-        raise TrialFailed(f"trial {tid} failed: {error}")
+    return error
 
 
 def record_outcome(study: StudyRun, trial: Trial, summary: dict, status: str, error: str | None,

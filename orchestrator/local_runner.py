@@ -2,12 +2,16 @@
 (with a progress bar), or `resources.max_concurrent_trials` at a time in as many processes
 sharing the device (packed trials: `benchmarks/bench_packing.py` measures what that buys).
 Each resumes from its own trial_files/<id>/resume.pt, and a failed trial does not stop the
-others. Same records and MLflow runs as a Ray launch; one worker per trial."""
+others. Same records and MLflow runs as a Ray launch; one worker per trial. With
+`resources.stack: K`, up to K trials that can share a model train together as one stacked
+model in this process (stacked_worker.py), one group after another."""
 from __future__ import annotations
 
 from typing import Callable
 
-from .driver import SetupError, StudyRun, TrialFailed, drive_trial
+from records.layout import trial_files
+
+from .driver import SetupError, StudyRun, TrialFailed, drive_group, drive_trial
 
 
 def local_device(gpus_per_worker: float) -> str:
@@ -27,6 +31,9 @@ def run_local(study: StudyRun, todo: list[str], device: str, echo: Callable[[str
     if r.workers_per_trial > 1:
         echo(f"--local: one process per trial (resources.workers_per_trial={r.workers_per_trial} "
              f"applies to Ray runs); the global batch is unchanged")
+    if r.stack > 1:
+        run_stacked(study, todo, device, echo)
+        return
     k = min(r.max_concurrent_trials or 1, len(todo))
     if k == 1:
         for n, tid in enumerate(todo, 1):
@@ -65,3 +72,31 @@ def local_trial(study: StudyRun, trial_id: str, device: str, threads: int | None
     except TrialFailed as e:
         return str(e)
     return None
+
+
+def run_stacked(study: StudyRun, todo: list[str], device: str, echo: Callable[[str], None]) -> None:
+    """resources.stack > 1: the trials in groups (orchestrator/stacking.py), one group after
+    another in this process; a group of one, or one whose members' resume files are at
+    different steps, runs its trials alone."""
+    from .stacked_worker import resume_steps, stacked_worker
+    from .stacking import stack_groups
+
+    groups = stack_groups(study.plan, todo)
+    if (study.plan.spec.resources.max_concurrent_trials or 1) > 1:
+        echo("resources.stack: the groups run one after another (resources.max_concurrent_trials is not used)")
+    for n, group in enumerate(groups, 1):
+        ids = [t.trial_id for t in group]
+        if len(group) > 1 and len(resume_steps(trial_files(study.out, t.trial_id) for t in group)) > 1:
+            echo(f"trials {', '.join(ids)} resume from different steps: each runs alone")
+        elif len(group) > 1:
+            echo(f"[{n}/{len(groups)}] trials {', '.join(ids)} stacked on {device}")
+            errors = drive_group(study, group, lambda tasks: stacked_worker(tasks, device))
+            for tid, error in zip(ids, errors):
+                if error:
+                    echo(f"trial {tid} failed: {error}")
+            continue
+        for tid in ids:
+            echo(f"[{n}/{len(groups)}] trial {tid} on {device}")
+            error = local_trial(study, tid, device)
+            if error:
+                echo(error)

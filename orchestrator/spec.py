@@ -15,7 +15,7 @@ not run 30 trials of the wrong thing.
     training:   diffusion_core.train.TrainConfig          {epochs, batch_size, lr, ..., eval_every, eval_start, ...}
     evaluation: diffusion_core.evaluation.EvalConfig      {n_samples, sampler, steps, is_splits, t_grid, seed, ...}
     sweep:      {grid: {dotted.field: [values]}, arms: [{...}], seeds: [..], random: {..}, num_samples, asha}
-    resources:  {workers_per_trial, cpus_per_worker, gpus_per_worker, max_concurrent_trials, max_failures, ...}
+    resources:  {workers_per_trial, cpus_per_worker, gpus_per_worker, max_concurrent_trials, max_failures, stack, ...}
     tracking:   {enabled, uri, experiment}
     analysis:   {figures, decompose, decompose_points, generalization}
 
@@ -185,6 +185,9 @@ class ResourcesSpec(_Strict):
     keep_checkpoints: Optional[PositiveInt] = 3    # full resume states kept per trial (EMA snapshots: all)
     # How a trial's workers are placed: PACK (fewest nodes), SPREAD (across nodes), STRICT_*.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # --local: up to this many trials that can share a stacked model (same architecture, batch
+    # size, ...: orchestrator/stacking.py) train together in one process; 1: one trial per process.
+    stack: PositiveInt = 1
 
 
 class TrackingSpec(_Strict):

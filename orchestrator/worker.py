@@ -300,23 +300,31 @@ def train_worker(config: dict) -> None:
 def local_worker(task: TrialTask, device: str | torch.device, progress: bool = True) -> None:
     """The same trial in this process, without Ray (`studyctl launch --local`): one worker,
     a progress bar, and the resume state in a local file instead of a Ray checkpoint."""
+    write_local_worker_file(task, device)
+    resume_state, step = LocalTrialHooks.load_resume_file(task.files)
+    run_trial_loop(task, 0, torch.device(device), resume_state, step, LocalTrialHooks, progress=progress)
+
+
+def write_local_worker_file(task: TrialTask, device: str | torch.device) -> None:
     write_json(worker_file(task.study_dir, task.trial.trial_id, 0),
                {"rank": 0, "pid": os.getpid(), "node_id": "local", "host": socket.gethostname(), "world_size": 1,
                 "device": str(device), "started_at": time.time()})
-    resume_state, step = LocalTrialHooks.load_resume_file(task.files)
-    run_trial_loop(task, 0, torch.device(device), resume_state, step, LocalTrialHooks, progress=progress)
+
+
+def restarts_so_far(task: TrialTask, resume_state: dict | None) -> int:
+    """Restarts (worker-group restarts and resumes), counted across launches in summary.json."""
+    try:
+        before = json.loads(summary_file(task.study_dir, task.trial.trial_id).read_text())
+    except (OSError, ValueError):
+        before = {}
+    return int(before.get("restarts") or 0) + (1 if resume_state is not None else 0)
 
 
 def run_trial_loop(task: TrialTask, rank: int, device: torch.device, resume_state: dict | None, step: int,
                    hooks_class: type[TrialHooks], progress: bool = False) -> None:
     """diffusion_core.train on the trial's configs, with the trial's hooks (Ray worker or --local)."""
     trial = task.trial
-    # Restarts so far (worker-group restarts and resumes), counted across launches in summary.json.
-    try:
-        before = json.loads(summary_file(task.study_dir, trial.trial_id).read_text())
-    except (OSError, ValueError):
-        before = {}
-    restarts = int(before.get("restarts") or 0) + (1 if resume_state is not None else 0)
+    restarts = restarts_so_far(task, resume_state)
     splits = load_splits(trial.data)
     hooks = hooks_class(task, rank, step, restarts)
     try:

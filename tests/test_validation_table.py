@@ -52,6 +52,7 @@ DOOMED = [
                                                                             "'beta_tilde'"]),
     ("unknown placement", {"resources/placement_strategy": "RANDOM"}, ["resources.placement_strategy", "'PACK'"]),
     ("negative max_failures", {"resources/max_failures": -1}, ["resources.max_failures", "-1"]),
+    ("zero trials per stack", {"resources/stack": 0}, ["resources.stack", "0", "greater than 0"]),
     ("tracking flag as a word", {"tracking/enabled": "yes"}, ["tracking.enabled", "'yes'"]),
     ("zero decomposition points", {"analysis/decompose_points": 0}, ["analysis.decompose_points", "0"]),
     ("unknown ASHA metric", {"sweep": {"grid": {"model.base_width": [8, 16]}, "asha": {"metric": "accuracy"}}},

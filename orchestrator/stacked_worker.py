@@ -1,0 +1,41 @@
+"""A group of trials trained as one stacked model in this process (`--local`, resources.stack).
+
+The members' records are each trial's own, written by the same `LocalTrialHooks` as a trial
+run alone (Parquet parts, MLflow metrics, EMA snapshots, sample grids, summary.json, and the
+resume file trial_files/<id>/resume.pt): diffusion_core.stacked calls each member's hooks with
+a context of that member's own model, EMA, schedule, splits and state. A member whose loss
+diverges gets `on_diverged` (its summary.json says FAILED with the DivergedError) and leaves
+the group; the others go on. Each member's wall_seconds is the group's: they trained at once.
+
+Resume: each member restarts from its own resume file. train_stacked needs every member at
+one step, so the runner stacks a group again only if its resume files agree
+(`resume_steps`); otherwise its members run alone, each from its own file.
+"""
+from __future__ import annotations
+
+import torch
+
+from diffusion_core.data import load_splits
+from diffusion_core.stacked import train_stacked
+
+from .stacking import member
+from .worker import LocalTrialHooks, TrialTask, restarts_so_far, write_local_worker_file
+
+
+def resume_steps(trial_files) -> set[int]:
+    """The steps of the members' resume files, one per trial_files/<id> folder (0: none yet)."""
+    return {LocalTrialHooks.load_resume_file(f)[1] for f in trial_files}
+
+
+def stacked_worker(tasks: list[TrialTask], device: str | torch.device) -> None:
+    """train_stacked over the tasks' trials, each with its own LocalTrialHooks."""
+    members, splits_of = [], {}
+    for task in tasks:
+        write_local_worker_file(task, device)
+        resume_state, step = LocalTrialHooks.load_resume_file(task.files)
+        hooks = LocalTrialHooks(task, 0, step, restarts_so_far(task, resume_state))
+        data = task.trial.data
+        if data not in splits_of:  # seeds of one data config share its tensors
+            splits_of[data] = load_splits(data)
+        members.append(member(task.trial, hooks=hooks, splits=splits_of[data], resume_state=resume_state))
+    train_stacked(members, eval_seed=tasks[0].trial.evaluation.seed, device=device)
