@@ -40,8 +40,8 @@ from diffusion_core.decomposition import (empirical_optimal_eps, ensemble_terms,
                                           two_level_terms)
 from diffusion_core.residuals import default_t_grid
 from diffusion_core.schedules import NoiseSchedule
-from records.atomic import atomic_write
 from records.layout import kind_dir, read_study_file, snapshot_files
+from records.parquet import write_atomic_frame
 from records.snapshots import load_snapshot
 
 from .ensembles import ENSEMBLE_FIELDS, SUBSET_FIELDS, design_of, group_trials, subsets_of
@@ -168,5 +168,4 @@ def _memorization_setup(study, design, x0, eps, ts, schedule) -> dict:
 
 
 def _write(study_dir: Path, kind: str, table: pd.DataFrame) -> None:
-    with atomic_write(kind_dir(study_dir, kind) / f"{kind}.parquet") as fh:
-        table.to_parquet(fh, index=False)
+    write_atomic_frame(kind_dir(study_dir, kind) / f"{kind}.parquet", table)

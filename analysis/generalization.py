@@ -35,6 +35,7 @@ from diffusion_core.samplers import DDIMSampler
 from diffusion_core.schedules import NoiseSchedule
 from records.atomic import atomic_write
 from records.layout import snapshot_files, train_indices_file
+from records.parquet import write_atomic_frame
 from records.snapshots import load_snapshot
 
 from .tables import load_study
@@ -132,11 +133,6 @@ def _save_npz(path: Path, **arrays) -> None:
         np.savez_compressed(fh, **arrays)
 
 
-def _write_parquet(table: pd.DataFrame, path: Path) -> None:
-    with atomic_write(path) as fh:
-        table.to_parquet(fh, index=False)
-
-
 def _sampler(val: ImageSet, schedule: NoiseSchedule, ev: EvalConfig, n_samples: int, device: torch.device,
              clip_x0: float | None) -> Evaluator:
     """An Evaluator holding the study's fixed evaluation noise, sampling DDIM eta = 0: the same
@@ -218,9 +214,9 @@ def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None
                       nn_a=u8["a"][torch.as_tensor(nearest["a"].nn_own[:k])].numpy(),
                       nn_b=u8["b"][torch.as_tensor(nearest["b"].nn_own[:k])].numpy())
     table, opt_table = pd.DataFrame(rows), pd.DataFrame(opt_rows)
-    _write_parquet(table, out / TABLE)
+    write_atomic_frame(out / TABLE, table)
     if len(opt_table):
-        _write_parquet(opt_table, out / OPTIMUM_TABLE)
+        write_atomic_frame(out / OPTIMUM_TABLE, opt_table)
     else:  # no subset small enough this time: an older table would describe other trials
         (out / OPTIMUM_TABLE).unlink(missing_ok=True)
     return table, opt_table

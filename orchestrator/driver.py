@@ -59,16 +59,7 @@ class StudyRun:
 def drive_trial(study: StudyRun, trial: Trial, fit: Callable[[TrialTask], None]) -> None:
     """Record `trial` as RUNNING (and its MLflow child run), run `fit(task)` — a Ray TorchTrainer,
     or the trial in this process — and record how it ended; raise TrialFailed if it failed."""
-    task = begin_trial(study, trial)
-    error = None
-    try:
-        fit(task)
-    except Exception as e:  # TrainingFailedError after max_failures restarts, or a setup error
-        error = f"{type(e).__name__}: {e}"
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (launch turns it into KeyboardInterrupt)
-        interrupt_trial(study, task)
-        raise
-    error = finish_trial(study, task, error)
+    error, = drive_group(study, [trial], lambda tasks: fit(tasks[0]))
     if error:
         raise TrialFailed(f"trial {trial.trial_id} failed: {error}")
 
@@ -82,9 +73,9 @@ def drive_group(study: StudyRun, trials: list[Trial], fit: Callable[[list[TrialT
     error = None
     try:
         fit(tasks)
-    except Exception as e:
+    except Exception as e:  # TrainingFailedError after max_failures restarts, or a setup error
         error = f"{type(e).__name__}: {e}"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (launch turns it into KeyboardInterrupt)
         for task in tasks:
             interrupt_trial(study, task)
         raise

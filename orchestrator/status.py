@@ -13,15 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 from records.layout import summary_file, worker_file
-from records.parquet import read_table
+from records.parquet import latest_per_trial, read_table
 
 FINISHED = ("COMPLETED", "FAILED", "STOPPED")
 SECTION_COLUMNS = ("data.", "model.", "diffusion.", "training.", "evaluation.")
-
-
-def latest_per_trial(df, order: str = "step"):
-    """Each trial's last row by `order` (the "latest row per trial" of a records table)."""
-    return df.sort_values(order).groupby("trial_id").tail(1)
 
 
 def statuses(out: Path) -> dict[str, str]:

@@ -91,6 +91,12 @@ def write_atomic_table(path: Path, table: pa.Table) -> None:
         pq.write_table(table, fh)
 
 
+def write_atomic_frame(path: Path, frame: pd.DataFrame) -> None:
+    """A whole analysis table (decomposition, generalization) as one Parquet file, replaced atomically."""
+    with atomic_write(path) as fh:
+        frame.to_parquet(fh, index=False)
+
+
 class RecordWriter:
     """Writes one trial's rows. `params` are the columns every row carries ({name: value})."""
 
