@@ -34,7 +34,7 @@ from diffusion_core.generalization import (distance_to_memorization, mean_interv
 from diffusion_core.samplers import DDIMSampler
 from diffusion_core.schedules import NoiseSchedule
 from records.atomic import atomic_write
-from records.layout import snapshot_files, train_indices_file
+from records.layout import eval_samples_file, snapshot_files, train_indices_file
 from records.parquet import write_atomic_frame
 from records.snapshots import load_snapshot
 
@@ -148,14 +148,30 @@ def _sampler(val: ImageSet, schedule: NoiseSchedule, ev: EvalConfig, n_samples: 
     return evaluator
 
 
+def kept_samples(study_dir: Path, trial_id: str, step: int, ev: EvalConfig, n: int,
+                 clip_x0: float | None) -> torch.Tensor | None:
+    """The trial's own evaluation samples at `step` (evaluation.keep_samples) when they are exactly
+    what `_sampler` would draw again: DDIM eta = 0 with the same steps and clipping, fp32, the same
+    fixed noise (the same evaluation config drew it), at least n of them; else None."""
+    f = eval_samples_file(study_dir, trial_id, step)
+    if not (ev.keep_samples and ev.sampler == "ddim" and ev.eta == 0 and ev.clip_x0 == clip_x0
+            and ev.precision == "fp32" and f.exists()):
+        return None
+    x = np.load(f)
+    return torch.from_numpy(x[:n]) if len(x) >= n else None
+
+
 @torch.no_grad()
 def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None, optimum_max_n: int = 1024,
                    optimum_points: int = 256, clip_x0: float | None = 1.0, device: str | None = None,
-                   include_running: bool = False, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   include_running: bool = False, reuse_samples: bool = True,
+                   progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Measure every pair at every common evaluation step; write and return (samples table,
     distance-to-memorization table). n_samples: same-noise samples per model (default: the
     study's evaluation.n_samples). include_running: also pair trials still RUNNING (their
-    evaluations so far), for a study that is not finished."""
+    evaluations so far), for a study that is not finished. reuse_samples: read the samples a
+    trial's evaluation kept (`kept_samples`) instead of sampling the snapshot again; the same
+    numbers, without the sampling (column samples_reused)."""
     study = load_study(study_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pairs = find_pairs(study.trials, ("COMPLETED", "RUNNING") if include_running else ("COMPLETED",))
@@ -194,16 +210,18 @@ def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None
         rows.append({**base, "member": "heldout", "trial": "", "step": steps[-1],
                      **_member_row(nearest_in_subsets(held, own["a"], own["b"], device=device), None, None)})
         for step in steps:
-            samples, nets = {}, {}
+            samples, nets, reused = {}, {}, {}
             for m, snaps in (("a", steps_a), ("b", steps_b)):
                 nets[m] = load_snapshot(snaps[step], device).net("ema", device)
-                samples[m] = sampler.sample(nets[m])[:n]
+                kept = kept_samples(study.dir, pair[f"trial_{m}"], step, ev, n, clip_x0) if reuse_samples else None
+                reused[m] = kept is not None
+                samples[m] = kept if reused[m] else sampler.sample(nets[m])[:n]
             cos, mse = same_noise_similarity(samples["a"], samples["b"])
             nearest = {}
             for m in ("a", "b"):
                 nearest[m] = nearest_in_subsets(samples[m], own[m], other[m], device=device)
                 rows.append({**base, "member": m, "trial": pair[f"trial_{m}"], "step": step,
-                             **_member_row(nearest[m], cos, mse),
+                             **_member_row(nearest[m], cos, mse), "samples_reused": reused[m],
                              "samples_file": f"samples/{slug(pid)}_step_{step:09d}.npz"})
                 if len(own[m]) <= optimum_max_n:
                     opt_rows += _optimum_rows(nets[m], schedule, own[m], eps, base, m, step)

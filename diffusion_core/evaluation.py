@@ -49,6 +49,7 @@ class EvalConfig:
     sampler: Sampler = "ddpm"        # ddpm (thesis)
     steps: int | None = None         # DDIM steps (None: 50)
     eta: float = 0.0                 # DDIM eta
+    clip_x0: float | None = None     # clip each step's x0 estimate to [-c, c] (None: the thesis's unclipped update)
     is_splits: int = 5               # IS averaged over this many splits (thesis: 5)
     t_grid: int | tuple[int, ...] = 40   # number of residual timesteps covering 1..T, or explicit t's
     residual_images: int = 256       # fixed validation images for Residual(t)
@@ -61,12 +62,16 @@ class EvalConfig:
     guidance_scale: float = 1.0      # classifier-free guidance s (class-conditional models): 0 uncond., 1 cond.
     progressive_t: tuple[int, ...] = ()  # progressive-generation frames (t values; 0 = the sample), last eval
     progressive_rows: int = 8        # samples shown in the progressive-generation figure
+    keep_samples: bool = False       # save all n_samples samples of every evaluation (uint8 .npy, records.layout
+                                     # .eval_samples_file): `studyctl generalization` reads them, not sampling again
 
     def __post_init__(self):
         if self.guidance_scale < 0:
             raise ValueError(f"EvalConfig.guidance_scale={self.guidance_scale!r} must be >= 0")
         if self.precision not in PRECISIONS:
             raise ValueError(f"EvalConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.clip_x0 is not None and not self.clip_x0 > 0:
+            raise ValueError(f"EvalConfig.clip_x0={self.clip_x0!r} must be > 0 or None")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"EvalConfig.batch_size={self.batch_size!r} must be an integer >= 1")
 
@@ -79,6 +84,7 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)  # METRIC_KEYS (empty if unavailable)
     seconds: float = 0.0
     variance_interpolation: dict[str, list[float]] = field(default_factory=dict)  # learned variance: mean v per t
+    samples: torch.Tensor | None = None        # uint8 (n_samples, C, H, W): every sample the metrics saw
 
 
 def grid_image(images_uint8: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
@@ -144,7 +150,7 @@ class Evaluator:
         n = max(cfg.n_samples, cfg.grid_images)
         self.x_T = torch.randn((n, *val.shape), generator=g)  # the fixed starting noise (Fig. 28)
         self.sampler = make_sampler(schedule, cfg.sampler, steps=cfg.steps, eta=cfg.eta,
-                                    reverse_variance=reverse_variance)
+                                    reverse_variance=reverse_variance, clip_x0=cfg.clip_x0)
         self._classifier = None
         self._reference = None
         self._real: dict[str, float] | None = None
@@ -284,7 +290,7 @@ class Evaluator:
         samples = self.sample(ema_model)
         metrics = self._metrics(samples[: self.cfg.n_samples])
         return EvalResult(self.t_grid.tolist(), residuals, samples[: self.cfg.grid_images], metrics,
-                          time.time() - t0, variance)
+                          time.time() - t0, variance, samples[: self.cfg.n_samples])
 
 
 __all__ = ["EvalConfig", "EvalResult", "Evaluator", "METRIC_KEYS", "REAL_DATA_KEYS", "compile_for_sampling", "grid_image"]

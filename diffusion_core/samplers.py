@@ -148,11 +148,12 @@ class DDIMSampler:
 
 
 def make_sampler(schedule: NoiseSchedule, name: str = "ddpm", *, steps: int | None = None,
-                 eta: float = 0.0, reverse_variance: str = "beta") -> DDPMSampler | DDIMSampler:
+                 eta: float = 0.0, reverse_variance: str = "beta",
+                 clip_x0: float | None = None) -> DDPMSampler | DDIMSampler:
     if name == "ddpm":
-        return DDPMSampler(schedule, reverse_variance=reverse_variance)
+        return DDPMSampler(schedule, reverse_variance=reverse_variance, clip_x0=clip_x0)
     if name == "ddim":
-        return DDIMSampler(schedule, steps=steps or 50, eta=eta)
+        return DDIMSampler(schedule, steps=steps or 50, eta=eta, clip_x0=clip_x0)
     raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLERS)}")
 
 

@@ -79,6 +79,7 @@ BOUNDS: dict[type, dict[str, Any]] = {
                   "eval_start": NonNegativeInt, "val_every": PositiveInt, "train_eval_images": PositiveInt,
                   "label_dropout": UnitInterval},
     EvalConfig: {"n_samples": PositiveInt, "grid_images": PositiveInt, "steps": PositiveInt, "eta": NonNegativeFloat,
+                 "clip_x0": PositiveFloat,
                  "is_splits": PositiveInt, "t_grid": Union[PositiveInt, tuple[PositiveInt, ...]],
                  "residual_images": PositiveInt, "batch_size": PositiveInt, "guidance_scale": NonNegativeFloat,
                  "progressive_t": tuple[NonNegativeInt, ...], "progressive_rows": PositiveInt},

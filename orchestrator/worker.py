@@ -48,7 +48,8 @@ from diffusion_core.train import DivergedError, EpochLosses, TrainContext, fixed
 from diffusion_core.unet import count_parameters
 
 from records.atomic import atomic_write, write_json
-from records.layout import samples_dir, snapshot_file, summary_file, train_indices_file, trial_files, worker_file
+from records.layout import (eval_samples_file, samples_dir, snapshot_file, summary_file, train_indices_file,
+                            trial_files, worker_file)
 from records.parquet import RecordWriter
 from records.snapshots import save_snapshot
 
@@ -163,6 +164,9 @@ class TrialHooks:
         png = samples_dir(self.study_dir, self.trial_id) / f"{name}.png"
         save_png(png, grid_image(res.grid))
         np.save(png.with_suffix(".npy"), res.grid.numpy())  # rebuild Fig. 28 without MLflow
+        if self.eval_cfg.keep_samples:  # `studyctl generalization` reads them instead of sampling again
+            with atomic_write(eval_samples_file(self.study_dir, self.trial_id, step)) as fh:
+                np.save(fh, res.samples.numpy())
         if step == ctx.total_steps:  # progressive generation of the final model (frames at evaluation.progressive_t)
             frames = self.evaluator.progressive(ctx.ema_model)
             if frames is not None:

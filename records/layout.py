@@ -64,6 +64,11 @@ def samples_dir(study_dir: str | os.PathLike, trial_id: str) -> Path:
     return trial_files(study_dir, trial_id) / "samples"
 
 
+def eval_samples_file(study_dir: str | os.PathLike, trial_id: str, step: int) -> Path:
+    """Every sample of one evaluation (uint8 (n_samples, C, H, W)), kept when evaluation.keep_samples."""
+    return samples_dir(study_dir, trial_id) / f"all_step_{step:09d}.npy"
+
+
 def snapshot_file(study_dir: str | os.PathLike, trial_id: str, step: int) -> Path:
     return trial_files(study_dir, trial_id) / "ema" / f"step_{step:09d}.pt"
 

@@ -15,7 +15,16 @@ import torch  # noqa: E402
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 os.environ.setdefault("STUDYCTL_DATA_ROOT", str(_SHARED_DATA if _SHARED_DATA.exists() else "/work/shared/data"))
 
-torch.set_num_threads(2)
+# Under pytest-xdist (the README's command runs two workers) each worker gets one core.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+
+def pytest_collection_modifyitems(items):
+    """Keep each test file on one xdist worker (`--dist loadgroup`), so a module-scoped fixture is
+    built once; files that share a session fixture name one group explicitly (the e2e study)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(scope="session")

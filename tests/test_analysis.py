@@ -21,7 +21,8 @@ try:
 except ImportError:
     from orchestrator_helpers import studyctl
 
-pytestmark = pytest.mark.slow
+# Both files read the session's e2e study: one xdist worker builds it once (pytest -n, --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_study")]
 
 # Every thesis figure; the study-axis figures (learned variance, progressive frames) exist only for trials
 # that have those axes (tests/test_variance_guidance.py checks them).

@@ -103,9 +103,10 @@ def test_quick_real_study_writes_the_table_and_draws_figures_from_it(tmp_path, d
     study = tiny_study(data_root, name="gen",
                        data={"subset_size": 16, "subset_mode": "disjoint", "val_size": 32},
                        training={"epochs": 1000, "max_steps": 20, "batch_size": 16, "eval_every": 10, "eval_start": 10},
-                       evaluation={"n_samples": 12, "grid_images": 4, "metrics": False},
+                       evaluation={"n_samples": 12, "grid_images": 4, "metrics": False, "clip_x0": 1.0,
+                                   "keep_samples": True},
                        sweep={"grid": {"data.subset_index": [0, 1]}},
-                       resources={"workers_per_trial": 1, "cpus_per_worker": 1},
+                       resources={"workers_per_trial": 1, "cpus_per_worker": 1, "stack": 2},
                        analysis={"figures": True, "generalization": True})
     out = tmp_path / "out"
     r = studyctl("launch", write_study(tmp_path / "gen.yaml", study), "--local", "--output", out, timeout=300)
@@ -116,6 +117,21 @@ def test_quick_real_study_writes_the_table_and_draws_figures_from_it(tmp_path, d
     models = table[table["member"] != "heldout"]
     assert sorted(models["step"].unique()) == [10, 20] and (models["n_samples"] == 12).all()
     assert models["same_noise_cosine"].between(-1, 1).all() and (models["memorized_fraction"].between(0, 1)).all()
+    # The trials kept their evaluation samples (DDIM eta 0, x0 clipped at 1, as the analysis samples):
+    # the analysis read them, and sampling the snapshots again gives the same samples and numbers.
+    assert models["samples_reused"].all()
+    kept = np.load(out / "trial_files" / models["trial"].iloc[0] / "samples" / "all_step_000000010.npy")
+    assert kept.shape == (12, 1, 28, 28) and kept.dtype == np.uint8
+    from analysis.generalization import generalization
+
+    shutil.copytree(out / "generalization", tmp_path / "reused")
+    again, _ = generalization(out, reuse_samples=False, progress=False)
+    assert not again.loc[again["member"] != "heldout", "samples_reused"].any()
+    cols = ["same_noise_cosine", "same_noise_mse", "memorized_fraction", "d1_own_median", "nn_cosine_own"]
+    pd.testing.assert_frame_equal(again[cols], table[cols], rtol=1e-4)
+    for f in sorted((tmp_path / "reused" / "samples").glob("*.npz")):
+        before, after = np.load(f), np.load(out / "generalization" / "samples" / f.name)
+        assert np.abs(before["a"].astype(int) - after["a"].astype(int)).max() <= 1, f.name
     opt = pd.read_parquet(out / "generalization" / "distance_to_memorization.parquet")
     assert len(opt) == 2 * 2 * 5 and (opt["distance_to_memorization"] > 0).all()   # t in 5..200 of T = 200
     # The subsets are recorded by index and really disjoint.

@@ -22,7 +22,8 @@ try:  # tests/ may or may not be a package
 except ImportError:
     from orchestrator_helpers import NAN_LR, expected_steps, studyctl
 
-pytestmark = pytest.mark.slow
+# Both files read the session's e2e study: one xdist worker builds it once (pytest -n, --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_study")]
 
 
 
