@@ -28,9 +28,11 @@ import torch  # noqa: E402
 
 
 class Clock:
-    """Hooks: stamp the first logged loss once training has reached the warmup step, and the end
-    (syncing the device first). With deferred sync a loss reaches its hook later than its step,
-    so the clock counts from the step training has reached (ctx.state.step)."""
+    """Hooks: stamp the first logged loss once training has reached the warmup step, and the last
+    one (syncing the device first). With deferred sync a loss reaches its hook later than its step,
+    so the clock counts the steps training has reached (ctx.state.step). Not on_end: train()
+    computes its end-of-training validation losses (EMA, raw and train-eval, 3 x 256 images) before
+    it, the stacked path only the EMA one, which biased the ratio toward stacking at short runs."""
 
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device, self.t_warm, self.t_end = warmup, device, None, None
@@ -44,9 +46,8 @@ class Clock:
     def on_step(self, ctx, loss):
         if self.t_warm is None and ctx.state.step >= self.warmup:
             self.t_warm, self.step_warm = self._now(), ctx.state.step
-
-    def on_end(self, ctx):
-        self.t_end, self.step_end = self._now(), ctx.state.step
+        if self.t_warm is not None:
+            self.t_end, self.step_end = self._now(), ctx.state.step
 
     def steps_per_s(self) -> float:
         return (self.step_end - self.step_warm) / (self.t_end - self.t_warm)
@@ -55,7 +56,9 @@ class Clock:
 def configs(args, seed: int):
     from diffusion_core import TrainConfig, UNetConfig
 
-    model = UNetConfig(base_width=args.width, dropout=args.dropout)
+    model = UNetConfig(base_width=args.width, dropout=args.dropout,
+                       **({"channel_mult": tuple(args.channel_mult)} if args.channel_mult else {}),
+                       **({"blocks_per_level": args.blocks, "bottleneck_blocks": args.blocks} if args.blocks else {}))
     training = TrainConfig(epochs=10 ** 6, batch_size=args.batch, max_steps=args.warmup + args.steps, seed=seed,
                            log_every_first=0, log_every=args.warmup, eval_start=10 ** 9, eval_every=10 ** 9,
                            val_every=10 ** 9)
@@ -95,6 +98,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=8, help="U-Net base width")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--channel-mult", type=int, nargs="+", default=None,
+                    help="U-Net channel multipliers (default: UNetConfig's); generalization_quick: 1 2 2")
+    ap.add_argument("--blocks", type=int, default=None,
+                    help="residual blocks per level and in the bottleneck (default: UNetConfig's)")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per trial")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--rounds", type=int, default=3)

@@ -4,7 +4,7 @@ sharing the device (packed trials: `benchmarks/bench_packing.py` measures what t
 Each resumes from its own trial_files/<id>/resume.pt, and a failed trial does not stop the
 others. Same records and MLflow runs as a Ray launch; one worker per trial. With
 `resources.stack: K`, up to K trials that can share a model train together as one stacked
-model in this process (stacked_worker.py), one group after another."""
+model in one process (stacked_worker.py), `resources.max_concurrent_trials` groups at a time."""
 from __future__ import annotations
 
 from typing import Callable
@@ -75,28 +75,56 @@ def local_trial(study: StudyRun, trial_id: str, device: str, threads: int | None
 
 
 def run_stacked(study: StudyRun, todo: list[str], device: str, echo: Callable[[str], None]) -> None:
-    """resources.stack > 1: the trials in groups (orchestrator/stacking.py), one group after
-    another in this process; a group of one, or one whose members' resume files are at
-    different steps, runs its trials alone."""
-    from .stacked_worker import resume_steps, stacked_worker
+    """resources.stack > 1: the trials in groups (orchestrator/stacking.py), one group after another
+    in this process, or `resources.max_concurrent_trials` groups at a time in as many processes
+    (resources.cpus_per_worker threads each); a group of one, or one whose members' resume files
+    are at different steps, runs its trials alone."""
     from .stacking import stack_groups
 
-    groups = stack_groups(study.plan, todo)
-    if (study.plan.spec.resources.max_concurrent_trials or 1) > 1:
-        echo("resources.stack: the groups run one after another (resources.max_concurrent_trials is not used)")
-    for n, group in enumerate(groups, 1):
-        ids = [t.trial_id for t in group]
-        if len(group) > 1 and len(resume_steps(trial_files(study.out, t.trial_id) for t in group)) > 1:
-            echo(f"trials {', '.join(ids)} resume from different steps: each runs alone")
-        elif len(group) > 1:
-            echo(f"[{n}/{len(groups)}] trials {', '.join(ids)} stacked on {device}")
-            errors = drive_group(study, group, lambda tasks: stacked_worker(tasks, device))
-            for tid, error in zip(ids, errors):
-                if error:
-                    echo(f"trial {tid} failed: {error}")
-            continue
-        for tid in ids:
-            echo(f"[{n}/{len(groups)}] trial {tid} on {device}")
-            error = local_trial(study, tid, device)
-            if error:
-                echo(error)
+    groups = [[t.trial_id for t in g] for g in stack_groups(study.plan, todo)]
+    r = study.plan.spec.resources
+    k = min(r.max_concurrent_trials or 1, len(groups))
+    if k == 1:
+        for n, ids in enumerate(groups, 1):
+            echo(f"[{n}/{len(groups)}] " + (f"trials {', '.join(ids)} stacked" if len(ids) > 1
+                                            else f"trial {ids[0]}") + f" on {device}")
+            for line in local_group(study, ids, device):
+                echo(line)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    threads = max(1, int(r.cpus_per_worker))
+    echo(f"{len(groups)} group(s), {k} at a time in separate processes on {device} ({threads} CPU thread(s) each)")
+    with cf.ProcessPoolExecutor(max_workers=k, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(local_group, study, ids, device, threads): ids for ids in groups}
+        for n, fut in enumerate(cf.as_completed(futures), 1):
+            ids = futures[fut]
+            try:
+                lines = fut.result()
+            except Exception as e:  # the process died (killed, out of memory): marked INTERRUPTED after the sweep
+                lines = [f"their process died ({type(e).__name__}: {e})"]
+            echo(f"[{n}/{len(groups)}] trials {', '.join(ids)} ended" + "".join(f"\n  {x}" for x in lines))
+
+
+def local_group(study: StudyRun, trial_ids: list[str], device: str, threads: int | None = None) -> list[str]:
+    """One group of stack_groups in this process: stacked, or its trials alone when it has one
+    member or its members' resume files are at different steps. Returns what to tell the user
+    (failures). With `threads` (a process of a pool) it trains on that many CPU threads."""
+    from .stacked_worker import resume_steps, stacked_worker
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    lines = []
+    if len(trial_ids) > 1 and len(resume_steps(trial_files(study.out, t) for t in trial_ids)) > 1:
+        lines.append(f"trials {', '.join(trial_ids)} resume from different steps: each runs alone")
+    elif len(trial_ids) > 1:
+        errors = drive_group(study, [study.plan.trial(t) for t in trial_ids], lambda tasks: stacked_worker(tasks, device))
+        return [f"trial {tid} failed: {error}" for tid, error in zip(trial_ids, errors) if error]
+    for tid in trial_ids:
+        error = local_trial(study, tid, device, threads)
+        if error:
+            lines.append(error)
+    return lines

@@ -23,14 +23,14 @@ LOGGED = list(range(1, 17))  # 128 images / batch 16 = 8 steps an epoch, 2 epoch
 EVALS = [8, 16]
 
 
-def _plan(data_root, name: str, stack: int, sweep: dict):
+def _plan(data_root, name: str, stack: int, sweep: dict, concurrent: int = 1):
     from orchestrator.plan import build_plan
     from orchestrator.spec import parse_study
 
     s = tiny_study(data_root, name=name, data={"subset_size": 128, "val_size": 128},
                    training={"log_every_first": 1000, "eval_every": 8, "eval_start": 8},
                    evaluation={"n_samples": 16, "grid_images": 16, "metrics": False},
-                   resources={"workers_per_trial": 1, "stack": stack}, sweep=sweep, analysis={"figures": False})
+                   resources={"workers_per_trial": 1, "stack": stack, "max_concurrent_trials": concurrent}, sweep=sweep, analysis={"figures": False})
     return build_plan(parse_study(s))
 
 
@@ -50,10 +50,12 @@ def runs(tmp_path_factory, data_root):
         if ctx.step == EVALS[0] and self.trial_id == last_id:
             raise KeyboardInterrupt
 
-    for key, stack, sweep in [("alone", 1, {"seeds": [0, 1]}), ("stacked", 2, {"seeds": [0, 1]}),
-                              ("diverged", 2, {"grid": {"training.lr": [1e-3, NAN_LR]}})]:
+    for key, stack, sweep, concurrent in [
+            ("alone", 1, {"seeds": [0, 1]}, 1), ("stacked", 2, {"seeds": [0, 1]}, 1),
+            ("diverged", 2, {"grid": {"training.lr": [1e-3, NAN_LR]}}, 1),
+            ("parallel", 2, {"seeds": [0, 1, 2]}, 2)]:   # groups (seeds 0+1) and (seed 2) in two processes
         said: list[str] = []
-        plan = _plan(data_root, key, stack, sweep)
+        plan = _plan(data_root, key, stack, sweep, concurrent)
         if key == "stacked":
             last_id = plan.trials[-1].trial_id
             with pytest.MonkeyPatch.context() as mp:
@@ -159,3 +161,21 @@ def test_groups_are_stackable_trials_in_plan_order_at_most_k(data_root, tmp_path
     f.write_text(yaml.safe_dump(s))
     r = CliRunner().invoke(app, ["validate", str(f)])
     assert r.exit_code == 0 and "resources.stack=2: 2 stacked group(s), 2 trial(s) alone" in r.output, r.output
+
+
+def test_groups_run_side_by_side_in_processes(runs):
+    """max_concurrent_trials groups at a time, each in its own process: the stacked pair writes
+    what the trials run alone write, the group of one trains alone."""
+    p = runs["parallel"]
+    assert p["code"] == 0 and any("2 group(s), 2 at a time in separate processes" in x for x in p["said"])
+    trials = _table(p["dir"], "trials")
+    assert list(trials.status) == ["COMPLETED"] * 3
+    alone = _table(runs["alone"]["dir"], "train_steps")
+    s = _table(p["dir"], "train_steps")
+    by_seed = dict(zip(trials["training.seed"], trials.trial_id))
+    alone_by_seed = dict(zip(_table(runs["alone"]["dir"], "trials")["training.seed"],
+                             _table(runs["alone"]["dir"], "trials").trial_id))
+    for seed in (0, 1):
+        np.testing.assert_allclose(s[s.trial_id == by_seed[seed]].loss.values,
+                                   alone[alone.trial_id == alone_by_seed[seed]].loss.values, rtol=RTOL)
+    assert list(s[s.trial_id == by_seed[2]].step) == LOGGED
