@@ -382,7 +382,9 @@ def generalization(directory: str = typer.Argument(..., help="A study folder (wr
     """Memorization -> generalization over trials that differ only in data.subset_index.
 
     At every evaluation step of each pair, both EMA models sample (DDIM eta = 0) from the
-    study's fixed evaluation noise; writes DIR/generalization/generalization.parquet
+    study's fixed evaluation noise (read from the trials' own evaluations when they kept them,
+    evaluation.keep_samples with the same clipping; else drawn again from the EMA snapshots);
+    writes DIR/generalization/generalization.parquet
     (same-noise similarity, nearest training images, memorized fraction, held-out baseline)
     and distance_to_memorization.parquet, logs them to the study's MLflow run, then redraws
     the figures.
