@@ -2,19 +2,23 @@
 
 Unit tests (no Ray): which Tune trials a launch or a resume makes of the unfinished trials, and
 their names; which state a restarted group worker resumes from; ASHA refused with stacking.
+End to end (below): one real Ray launch of a stacked group, its worker killed once.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 
+import numpy as np
 import pytest
 import torch
 
 try:
-    from .orchestrator_helpers import tiny_study
+    from .orchestrator_helpers import NAN_LR, kill_group, start, tiny_study, wait_for, write_study
 except ImportError:
-    from orchestrator_helpers import tiny_study
+    from orchestrator_helpers import NAN_LR, kill_group, start, tiny_study, wait_for, write_study
 
 
 def _plan(data_root, stack=2, **kw):
@@ -113,3 +117,109 @@ def test_asha_with_stacking_is_refused(data_root):
                                          r"resources.stack: 1 with sweep.asha"):
         parse_study(s)
     parse_study({**s, "resources": {"stack": 1}})
+
+
+# ------------------------------------------------------------------------------ end to end
+# One real Ray launch (local Ray, real MNIST, SQLite MLflow) of a 3-member group: seeds 0 and 1
+# and a member whose learning rate diverges. Its worker is killed after the group's first
+# checkpoint (Ray Train restarts it from there), and its records are compared with the same
+# study launched --local (same stacked core, in this process).
+STEPS = list(range(1, 33))  # 128 images / batch 16 = 8 steps an epoch, 4 epochs, every step logged
+EVALS = [8, 16, 24, 32]
+RTOL = 1e-5  # the Ray worker trains on 1 CPU thread, this process on 2: other summation orders
+
+
+def _e2e_study(data_root, name):
+    return tiny_study(data_root, name=name, data={"subset_size": 128, "val_size": 128},
+                      training={"epochs": 4, "log_every_first": 1000, "eval_every": 8, "eval_start": 8},
+                      evaluation={"n_samples": 16, "grid_images": 16, "metrics": False},
+                      resources={"workers_per_trial": 2, "cpus_per_worker": 1, "stack": 3, "max_failures": 1},
+                      sweep={"arms": [{"training.seed": [0, 1]}, {"training.lr": [NAN_LR]}]},
+                      analysis={"figures": False})
+
+
+@pytest.fixture(scope="module")
+def ray_group(tmp_path_factory, data_root):
+    from orchestrator.plan import build_plan
+    from orchestrator.ray_stacked import POINTER
+    from orchestrator.spec import parse_study
+    from orchestrator.sweep import launch
+
+    tmp = tmp_path_factory.mktemp("ray_stacked")
+    local_plan = build_plan(parse_study(_e2e_study(data_root, "stacked")))
+    assert launch(local_plan, tmp / "local", local=True, echo=lambda _: None) == 1
+    out = tmp / "ray"
+    p = start("launch", write_study(tmp / "study.yaml", _e2e_study(data_root, "stacked")), "--output", out,
+              log=tmp / "launch.log")
+    try:
+        seed0 = local_plan.trials[0].trial_id
+        wait_for(lambda: (out / "trial_files" / seed0 / POINTER).exists(), 240, "the group's first checkpoint",
+                 p, poll=0.05)
+        worker = json.loads((out / "trial_files" / seed0 / "workers" / "rank0.json").read_text())
+        killed_after = json.loads((out / "trial_files" / seed0 / POINTER).read_text())
+        os.kill(worker["pid"], signal.SIGKILL)
+        code = p.wait(timeout=300)
+    finally:
+        kill_group(p)
+    return {"local": tmp / "local", "ray": out, "code": code, "log": (tmp / "launch.log").read_text(),
+            "plan": local_plan, "killed_after": killed_after}
+
+
+def _table(d, kind):
+    from records.parquet import read_table
+
+    return read_table(d, kind).sort_values(["trial_id", "step"]).reset_index(drop=True)
+
+
+@pytest.mark.slow
+def test_a_stacked_group_under_ray_records_each_member_and_resumes_from_its_checkpoint(ray_group):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.ray_stacked import POINTER, group_name, train_storage
+    from records.snapshots import snapshot_file
+
+    out, local, plan = ray_group["ray"], ray_group["local"], ray_group["plan"]
+    log = ray_group["log"]
+    assert ray_group["code"] == 1, log[-3000:]
+    assert "1 stacked group(s)" in log and "each stacked group trains in ONE Ray Train worker" in log
+    ok, bad = [t.trial_id for t in plan.trials if t.training.lr != NAN_LR], \
+        next(t.trial_id for t in plan.trials if t.training.lr == NAN_LR)
+    trials = _table(out, "trials").set_index("trial_id")
+    assert list(trials.loc[ok].status) == ["COMPLETED"] * 2 and trials.loc[ok].error.isna().all()
+    assert trials.loc[bad].status == "FAILED" and trials.loc[bad].error.startswith("DivergedError: training loss")
+    # the worker was killed once: the live members resumed from the group's checkpoint, the
+    # diverged one stayed out; every logged step and evaluation is in the records exactly once
+    assert ray_group["killed_after"]["step"] < EVALS[-1]
+    assert list(trials.loc[ok].restarts) == [1, 1] and trials.loc[bad].restarts == 0
+    ray_steps, local_steps = _table(out, "train_steps"), _table(local, "train_steps")
+    assert ray_steps[["trial_id", "step"]].equals(local_steps[["trial_id", "step"]])
+    for tid in ok:
+        assert list(ray_steps[ray_steps.trial_id == tid].step) == STEPS
+        assert list(_table(out, "evals").query("trial_id == @tid").step) == EVALS
+    np.testing.assert_allclose(ray_steps.loss, local_steps.loss, rtol=RTOL)
+    # one MLflow child run per member, with its metrics
+    c = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    children = {r.data.tags["studyctl.trial_id"]: r for r in runs if "mlflow.parentRunId" in r.data.tags}
+    assert sorted(children) == sorted(ok + [bad])
+    assert children[bad].info.status == "FAILED" and children[bad].data.tags["error"].startswith("DivergedError")
+    for tid in ok:
+        assert children[tid].info.status == "FINISHED"
+        history = sorted((m.step, m.value) for m in c.get_metric_history(children[tid].info.run_id, "loss"))
+        assert [s for s, _ in history] == STEPS
+        np.testing.assert_allclose([v for _, v in history], ray_steps[ray_steps.trial_id == tid].loss, rtol=1e-6)
+    # one Ray Train run for the group; its last checkpoint holds each live member's state
+    run = group_name(plan.trials)
+    last = train_storage(out) / run / f"checkpoint_step_{EVALS[-1]:09d}"
+    assert json.loads((last / "group.json").read_text())["members"] == ok
+    for tid in ok:
+        state = torch.load(last / f"{tid}.pt", weights_only=True)
+        snap = torch.load(snapshot_file(out, tid, EVALS[-1]), weights_only=False)
+        assert state["step"] == EVALS[-1] and set(state) >= {"optimizer", "generator", "cpu_rng", "epoch_loss_sum"}
+        for k, v in snap["raw"].items():
+            assert torch.equal(state["model"][k], v), k
+        for k, v in snap["ema"].items():
+            assert torch.equal(state["ema"]["module"][k], v), k
+        assert json.loads((out / "trial_files" / tid / POINTER).read_text())["state"] == \
+            str((last / f"{tid}.pt").relative_to(out))
+    assert not (out / "trial_files" / bad / POINTER).exists()
