@@ -176,7 +176,7 @@ def test_a_stacked_group_under_ray_records_each_member_and_resumes_from_its_chec
     from mlflow.tracking import MlflowClient
 
     from orchestrator.ray_stacked import POINTER, group_name, train_storage
-    from records.snapshots import snapshot_file
+    from records.layout import snapshot_file
 
     out, local, plan = ray_group["ray"], ray_group["local"], ray_group["plan"]
     log = ray_group["log"]
