@@ -24,6 +24,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -307,7 +308,8 @@ def _load_member_state(group: _Group, run: _Run, state: dict) -> None:
 
 
 def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | torch.device | None = None,
-                  deferred_sync: bool = False, backend: str = "auto", channels_last: bool = False) -> list[MemberResult]:
+                  deferred_sync: bool = False, backend: str = "auto", channels_last: bool = False,
+                  on_group_eval: Callable[[int, dict[str, MemberState]], None] | None = None) -> list[MemberResult]:
     """Train the members as one stacked model; one MemberResult per member, in order.
 
     backend:       grouped (convolutions with groups=K, no vmap; default) | vmap (torch.func.vmap over
@@ -318,6 +320,10 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
     deferred_sync: fetch logged losses (one device sync for all members) only every `log_every`
     steps, at epoch ends, evaluations and a member's last step, instead of at every logged step;
     hooks see the same calls with the same values, later.
+    on_group_eval: called once per step at which any member evaluated, after every member's
+    on_eval/on_eval_all_ranks of that step, with the state of each member still training (by
+    name; those ending at this step included): one checkpoint of the whole group (Ray Train
+    takes one report per step, orchestrator/ray_stacked.py).
     """
     t_start = time.time()
     check_stackable(members)
@@ -420,6 +426,8 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
             if r.status == "RUNNING":
                 r.call("on_eval")
                 r.call("on_eval_all_ranks")
+        if evals and on_group_eval is not None:
+            on_group_eval(step, {r.member.name: r.ctx.state for r in group.runs if r.status == "RUNNING"})
         for r in group.runs:
             if r.status == "RUNNING" and step >= r.total:
                 r.call("on_end")

@@ -1,10 +1,12 @@
 """The trials as a Ray Tune sweep, each trial driving a Ray Train TorchTrainer.
 
     run_tune(study, todo)                  (launcher process)
-      -> tune.Tuner(run_trial, param_space={"trial_id": grid_search(todo)})
-           run_trial(config, study)        (a Tune trial: a light driver actor, 0 CPU)
-             -> drive_trial(study, trial, fit): TorchTrainer(train_worker, N DDP workers,
+      -> tune.Tuner(run_unit, param_space={"trial_id": grid_search(unit names)})
+           run_unit(config, study, units)  (a Tune trial: a light driver actor, 0 CPU)
+             -> run_trial: drive_trial(study, trial, fit): TorchTrainer(train_worker, N DDP workers,
                 FailureConfig(max_failures))
+             -> or, resources.stack > 1, a stacked group (ray_stacked.py): drive_group(study, members,
+                fit): TorchTrainer(ray_stacked_worker, 1 worker)
 
 The plan travels to the drivers once, through tune.with_parameters (Ray's object store);
 Tune's config holds only the trial id, so its tables stay readable. Trial ids are
@@ -19,13 +21,35 @@ import os
 import time
 from typing import Callable
 
-from .driver import SetupError, StudyRun, drive_trial, record_outcome
+from .driver import SetupError, StudyRun, TrialFailed, drive_group, drive_trial, record_outcome
+from .ray_stacked import Unit, ray_stacked_worker, train_storage, tune_units
 from .status import read_summary, statuses
-from .worker import TrialTask, train_worker
+from .worker import train_worker
 
 
 def run_trial(config: dict, study: StudyRun) -> None:
     """One Tune trial: drive a TorchTrainer for the trial `config["trial_id"]` of the plan."""
+    workers = study.plan.spec.resources.workers_per_trial
+    drive_trial(study, study.plan.trial(config["trial_id"]),
+                lambda task: fit_trainer(study, train_worker, {"task": task}, task.trial.trial_id, workers))
+
+
+def run_unit(config: dict, study: StudyRun, units: dict[str, Unit]) -> None:
+    """One Tune trial: a trial alone (run_trial), or a stacked group in one TorchTrainer worker
+    (ray_stacked.py) with each member recorded as its own trial; raises if any member failed."""
+    unit = units[config["trial_id"]]
+    if not unit.stacked:
+        run_trial(config, study)
+        return
+    errors = drive_group(study, list(unit.trials), lambda tasks: fit_trainer(
+        study, ray_stacked_worker, {"tasks": tasks, "run": unit.name}, unit.name, 1))
+    failed = [f"{t.trial_id}: {e}" for t, e in zip(unit.trials, errors) if e]
+    if failed:
+        raise TrialFailed(f"group {unit.name}: {'; '.join(failed)}")
+
+
+def fit_trainer(study: StudyRun, loop: Callable[[dict], None], loop_config: dict, name: str, workers: int) -> None:
+    """A Ray Train TorchTrainer of `workers` workers running `loop`, its run `name` in the study's storage."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -35,33 +59,30 @@ def run_trial(config: dict, study: StudyRun) -> None:
     per_worker = {"CPU": r.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = r.gpus_per_worker
-
-    def fit(task: TrialTask) -> None:
-        TorchTrainer(
-            train_worker, train_loop_config={"task": task},
-            scaling_config=ScalingConfig(num_workers=r.workers_per_trial, use_gpu=use_gpu,
-                                         resources_per_worker=per_worker,
-                                         placement_strategy=r.placement_strategy),
-            run_config=RunConfig(name=task.trial.trial_id, storage_path=str(study.out / "ray" / "train"),
-                                 failure_config=FailureConfig(max_failures=r.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
-                                 callbacks=[TuneReportCallback()])).fit()
-
-    drive_trial(study, study.plan.trial(config["trial_id"]), fit)
+    TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker,
+                                     placement_strategy=r.placement_strategy),
+        run_config=RunConfig(name=name, storage_path=str(train_storage(study.out)),
+                             failure_config=FailureConfig(max_failures=r.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
+                             callbacks=[TuneReportCallback()])).fit()
 
 
-def concurrency(study_resources, n_todo: int) -> int:
-    """Trials at a time: what the Ray cluster fits (or resources.max_concurrent_trials)."""
+def concurrency(study_resources, n_todo: int, workers: int | None = None) -> int:
+    """Trials at a time: what the Ray cluster fits (or resources.max_concurrent_trials); a trial
+    has `workers` workers (default resources.workers_per_trial; a stacked group has 1)."""
     import ray
 
     r = study_resources
+    workers = workers or r.workers_per_trial
     res = ray.cluster_resources()
-    fit = math.floor(res.get("CPU", 1) / (r.workers_per_trial * r.cpus_per_worker))
+    fit = math.floor(res.get("CPU", 1) / (workers * r.cpus_per_worker))
     if r.gpus_per_worker > 0:
-        fit = min(fit, math.floor(res.get("GPU", 0) / (r.workers_per_trial * r.gpus_per_worker)))
+        fit = min(fit, math.floor(res.get("GPU", 0) / (workers * r.gpus_per_worker)))
     if fit < 1:
         raise SetupError(
-            f"one trial needs {r.workers_per_trial} x (CPU {r.cpus_per_worker}, GPU {r.gpus_per_worker}) but the "
+            f"one trial needs {workers} x (CPU {r.cpus_per_worker}, GPU {r.gpus_per_worker}) but the "
             f"Ray cluster has {res}. Lower resources.workers_per_trial / cpus_per_worker / gpus_per_worker, or "
             f"add nodes.")
     if r.max_concurrent_trials:
@@ -109,10 +130,17 @@ def run_tune(study: StudyRun, todo: list[str], address: str | None, echo: Callab
     from ray import tune
 
     spec = study.plan.spec
+    r = spec.resources
+    units = tune_units(study.out, study.plan, todo, echo)
+    if any(u.stacked for u in units) and r.workers_per_trial > 1:
+        echo(f"resources.stack={r.stack}: each stacked group trains in ONE Ray Train worker (train_stacked is "
+             f"one process); resources.workers_per_trial={r.workers_per_trial} applies to the trials alone")
     init_ray(address or spec.ray_address)
     try:
-        conc = concurrency(spec.resources, len(todo))
-        echo(f"Ray: {ray.cluster_resources()}; up to {conc} trial(s) at a time")
+        # a stacked group counts as one trial of one worker
+        conc = concurrency(r, len(units), None if any(not u.stacked for u in units) else 1)
+        echo(f"Ray: {ray.cluster_resources()}; up to {conc} trial(s) at a time"
+             + (f"; {sum(u.stacked for u in units)} stacked group(s)" if r.stack > 1 else ""))
         scheduler = None
         if spec.sweep is not None and spec.sweep.asha is not None:
             a = spec.sweep.asha
@@ -123,8 +151,10 @@ def run_tune(study: StudyRun, todo: list[str], address: str | None, echo: Callab
         tuner = tune.Tuner(
             # A driver only waits for its TorchTrainer: it holds a token of memory, no CPU, so the
             # workers get every CPU (Tune refuses an all-zero request).
-            tune.with_resources(tune.with_parameters(run_trial, study=study), {"cpu": 0, "memory": 32 * 1024 ** 2}),
-            param_space={"trial_id": tune.grid_search(todo)},
+            tune.with_resources(tune.with_parameters(run_unit, study=study, units={u.name: u for u in units}),
+                                {"cpu": 0, "memory": 32 * 1024 ** 2}),
+            # a Tune trial's name: its trial id, or its group's name (ray_stacked.group_name)
+            param_space={"trial_id": tune.grid_search([u.name for u in units])},
             tune_config=tune.TuneConfig(max_concurrent_trials=conc, scheduler=scheduler,
                                         trial_name_creator=lambda t: t.config["trial_id"],
                                         trial_dirname_creator=lambda t: t.config["trial_id"]),

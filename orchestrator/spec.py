@@ -186,8 +186,9 @@ class ResourcesSpec(_Strict):
     keep_checkpoints: Optional[PositiveInt] = 3    # full resume states kept per trial (EMA snapshots: all)
     # How a trial's workers are placed: PACK (fewest nodes), SPREAD (across nodes), STRICT_*.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    # --local: up to this many trials that can share a stacked model (same architecture, batch
-    # size, ...: orchestrator/stacking.py) train together in one process; 1: one trial per process.
+    # Up to this many trials that can share a stacked model (same architecture, batch size, ...:
+    # orchestrator/stacking.py) train together in one process (--local) or one Ray Train worker
+    # (ray_stacked.py); 1: one trial per process.
     stack: PositiveInt = 1
 
 
@@ -332,3 +333,9 @@ def check_study(spec: StudySpec, source: str = "<study>") -> None:
                          f"with {r.workers_per_trial} DDP workers needs a whole GPU per worker (NCCL cannot put "
                          f"two ranks on one GPU); allowed: gpus_per_worker >= 1, or workers_per_trial: 1 to let "
                          f"small trials share a GPU")
+    if r.stack > 1 and spec.sweep is not None and spec.sweep.asha is not None:
+        # ASHA stops a trial alone; a stacked group's members train in one Ray trial, so stopping
+        # one would need the group to drop a member on the scheduler's word: not supported.
+        raise StudyError(f"{source}: field 'resources.stack': bad value {r.stack}: sweep.asha stops trials one "
+                         f"by one, but a stacked group trains its members in one Ray trial; allowed: "
+                         f"resources.stack: 1 with sweep.asha, or remove sweep.asha to stack")

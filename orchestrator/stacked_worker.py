@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 
 from diffusion_core.data import load_splits
-from diffusion_core.stacked import train_stacked
+from diffusion_core.stacked import Member, train_stacked
 
 from .stacking import member
-from .worker import LocalTrialHooks, TrialTask, restarts_so_far, write_local_worker_file
+from .worker import LocalTrialHooks, TrialHooks, TrialTask, restarts_so_far, write_local_worker_file
 
 
 def resume_steps(trial_files) -> set[int]:
@@ -29,13 +29,25 @@ def resume_steps(trial_files) -> set[int]:
 
 def stacked_worker(tasks: list[TrialTask], device: str | torch.device) -> None:
     """train_stacked over the tasks' trials, each with its own LocalTrialHooks."""
-    members, splits_of = [], {}
+    states = {}
     for task in tasks:
         write_local_worker_file(task, device)
-        resume_state, step = LocalTrialHooks.load_resume_file(task.files)
-        hooks = LocalTrialHooks(task, 0, step, restarts_so_far(task, resume_state))
+        states[task.trial.trial_id] = LocalTrialHooks.load_resume_file(task.files)[0]
+    members, _ = build_members(tasks, states, LocalTrialHooks)
+    train_stacked(members, eval_seed=tasks[0].trial.evaluation.seed, device=device)
+
+
+def build_members(tasks: list[TrialTask], states: dict[str, dict | None],
+                  hooks_class: type[TrialHooks]) -> tuple[list[Member], dict[str, TrialHooks]]:
+    """The train_stacked members of the tasks, each resuming from `states[trial_id]` (None: from
+    the start) with its own hooks (returned by trial id)."""
+    members, hooks_of, splits_of = [], {}, {}
+    for task in tasks:
+        tid, resume_state = task.trial.trial_id, states.get(task.trial.trial_id)
+        step = int(resume_state["step"]) if resume_state is not None else 0
+        hooks = hooks_of[tid] = hooks_class(task, 0, step, restarts_so_far(task, resume_state))
         data = task.trial.data
         if data not in splits_of:  # seeds of one data config share its tensors
             splits_of[data] = load_splits(data)
         members.append(member(task.trial, hooks=hooks, splits=splits_of[data], resume_state=resume_state))
-    train_stacked(members, eval_seed=tasks[0].trial.evaluation.seed, device=device)
+    return members, hooks_of

@@ -55,6 +55,6 @@ def describe(groups: list[list[Trial]], k: int) -> str:
     """What `studyctl validate` prints about the grouping."""
     stacked = [g for g in groups if len(g) > 1]
     alone = sum(len(g) == 1 for g in groups)
-    lines = [f"resources.stack={k}: {len(stacked)} stacked group(s), {alone} trial(s) alone (--local)"]
+    lines = [f"resources.stack={k}: {len(stacked)} stacked group(s), {alone} trial(s) alone"]
     lines += [f"  group {i}: {', '.join(t.trial_id for t in g)}" for i, g in enumerate(stacked)]
     return "\n".join(lines)

@@ -96,8 +96,6 @@ def launch(plan: Plan, out: Path, *, address: str | None = None, local: bool = F
         device = local_device(spec.resources.gpus_per_worker)  # before anything is written: a bad setup changes nothing
         if spec.sweep is not None and spec.sweep.asha is not None:
             raise SetupError("sweep.asha needs Ray Tune's scheduler: run without --local, or remove sweep.asha")
-    elif spec.resources.stack > 1:
-        echo(f"resources.stack={spec.resources.stack} applies to --local runs; under Ray each trial trains alone")
     if not local and any(statuses(out).get(t.trial_id) not in FINISHED for t in plan.trials):
         # The cluster must fit one trial before any record or MLflow run exists.
         init_ray(address or spec.ray_address)
