@@ -165,3 +165,22 @@ def test_pairs_differ_only_in_the_subset_index():
     pairs = {(p["trial_a"], p["trial_b"]) for p in find_pairs(trials)}
     assert pairs == {("a0", "a1"), ("b0", "b1")}        # c1's partner d0 failed; seeds never mix
     assert ("d0", "c1") in {(p["trial_a"], p["trial_b"]) for p in find_pairs(trials, ("COMPLETED", "FAILED"))}
+
+
+def test_kept_samples_are_read_only_when_they_are_what_the_analysis_would_draw(tmp_path):
+    from analysis.generalization import kept_samples
+    from diffusion_core.evaluation import EvalConfig
+    from records.layout import eval_samples_file
+
+    f = eval_samples_file(tmp_path, "t000", 10)
+    f.parent.mkdir(parents=True)
+    np.save(f, np.arange(12 * 784, dtype=np.uint8).reshape(12, 1, 28, 28))
+    kept = EvalConfig(n_samples=12, sampler="ddim", eta=0.0, clip_x0=1.0, keep_samples=True)
+    assert kept_samples(tmp_path, "t000", 10, kept, 8, 1.0).shape == (8, 1, 28, 28)
+    for ev, n, clip, step in [(kept, 8, None, 10),                                   # other clipping
+                              (kept, 16, 1.0, 10),                                   # too few kept
+                              (kept, 8, 1.0, 20),                                    # no file for that step
+                              (EvalConfig(n_samples=12, sampler="ddpm", clip_x0=1.0, keep_samples=True), 8, 1.0, 10),
+                              (EvalConfig(n_samples=12, sampler="ddim", eta=0.5, clip_x0=1.0, keep_samples=True), 8, 1.0, 10),
+                              (EvalConfig(n_samples=12, sampler="ddim", clip_x0=1.0), 8, 1.0, 10)]:  # not kept
+        assert kept_samples(tmp_path, "t000", step, ev, n, clip) is None, (ev, n, clip, step)
