@@ -29,10 +29,12 @@ import torch
 import torch.nn as nn
 
 from .data import DataConfig, epoch_batches, load_splits, steps_per_epoch
+from .evaluation import EvalConfig, Evaluator
 from .losses import LOSSES
 from .schedules import NoiseSchedule
 from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
+from .stacked_sampling import StackedEps, sample_members
 from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
                     build_model, fixed_validation_draws, pick_device, validates_at)
 from .unet import UNet, UNetConfig, count_parameters
@@ -51,6 +53,9 @@ class Member:
     splits: object | None = None        # pre-loaded data.Splits (else loaded from `data`)
     resume_state: dict | None = None    # a TrainState/MemberState.state_dict()
     name: str = ""
+    # The member's evaluation config: members evaluating at one step then draw their samples in one
+    # batched pass (stacked_sampling.py), handed to on_eval as ctx.eval_samples. None: hooks sample alone.
+    evaluation: EvalConfig | None = None
 
 
 @dataclass
@@ -161,6 +166,10 @@ class _Run:
         self.status, self.error, self._batches = "RUNNING", None, (None, None)
         self.ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, self.epoch_steps,
                                 self.total, MemberState(self))
+        # The draws of the hooks' own Evaluator (the same configs and val images: the same x_T), for sampling only.
+        self.evaluator = None if member.evaluation is None else Evaluator(
+            self.schedule, splits.val, member.evaluation, device=device,
+            reverse_variance=member.diffusion.reverse_variance)
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Indices of the batch of (0-based) step `step`, exactly as train() walks epoch_batches."""
@@ -214,6 +223,11 @@ class _Group:
 
     def row(self, run: _Run) -> int:
         return self.runs.index(run)
+
+    def ema_eps(self, runs: list[_Run]) -> StackedEps:
+        """The stacked EMA network of these members (eval mode), for sampling."""
+        params = self.model.views_of(self.ema.flat[[self.row(r) for r in runs]])
+        return lambda x, t: self.model.forward(x, t, params=params, train=False)
 
     def keep(self, runs: list[_Run]) -> None:
         rows = [self.row(r) for r in runs]
@@ -304,6 +318,18 @@ def _load_member_state(group: _Group, run: _Run, state: dict) -> None:
     run.dropout_generator.set_state((state["cuda_rng"] if group.device.type == "cuda" else state["cpu_rng"]).cpu())
     group.epoch_sum[row] = float(state["epoch_loss_sum"])
     run.epoch_count = int(state["epoch_loss_count"])
+
+
+def _draw_eval_samples(group: _Group, runs: list[_Run]) -> None:
+    """The samples of the members evaluating now (those with an evaluation config), drawn in batched
+    passes, as each one's ctx.eval_samples; a member that cannot share a pass keeps None."""
+    runs = [r for r in runs if r.evaluator is not None]
+    if len(runs) < 2:
+        return
+    drawn = sample_members([r.evaluator for r in runs], [r.ema_net for r in runs],
+                           lambda rows: group.ema_eps([runs[i] for i in rows]))
+    for r, samples in zip(runs, drawn):
+        r.ctx.eval_samples = samples
 
 
 def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | torch.device | None = None,
@@ -416,10 +442,12 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                 r.call("on_epoch", losses)
                 group.epoch_sum[group.row(r)] = 0.0
                 r.epoch_count = 0
+        _draw_eval_samples(group, [r for r in evals if r.status == "RUNNING"])
         for r in evals:
             if r.status == "RUNNING":
                 r.call("on_eval")
                 r.call("on_eval_all_ranks")
+                r.ctx.eval_samples = None  # no later hook call may see this evaluation's samples
         for r in group.runs:
             if r.status == "RUNNING" and step >= r.total:
                 r.call("on_end")
