@@ -46,6 +46,14 @@ _NOT_SAMPLING = ("is_splits", "t_grid", "residual_images", "metrics", "progressi
                  "keep_samples")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.name in _NOT_SAMPLING}
 
+# Images per stacked forward on a CPU (K members x a share of each one's batch). A CPU forward of the
+# 28x28 U-Net is compute- and cache-bound, not launch-bound: on the 2-core dev CPU (1 thread, width 16,
+# K = 8) one forward over 8 x 128 images took 2.2x as long as 8 separate 128-image forwards, and 8 x 8
+# to 8 x 16 images per forward as long as them (BENCHMARKS.md, "Stacked evaluation sampling"). On a GPU
+# every sampler step is one forward over all K x batch images (a step of one member's batch is
+# launch-bound there).
+CPU_FORWARD_IMAGES = 128
+
 
 def sampling_key(evaluator: Evaluator, model: nn.Module) -> tuple | None:
     """Members with equal keys draw their samples alike from one x_T and can share a pass; None:
@@ -66,10 +74,12 @@ def _sampling_config(evaluator: Evaluator) -> tuple:
 
 
 def sample_members(evaluators: list[Evaluator], ema_models: list[nn.Module],
-                   stacked_eps_of: Callable[[list[int]], StackedEps]) -> list[DrawnSamples | None]:
+                   stacked_eps_of: Callable[[list[int]], StackedEps],
+                   forward_images: int | None = None) -> list[DrawnSamples | None]:
     """Each member's samples, members with equal `sampling_key`s in one batched pass through
     stacked_eps_of(their indices); None for a member that samples alone. Seconds: each member's
-    share of its pass (so the members' eval_seconds add up to the group's time)."""
+    share of its pass (so the members' eval_seconds add up to the group's time). forward_images: see
+    sample_stacked."""
     batches: dict[tuple, list[int]] = {}
     for i, (ev, model) in enumerate(zip(evaluators, ema_models)):
         key = sampling_key(ev, model)
@@ -79,7 +89,7 @@ def sample_members(evaluators: list[Evaluator], ema_models: list[nn.Module],
         if len(rows) < 2:  # nothing to share: its own Evaluator.sample, in its own evaluation
             continue
         t0 = time.time()
-        images = sample_stacked([evaluators[i] for i in rows], stacked_eps_of(rows))
+        images = sample_stacked([evaluators[i] for i in rows], stacked_eps_of(rows), forward_images)
         seconds = (time.time() - t0) / len(rows)
         for i, member_images in zip(rows, images):
             out[i] = DrawnSamples(member_images, seconds)
@@ -87,14 +97,22 @@ def sample_members(evaluators: list[Evaluator], ema_models: list[nn.Module],
 
 
 @torch.no_grad()
-def sample_stacked(evaluators: list[Evaluator], stacked_eps: StackedEps) -> list[torch.Tensor]:
+def sample_stacked(evaluators: list[Evaluator], stacked_eps: StackedEps,
+                   forward_images: int | None = None) -> list[torch.Tensor]:
     """`[ev.sample(model_k) for each member k]` in one pass: stacked_eps has member k's EMA weights in
-    row k; the evaluators share a `sampling_key` (checked)."""
+    row k; the evaluators share a `sampling_key` (checked). forward_images: at most this many images
+    (K x a share of the batch) per call of stacked_eps; None: all K x batch on a GPU, CPU_FORWARD_IMAGES
+    on a CPU. The network is per image (no batch statistics), so this changes no sample."""
     first = evaluators[0]
     if first.cfg.compile or len({_sampling_config(ev) for ev in evaluators}) > 1:
         raise ValueError("sample_stacked: the members' sampling configs, schedules or x_T differ (or compile "
                          "is on); group them with sample_members")
     cfg, device, k = first.cfg, first.device, len(evaluators)
+    if forward_images is None:
+        forward_images = None if device.type == "cuda" else CPU_FORWARD_IMAGES
+    per_call = cfg.batch_size if forward_images is None else max(1, forward_images // k)
+    if per_call < cfg.batch_size:
+        stacked_eps = _in_pieces(stacked_eps, per_call)
     for ev in evaluators:
         ev.num_classes = 0  # as Evaluator.sample records it: the metrics then ask for no labels
     generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # every member's stream (see above)
@@ -132,6 +150,14 @@ def _reverse(sampler, stacked_eps: StackedEps, x: torch.Tensor, generator: torch
             x = sampler.step(eps, t, t_prev, flat, noise)
         x = x.view(k, b, *shape)
     return x
+
+
+def _in_pieces(stacked_eps: StackedEps, per_member: int) -> StackedEps:
+    """stacked_eps called on at most `per_member` images of each member at a time."""
+    def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([stacked_eps(x[:, lo:lo + per_member], t[:, lo:lo + per_member])
+                          for lo in range(0, x.shape[1], per_member)], dim=1)
+    return eps
 
 
 def stacked_eps_of_models(models: list[nn.Module], backend: str = "auto") -> Callable[[list[int]], StackedEps]:
