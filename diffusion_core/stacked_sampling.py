@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .data import from_unit_range
 from .evaluation import DrawnSamples, EvalConfig, Evaluator, _num_classes
-from .samplers import DDPMSampler
+from .samplers import DDIMSampler, DDPMSampler
 from .stacked_model import StackedUNet
 
 # eps of the stacked EMA network: x_t (K, B, C, H, W), t (K, B) -> (K, B, C, H, W), member k in row k.
@@ -133,10 +133,12 @@ def _reverse(sampler, stacked_eps: StackedEps, x: torch.Tensor, generator: torch
     k, b, shape = x.shape[0], x.shape[1], x.shape[2:]
     if isinstance(sampler, DDPMSampler):
         plan = [(t, t - 1, t > 1) for t in range(sampler.schedule.T, 0, -1)]       # noise but at t = 1
-    else:
+    elif isinstance(sampler, DDIMSampler):
         ts = sampler.timesteps.tolist()
         prev = ts[1:] + [0]
         plan = [(t, s, sampler.eta > 0 and s > 0) for t, s in zip(ts, prev)]   # noise only when eta > 0
+    else:
+        raise TypeError(f"no stacked sampling loop for {type(sampler).__name__}")
     for t, t_prev, noisy in plan:
         eps = stacked_eps(x, torch.full((k, b), t, device=x.device, dtype=torch.long))
         noise = None
