@@ -6,7 +6,7 @@ today each member's hooks call `Evaluator.evaluate(ema, raw)`, which samples on 
 sampler step one grouped forward over K x batch images) and each evaluation is handed its own.
 Two timings per contender, rounds alternating so a busy neighbour hits both alike (median shown):
 - sampling: K x `Evaluator.sample(ema_k)` vs one `sample_members` (building the stacked network included);
-- evaluations: K x `evaluate(ema_k, raw_k)` vs `sample_members` + K x `evaluate(..., samples=drawn_k)`
+- evaluations (--evaluations): K x `evaluate(ema_k, raw_k)` vs `sample_members` + K x `evaluate(..., samples=drawn_k)`
   (residual curves of EMA and raw weights, metrics: what an evaluation records).
 Defaults: the generalization_quick.yaml model and evaluation (width 16, channel_mult 1 2 2, one block
 per level, no dropout; 128 samples DDIM-20, metrics with is_splits 2, 6 residual t's on 32 images).
@@ -49,6 +49,9 @@ def main() -> None:
     ap.add_argument("--forward-images", type=int, nargs="*", default=[],
                     help="also time the batched sampling with at most this many images per stacked forward "
                          "(stacked_sampling.sample_stacked's forward_images; 0: all K x batch)")
+    ap.add_argument("--evaluations", action="store_true",
+                    help="also time whole evaluations (residuals, metrics; the first ones build each evaluator's "
+                         "classifier and reference statistics: minutes on a CPU)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-root", default=None)
@@ -102,7 +105,9 @@ def main() -> None:
           f"channel_mult {args.channel_mult}, {args.blocks} block(s)/level; K={args.k} members x {args.n_samples} "
           f"samples {args.sampler.upper()}{'-' + str(args.steps) if args.sampler == 'ddim' else ''}, batch "
           f"{args.batch_size}/member; load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    for label in ("evaluations, one after another", "evaluations, one batched pass"):
+    if not args.evaluations:
+        del contenders["evaluations, one after another"], contenders["evaluations, one batched pass"]
+    for label in [c for c in contenders if c.startswith("evaluations")]:
         print(f"warm-up (classifier, reference statistics, real-data metrics): {label}: "
               f"{timed(label, contenders[label]):.1f} s", flush=True)
     seconds: dict[str, list[float]] = {c: [] for c in contenders}
