@@ -49,7 +49,8 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.name
 # Images per stacked forward on a CPU (K members x a share of each one's batch). A CPU forward of the
 # 28x28 U-Net is compute- and cache-bound, not launch-bound: on the 2-core dev CPU (1 thread, width 16,
 # K = 8) one forward over 8 x 128 images took 2.2x as long as 8 separate 128-image forwards, and 8 x 8
-# to 8 x 16 images per forward as long as them (BENCHMARKS.md, "Stacked evaluation sampling"). On a GPU
+# to 8 x 16 images per forward as long as them; the whole pass ran at 0.79x of sampling one member after
+# another with this cap, 0.55x without (BENCHMARKS.md, "Stacked evaluation sampling"). On a GPU
 # every sampler step is one forward over all K x batch images (a step of one member's batch is
 # launch-bound there).
 CPU_FORWARD_IMAGES = 128
