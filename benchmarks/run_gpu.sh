@@ -15,6 +15,7 @@
 #      bash benchmarks/run_gpu.sh packing          # 1, 2, 4 thesis trials sharing the GPU, fp32 + bf16 (~2 min)
 #      bash benchmarks/run_gpu.sh graph            # issue 11: steps/s at batch 16, eager vs no-sync vs CUDA graph
 #                                                  #   vs 8 stacked trials, + graph-vs-eager loss check (~3 min)
+#      bash benchmarks/run_gpu.sh stacked-sampling # K=8 evaluations one after another vs batched (never run)
 #      bash benchmarks/run_gpu.sh all              # everything (over 10 minutes: split it as above)
 #      bash benchmarks/run_gpu.sh thesis           # studies/thesis.yaml end to end, without Ray/MLflow
 #          (`studyctl launch thesis --local --no-tracking`, 10,000-sample evaluations, the fast path of
@@ -51,7 +52,7 @@ mkdir -p "$OUT"
 # --- wheels (diffusers is the benchmark peer; our code needs only torch + torchvision)
 SITE=/tmp/studyctl_site
 NEED="diffusers, pydantic"
-[[ "$PART" == graph ]] && NEED=torch  # diffusion_core only: no peer, no orchestrator
+[[ "$PART" == graph || "$PART" == stacked-sampling ]] && NEED=torch  # diffusion_core only: no peer, no orchestrator
 if ! "$PY" -c "import $NEED" 2>/dev/null; then
   if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .whl/*.whl
@@ -122,6 +123,15 @@ graph() {  # one thesis trial with the host in / out of the loop, and K=8 stacke
       | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
 }
 
+stacked_sampling() {  # a stacked group's K=8 evaluations: one after another vs one batched pass (issue 11)
+  local n=1000 k=8 steps=50
+  [[ "${SMOKE:-0}" == 1 ]] && { n=8; k=2; steps=2; }
+  echo "### bench_stacked_sampling --k $k --n-samples $n (DDIM-$steps)" | tee -a "$OUT/stacked_sampling.txt"
+  { "$PY" benchmarks/bench_stacked_sampling.py --device "$DEVICE" --k "$k" --n-samples "$n" --steps "$steps" \
+      --batch-size "$n" --rounds 2 2>&1 || echo "FAILED: exit $?"; } \
+      | { grep -v -i "warn" || true; } | tee -a "$OUT/stacked_sampling.txt"
+}
+
 thesis() {
   # Table 1 of the thesis, plus what only the GPU run changes: 10,000-sample evaluations and the
   # fast path (override with THESIS_SET="FIELD=VALUE ..."; see `studyctl launch --help`).
@@ -149,7 +159,8 @@ case "$PART" in
   all)           train_step; train_step --compile; sampling; packing ;;
   packing)       packing ;;
   graph)         graph ;;
+  stacked-sampling) stacked_sampling ;;
   thesis)        thesis ;;
-  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | packing | graph | all | thesis" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | packing | graph | stacked-sampling | all | thesis" >&2; exit 2 ;;
 esac
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

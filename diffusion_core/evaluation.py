@@ -87,6 +87,13 @@ class EvalResult:
     samples: torch.Tensor | None = None        # uint8 (n_samples, C, H, W): every sample the metrics saw
 
 
+@dataclass(frozen=True)
+class DrawnSamples:
+    """An evaluation's samples drawn elsewhere: a stacked group's batched pass (stacked_sampling.py)."""
+    images: torch.Tensor   # uint8 (max(n_samples, grid_images), C, H, W): what Evaluator.sample returns
+    seconds: float         # this member's share of the pass's wall time (added to EvalResult.seconds)
+
+
 def grid_image(images_uint8: torch.Tensor, nrow: int | None = None, pad: int = 2) -> torch.Tensor:
     """Tile (n, C, H, W) uint8 images into one (H', W', C) uint8 array (for a PNG)."""
     n, c, h, w = images_uint8.shape
@@ -262,15 +269,19 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None = None) -> EvalResult:
-        """Residuals, samples and metrics of the given weights. The global torch RNG (the training's
+    def evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None = None,
+                 samples: DrawnSamples | None = None) -> EvalResult:
+        """Residuals, samples and metrics of the given weights; `samples`: this evaluation's samples of
+        ema_model, already drawn (by a stacked group, in one pass with its other members), else
+        drawn here. The global torch RNG (the training's
         dropout stream) is left exactly as it was: every draw here has its own generator, and what
         the metrics build lazily (their classifier) consumes the global RNG only inside a fork."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            return self._evaluate(ema_model, raw_model)
+            return self._evaluate(ema_model, raw_model, samples)
 
-    def _evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None) -> EvalResult:
+    def _evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None,
+                  drawn: DrawnSamples | None = None) -> EvalResult:
         t0 = time.time()
         residuals, variance = {}, {}
         for name, net in (("ema", ema_model), ("raw", raw_model)):
@@ -287,10 +298,18 @@ class Evaluator:
                                                               batch_size=self.cfg.batch_size, y=y).tolist()
             net.train(was_training)
         ema_model.eval()
-        samples = self.sample(ema_model)
+        if drawn is None:
+            samples, sample_seconds = self.sample(ema_model), 0.0
+        else:
+            want = (self.x_T.shape[0], *self.val.shape)
+            if tuple(drawn.images.shape) != want or drawn.images.dtype != torch.uint8:
+                raise ValueError(f"drawn samples: {drawn.images.dtype} {tuple(drawn.images.shape)}; this evaluation "
+                                 f"draws uint8 {want}")
+            samples, sample_seconds = drawn.images, drawn.seconds
+            self.num_classes = _num_classes(ema_model)  # what sample() records, for the metrics' labels
         metrics = self._metrics(samples[: self.cfg.n_samples])
         return EvalResult(self.t_grid.tolist(), residuals, samples[: self.cfg.grid_images], metrics,
-                          time.time() - t0, variance, samples[: self.cfg.n_samples])
+                          time.time() - t0 + sample_seconds, variance, samples[: self.cfg.n_samples])
 
 
-__all__ = ["EvalConfig", "EvalResult", "Evaluator", "METRIC_KEYS", "REAL_DATA_KEYS", "compile_for_sampling", "grid_image"]
+__all__ = ["DrawnSamples", "EvalConfig", "EvalResult", "Evaluator", "METRIC_KEYS", "REAL_DATA_KEYS", "compile_for_sampling", "grid_image"]

@@ -30,10 +30,12 @@ import torch
 import torch.nn as nn
 
 from .data import DataConfig, epoch_batches, load_splits, steps_per_epoch
+from .evaluation import EvalConfig, Evaluator
 from .losses import LOSSES
 from .schedules import NoiseSchedule
 from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
+from .stacked_sampling import StackedEps, sample_members
 from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
                     build_model, fixed_validation_draws, pick_device, validates_at)
 from .unet import UNet, UNetConfig, count_parameters
@@ -52,6 +54,9 @@ class Member:
     splits: object | None = None        # pre-loaded data.Splits (else loaded from `data`)
     resume_state: dict | None = None    # a TrainState/MemberState.state_dict()
     name: str = ""
+    # The member's evaluation config: members evaluating at one step then draw their samples in one
+    # batched pass (stacked_sampling.py), handed to on_eval as ctx.eval_samples. None: hooks sample alone.
+    evaluation: EvalConfig | None = None
 
 
 @dataclass
@@ -162,6 +167,10 @@ class _Run:
         self.status, self.error, self._batches = "RUNNING", None, (None, None)
         self.ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, self.epoch_steps,
                                 self.total, MemberState(self))
+        # The draws of the hooks' own Evaluator (the same configs and val images: the same x_T), for sampling only.
+        self.evaluator = None if member.evaluation is None else Evaluator(
+            self.schedule, splits.val, member.evaluation, device=device,
+            reverse_variance=member.diffusion.reverse_variance)
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Indices of the batch of (0-based) step `step`, exactly as train() walks epoch_batches."""
@@ -215,6 +224,11 @@ class _Group:
 
     def row(self, run: _Run) -> int:
         return self.runs.index(run)
+
+    def ema_eps(self, runs: list[_Run]) -> StackedEps:
+        """The stacked EMA network of these members (eval mode), for sampling."""
+        params = self.model.views_of(self.ema.flat[[self.row(r) for r in runs]])
+        return lambda x, t: self.model.forward(x, t, params=params, train=False)
 
     def keep(self, runs: list[_Run]) -> None:
         rows = [self.row(r) for r in runs]
@@ -307,9 +321,22 @@ def _load_member_state(group: _Group, run: _Run, state: dict) -> None:
     run.epoch_count = int(state["epoch_loss_count"])
 
 
+def _draw_eval_samples(group: _Group, runs: list[_Run]) -> None:
+    """The samples of the members evaluating now (those with an evaluation config), drawn in batched
+    passes, as each one's ctx.eval_samples; a member that cannot share a pass keeps None."""
+    runs = [r for r in runs if r.evaluator is not None]
+    if len(runs) < 2:
+        return
+    drawn = sample_members([r.evaluator for r in runs], [r.ema_net for r in runs],
+                           lambda rows: group.ema_eps([runs[i] for i in rows]))
+    for r, samples in zip(runs, drawn):
+        r.ctx.eval_samples = samples
+
+
 def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | torch.device | None = None,
                   deferred_sync: bool = False, backend: str = "auto", channels_last: bool = False,
-                  on_group_eval: Callable[[int, dict[str, MemberState]], None] | None = None) -> list[MemberResult]:
+                  on_group_eval: Callable[[int, dict[str, MemberState]], None] | None = None,
+                  batched_sampling: bool | None = None) -> list[MemberResult]:
     """Train the members as one stacked model; one MemberResult per member, in order.
 
     backend:       grouped (convolutions with groups=K, no vmap; default) | vmap (torch.func.vmap over
@@ -324,6 +351,10 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
     on_eval/on_eval_all_ranks of that step, with the state of each member still training (by
     name; those ending at this step included): one checkpoint of the whole group (Ray Train
     takes one report per step, orchestrator/ray_stacked.py).
+    batched_sampling: the members evaluating at one step draw their samples in one batched pass
+    through the stacked EMA network (stacked_sampling.py; the same samples). None: on a GPU only --
+    on the dev CPU a forward is compute-bound and the batched pass measured 0.79x the members one
+    after another (BENCHMARKS.md).
     """
     t_start = time.time()
     check_stackable(members)
@@ -422,10 +453,13 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                 r.call("on_epoch", losses)
                 group.epoch_sum[group.row(r)] = 0.0
                 r.epoch_count = 0
+        if batched_sampling or (batched_sampling is None and device.type == "cuda"):
+            _draw_eval_samples(group, [r for r in evals if r.status == "RUNNING"])
         for r in evals:
             if r.status == "RUNNING":
                 r.call("on_eval")
                 r.call("on_eval_all_ranks")
+                r.ctx.eval_samples = None  # no later hook call may see this evaluation's samples
         if evals and on_group_eval is not None:
             on_group_eval(step, {r.member.name: r.ctx.state for r in group.runs if r.status == "RUNNING"})
         for r in group.runs:

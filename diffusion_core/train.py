@@ -153,6 +153,10 @@ class TrainContext:
     steps_per_epoch: int
     total_steps: int
     state: "TrainState"
+    # During on_eval of a stacked member (diffusion_core.stacked): its samples of this evaluation, drawn
+    # with the group's other members in one pass (evaluation.DrawnSamples; pass them to Evaluator.evaluate).
+    # None: the hook samples itself (always in train()).
+    eval_samples: Any = None
 
 
 class TrainHooks(Protocol):  # every method optional; called on rank 0 only unless noted

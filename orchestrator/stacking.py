@@ -19,7 +19,8 @@ from .plan import Plan, Trial
 
 def member(trial: Trial, **kw) -> Member:
     """The train_stacked member of a trial (its configs; hooks, splits, resume state in `kw`)."""
-    return Member(trial.training, trial.model, trial.data, trial.diffusion, name=trial.trial_id, **kw)
+    return Member(trial.training, trial.model, trial.data, trial.diffusion, name=trial.trial_id,
+                  evaluation=trial.evaluation, **kw)
 
 
 def can_stack(trials: list[Trial]) -> bool:

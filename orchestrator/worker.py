@@ -152,7 +152,7 @@ class TrialHooks:
             self.last_report.update(val_loss=losses.val, val_step=ctx.step)
 
     def on_eval(self, ctx: TrainContext) -> None:
-        res = self.evaluator.evaluate(ctx.ema_model, ctx.model)
+        res = self.evaluator.evaluate(ctx.ema_model, ctx.model, samples=ctx.eval_samples)  # drawn by a stacked group
         step, epoch = ctx.step, ctx.epoch
         for weights, values in res.residuals.items():
             v = res.variance_interpolation.get(weights, [None] * len(values))

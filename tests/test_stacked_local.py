@@ -1,8 +1,9 @@
 """`resources.stack` (issue 11): a --local study whose trials train as one stacked model writes
 each trial's records exactly as trials run one by one — the same Parquet rows and columns,
 per-step losses equal to float tolerance (the stacked core's contract, tests/test_stacked.py:
-~2e-7 relative measured, 1e-5 allowed), its own MLflow child run, EMA snapshots, resume file
-and summary — and a member that diverges is FAILED with its DivergedError while the other
+~2e-7 relative measured, 1e-5 allowed), the same sample grids (drawn in the group's one batched
+sampling pass; at most one uint8 level apart in 0.1% of pixels), its own MLflow child run, EMA
+snapshots, resume file and summary — and a member that diverges is FAILED with its DivergedError while the other
 completes. The stacked launch is interrupted and resumed on the way (each member from its
 own resume file). Real MNIST, real Parquet, real MLflow (SQLite), in this process."""
 from __future__ import annotations
@@ -117,6 +118,10 @@ def test_stacked_trials_write_the_records_of_trials_run_alone(runs):
         assert torch.load(files / "resume.pt", weights_only=True)["step"] == 16
         assert len(list((files / "ema").iterdir())) == len(EVALS)
         assert (files / "train_indices.npy").exists()
+        for step in EVALS:  # the group's batched sampling pass gave each member the samples of its own run
+            grid = f"samples/step_{step:09d}.npy"
+            apart = np.abs(np.load(files / grid).astype(int) - np.load(alone / "trial_files" / tid / grid))
+            assert apart.max() <= 1 and (apart > 0).mean() <= 1e-3, (tid, step)
 
 
 def s_steps(study_dir, tid):
