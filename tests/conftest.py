@@ -15,17 +15,7 @@ import torch  # noqa: E402
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 os.environ.setdefault("STUDYCTL_DATA_ROOT", str(_SHARED_DATA if _SHARED_DATA.exists() else "/work/shared/data"))
 
-# Under pytest-xdist (the README's command runs two workers) each worker gets one core.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
-def pytest_collection_modifyitems(items):
-    """Keep each test file on one xdist worker (`--dist loadgroup`), so a module-scoped fixture is
-    built once; files that share a session fixture name one group explicitly (the e2e study)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +40,6 @@ def e2e_study(tmp_path_factory, data_root):
 
     Four healthy trials (base width {8, 12} x seed {0, 1}; DDP with 2 workers each) and one whose
     learning rate makes the loss overflow. Used by the orchestrator and the analysis tests.
-    Three trials at a time (2 x 0.3 CPU each): a trial here is mostly Ray process start-up, not
-    work, so two waves instead of three.
     Returns (study dict, output folder, CompletedProcess of the launch).
     """
     from orchestrator_helpers import NAN_LR, studyctl, tiny_study, write_study
@@ -60,7 +48,7 @@ def e2e_study(tmp_path_factory, data_root):
     study = tiny_study(data_root, name="e2e",
                        sweep={"grid": {"model.base_width": [8, 12], "training.seed": [0, 1]},
                               "arms": [{"training.lr": [NAN_LR]}]},
-                       resources={"workers_per_trial": 2, "cpus_per_worker": 0.3, "max_failures": 1})
+                       resources={"workers_per_trial": 2, "cpus_per_worker": 0.5, "max_failures": 1})
     f = write_study(tmp / "e2e.yaml", study)
     out = tmp / "out"
     r = studyctl("launch", f, "--output", out, timeout=600)

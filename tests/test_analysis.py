@@ -21,8 +21,7 @@ try:
 except ImportError:
     from orchestrator_helpers import studyctl
 
-# Both files read the session's e2e study: one xdist worker builds it once (pytest -n, --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_study")]
+pytestmark = pytest.mark.slow
 
 # Every thesis figure; the study-axis figures (learned variance, progressive frames) exist only for trials
 # that have those axes (tests/test_variance_guidance.py checks them).

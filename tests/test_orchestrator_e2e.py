@@ -22,8 +22,7 @@ try:  # tests/ may or may not be a package
 except ImportError:
     from orchestrator_helpers import NAN_LR, expected_steps, studyctl
 
-# Both files read the session's e2e study: one xdist worker builds it once (pytest -n, --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e_study")]
+pytestmark = pytest.mark.slow
 
 
 
