@@ -21,8 +21,10 @@ import os
 import time
 from typing import Callable
 
+from records.layout import ray_train_dir
+
 from .driver import SetupError, StudyRun, TrialFailed, drive_group, drive_trial, record_outcome
-from .ray_stacked import Unit, ray_stacked_worker, train_storage, tune_units
+from .ray_stacked import Unit, ray_stacked_worker, tune_units
 from .status import read_summary, statuses
 from .worker import train_worker
 
@@ -63,7 +65,7 @@ def fit_trainer(study: StudyRun, loop: Callable[[dict], None], loop_config: dict
         loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker,
                                      placement_strategy=r.placement_strategy),
-        run_config=RunConfig(name=name, storage_path=str(train_storage(study.out)),
+        run_config=RunConfig(name=name, storage_path=str(ray_train_dir(study.out)),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
                              callbacks=[TuneReportCallback()])).fit()

@@ -43,7 +43,7 @@ from diffusion_core.stacked import MemberState, train_stacked
 from diffusion_core.train import TrainContext
 
 from records.atomic import write_json
-from records.layout import trial_files, worker_file
+from records.layout import ray_train_dir, trial_files, worker_file
 
 from .plan import Plan, Trial
 from .stacked_worker import build_members
@@ -59,11 +59,6 @@ class Unit:
     name: str
     trials: tuple[Trial, ...]
     stacked: bool
-
-
-def train_storage(out: Path) -> Path:
-    """Where Ray Train keeps the runs (one per trial or group) and their checkpoints."""
-    return Path(out) / "ray" / "train"
 
 
 def group_name(trials: list[Trial] | tuple[Trial, ...]) -> str:
@@ -93,7 +88,7 @@ def tune_units(out: Path, plan: Plan, todo: list[str], echo: Callable[[str], Non
     for group in stack_groups(plan, todo):
         pointers = {t.trial_id: read_pointer(out, t.trial_id) for t in group}
         steps = {p["step"] if p else 0 for p in pointers.values()}
-        trained_alone = [t.trial_id for t in group if (train_storage(out) / t.trial_id).exists()]
+        trained_alone = [t.trial_id for t in group if (ray_train_dir(out) / t.trial_id).exists()]
         if len(group) > 1 and len(steps) == 1 and not trained_alone:
             units.append(Unit(group_name(group), tuple(group), True))
             continue
@@ -139,7 +134,7 @@ class GroupCheckpoint:
             shutil.rmtree(tmp, ignore_errors=True)
         # after the report: the checkpoint is in storage (a pointer may lag it, never lead it)
         for tid in states:
-            state_file = (train_storage(self.out) / self.run / name / f"{tid}.pt").relative_to(self.out)
+            state_file = (ray_train_dir(self.out) / self.run / name / f"{tid}.pt").relative_to(self.out)
             write_json(trial_files(self.out, tid) / POINTER, {"run": self.run, "step": step, "state": str(state_file)})
 
 

@@ -64,6 +64,11 @@ def samples_dir(study_dir: str | os.PathLike, trial_id: str) -> Path:
     return trial_files(study_dir, trial_id) / "samples"
 
 
+def ray_train_dir(study_dir: str | os.PathLike) -> Path:
+    """Where Ray Train keeps its runs (one per trial or stacked group) and their checkpoints."""
+    return Path(study_dir) / "ray" / "train"
+
+
 def eval_samples_file(study_dir: str | os.PathLike, trial_id: str, step: int) -> Path:
     """Every sample of one evaluation (uint8 (n_samples, C, H, W)), kept when evaluation.keep_samples."""
     return samples_dir(study_dir, trial_id) / f"all_step_{step:09d}.npy"

@@ -31,9 +31,10 @@ def _plan(data_root, stack=2, **kw):
 
 def _point(out, tid, run, step):
     """A member's pointer to its state in a group checkpoint, as GroupCheckpoint leaves it."""
-    from orchestrator.ray_stacked import POINTER, train_storage
+    from orchestrator.ray_stacked import POINTER
+    from records.layout import ray_train_dir
 
-    state = train_storage(out) / run / f"checkpoint_step_{step:09d}" / f"{tid}.pt"
+    state = ray_train_dir(out) / run / f"checkpoint_step_{step:09d}" / f"{tid}.pt"
     state.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"step": step, "who": tid}, state)
     (out / "trial_files" / tid).mkdir(parents=True, exist_ok=True)
@@ -42,7 +43,8 @@ def _point(out, tid, run, step):
 
 
 def test_tune_units_name_groups_by_their_members_and_resume_alone_when_steps_differ(data_root, tmp_path):
-    from orchestrator.ray_stacked import Unit, group_name, train_storage, tune_units
+    from orchestrator.ray_stacked import Unit, group_name, tune_units
+    from records.layout import ray_train_dir
 
     plan = _plan(data_root)
     a, b, c = plan.trials
@@ -67,13 +69,13 @@ def test_tune_units_name_groups_by_their_members_and_resume_alone_when_steps_dif
     _point(tmp_path, b.trial_id, name, 8)
     assert tune_units(tmp_path, plan, ids, said.append)[0] == Unit(name, (a, b), True)
     # a pointer whose checkpoint was deleted counts as none
-    (train_storage(tmp_path) / name / "checkpoint_step_000000008" / f"{b.trial_id}.pt").unlink()
+    (ray_train_dir(tmp_path) / name / "checkpoint_step_000000008" / f"{b.trial_id}.pt").unlink()
     assert tune_units(tmp_path, plan, ids, said.append)[:2] == [Unit(group_name([a]), (a,), True),
                                                                 Unit(b.trial_id, (b,), False)]
     # the groups of the unfinished trials only; one that trained alone under Ray stays alone
     assert tune_units(tmp_path, plan, [b.trial_id, c.trial_id], said.append) == [
         Unit(group_name([b, c]), (b, c), True)]
-    (train_storage(tmp_path) / c.trial_id).mkdir(parents=True)
+    (ray_train_dir(tmp_path) / c.trial_id).mkdir(parents=True)
     assert tune_units(tmp_path, plan, [b.trial_id, c.trial_id], said.append) == [
         Unit(b.trial_id, (b,), False), Unit(c.trial_id, (c,), False)]
 
@@ -175,7 +177,8 @@ def _table(d, kind):
 def test_a_stacked_group_under_ray_records_each_member_and_resumes_from_its_checkpoint(ray_group):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.ray_stacked import POINTER, group_name, train_storage
+    from orchestrator.ray_stacked import POINTER, group_name
+    from records.layout import ray_train_dir
     from records.layout import snapshot_file
 
     out, local, plan = ray_group["ray"], ray_group["local"], ray_group["plan"]
@@ -210,7 +213,7 @@ def test_a_stacked_group_under_ray_records_each_member_and_resumes_from_its_chec
         np.testing.assert_allclose([v for _, v in history], ray_steps[ray_steps.trial_id == tid].loss, rtol=1e-6)
     # one Ray Train run for the group; its last checkpoint holds each live member's state
     run = group_name(plan.trials)
-    last = train_storage(out) / run / f"checkpoint_step_{EVALS[-1]:09d}"
+    last = ray_train_dir(out) / run / f"checkpoint_step_{EVALS[-1]:09d}"
     assert json.loads((last / "group.json").read_text())["members"] == ok
     for tid in ok:
         state = torch.load(last / f"{tid}.pt", weights_only=True)
