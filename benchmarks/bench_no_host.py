@@ -34,7 +34,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100, help="untimed steps first (graph capture is behind it)")
     ap.add_argument("--log-first", type=int, default=1000, help="log every step for the first N steps")
     ap.add_argument("--k", type=int, default=8, help="members of the stacked contender (0: skip it)")
-    ap.add_argument("--check-steps", type=int, default=50)
+    ap.add_argument("--check-steps", type=int, default=50, help="graph-vs-eager loss check (0: skip it)")
+    ap.add_argument("--only", nargs="+", default=None, choices=["eager", "eager+nosync", "graph"],
+                    help="run these single-trial contenders only (default: all; the stacked one is --k)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -59,6 +61,8 @@ def main() -> None:
     variants = {"eager": {}, "eager+nosync": dict(device_noise=True, deferred_sync=True)}
     if device.type == "cuda":
         variants["graph"] = dict(device_noise=True, deferred_sync=True, cuda_graph=True)
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only}
     rows = {}
     for label, kw in variants.items():
         clock = Clock(args.warmup, device)
@@ -77,10 +81,11 @@ def main() -> None:
             rows[f"stacked K={args.k}"] = clock.steps_per_s()
             r = rows[f"stacked K={args.k}"]
             print(f"{f'stacked K={args.k}':<16} {r:>9.1f} steps/s  {r * args.batch * args.k:>9.0f} img/s "
-                  f"(all members; x{r * args.k / rows['eager']:.2f} the eager trial's img/s)", flush=True)
+                  + (f"(all members; x{r * args.k / rows['eager']:.2f} the eager trial's img/s)" if "eager" in rows
+                     else "(all members)"), flush=True)
         except Exception as e:
             print(f"stacked K={args.k}: FAILED {type(e).__name__}: {e}")
-    if device.type == "cuda":  # does the graph replay the eager step? (dropout 0: the masks' streams differ)
+    if device.type == "cuda" and args.check_steps:  # does the graph replay the eager step? (dropout 0: the masks' streams differ)
         quiet = UNetConfig(base_width=args.width, dropout=0.0)
         check = dict(device_noise=True, deferred_sync=True, max_steps=args.check_steps, log_every_first=10 ** 6)
         a = train(model=quiet, training=TrainConfig(**{**tc().__dict__, **check}), splits=splits, device=device)
