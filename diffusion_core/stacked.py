@@ -255,12 +255,12 @@ class _Group:
         """One optimizer step of every member; returns the (K,) batch losses (on the device)."""
         x0s, ts, epss = [], [], []
         for r in self.runs:
-            x0 = r.splits.train.batch(r.batch_indices(self.step))
+            x0 = r.splits.train.batch(r.batch_indices(self.step)).to(self.device)
             ts.append(r.schedule.sample_timesteps(x0.shape[0], generator=r.generator))  # train()'s order: t, eps
             epss.append(torch.randn(x0.shape, generator=r.generator))
             x0s.append(x0)
-        # Each up in one pinned, non-blocking copy: K pageable copies would make the host wait K times a step.
-        x0, t, eps = (_host_to_device(torch.stack(v), self.device) for v in (x0s, ts, epss))
+        x0 = torch.stack(x0s)
+        t, eps = _host_to_device(torch.stack(ts), self.device), _host_to_device(torch.stack(epss), self.device)
         err = self.losses(x0, t, eps)
         for k, r in enumerate(self.runs):
             d = r.member.diffusion

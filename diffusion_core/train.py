@@ -441,25 +441,22 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             call("on_step", value)
         ctx.step, ctx.epoch = now
         pending_losses.clear()
-    # On a GPU the training images (uint8; MNIST's 48,000 are 38 MB) go to the device once: a batch
-    # copied up from pageable memory at each step would make the host wait for the GPU every step.
-    train_images = splits.train.to(device) if device.type == "cuda" else splits.train
     net.train()
     while state.step < total_steps:
         epoch = state.step // epoch_steps
         batches = epoch_batches(n_train, training.batch_size, epoch, training.seed, rank=rank, world_size=world,
-                                device=train_images.images.device)
+                                device=splits.train.images.device)
         for idx in batches[state.step - epoch * epoch_steps:]:
             if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            x0 = train_images.batch(idx).to(device).contiguous(memory_format=memory_format)
+            x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
             t = _host_to_device(schedule.sample_timesteps(x0.shape[0], generator=generator, device=noise_device),
                                 device)
             eps = _host_to_device(torch.randn(x0.shape, generator=generator, device=noise_device), device)
             y = None
             if model.class_conditional:  # classifier-free guidance: drop labels to the null label
                 drop = torch.rand(x0.shape[0], generator=generator, device=noise_device) < training.label_dropout
-                y = train_images.labels[idx].to(drop.device).long()
+                y = splits.train.labels.to(idx.device)[idx].to(drop.device).long()
                 y = _host_to_device(torch.where(drop, torch.full_like(y, model.num_classes), y), device)
             loss = graphed(x0, t, eps) if graphed is not None else step_fn(x0, t, eps, y)
             ema.update(net)
