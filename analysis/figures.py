@@ -271,12 +271,12 @@ def fig29b_entropy_plane(study: Study, trial: str):
         return None
     fig, ax = _fig()
     ax.plot(df["h_y"], df["h_y_given_x"], "-", color="grey", lw=0.8, zorder=1)
-    sc = ax.scatter(df["h_y"], df["h_y_given_x"], c=df["epoch"], cmap="viridis", zorder=2, label="evaluation")
-    fig.colorbar(sc, ax=ax, label="epoch")
+    # One point per evaluation; the colour bar says its epoch (a legend would sit on the colour bar).
+    sc = ax.scatter(df["h_y"], df["h_y_given_x"], c=df["epoch"], cmap="viridis", zorder=2)
+    fig.colorbar(sc, ax=ax, label="epoch of the evaluation")
     ax.set_xlabel("H(Y)  marginal class entropy (nats)")
     ax.set_ylabel("H(Y|X)  mean conditional entropy (nats)")
     ax.set_title(f"Entropy plane — {trial}")
-    _legend_outside(ax)
     return fig
 
 
