@@ -15,14 +15,18 @@
 #      bash benchmarks/run_gpu.sh packing          # 1, 2, 4 thesis trials sharing the GPU, fp32 + bf16 (~2 min)
 #      bash benchmarks/run_gpu.sh graph            # issue 11: steps/s at batch 16, eager vs no-sync vs CUDA graph
 #                                                  #   vs 8 stacked trials, + graph-vs-eager loss check (~3 min)
-#      bash benchmarks/run_gpu.sh stacked-sampling # K=8 evaluations one after another vs batched (never run)
-#      bash benchmarks/run_gpu.sh issue11          # one call: graph probe, the thesis with it, stacked benchmarks
+#      bash benchmarks/run_gpu.sh stacked-sampling # K=8 evaluations one after another vs batched (~1 min)
 #      bash benchmarks/run_gpu.sh all              # everything (over 10 minutes: split it as above)
 #      bash benchmarks/run_gpu.sh thesis           # studies/thesis.yaml end to end, without Ray/MLflow
-#          (`studyctl launch thesis --local --no-tracking`, 10,000-sample evaluations, the fast path of
-#          THESIS_SET). One call runs up to THESIS_BUDGET_S (default 540 s), then stops; the same command
-#          in the next call (machine still warm: the run lives in the git-ignored .gpu_run/) resumes from
-#          the last evaluation. Each call leaves $OUT/thesis.tar.gz (Parquet + PNG), status and log.
+#          (`studyctl launch thesis --local --no-tracking`, with THESIS_SET's overrides). One call runs up to
+#          THESIS_BUDGET_S (default 540 s), then stops (SIGKILL: records and resume.pt are replaced atomically);
+#          the same command in the next call resumes from the last evaluation: on a still-warm machine from
+#          .gpu_run/ (git-ignored), on a fresh one from .gpu/thesis/ (copy the last call's thesis.tar.gz and
+#          thesis_resume.partNN there: an unfinished run brings its resume state back in <= 15 MB parts).
+#          Each call leaves $OUT/thesis.tar.gz (Parquet + PNG), status and log; unpack into results/thesis/.
+#      bash benchmarks/run_gpu.sh issue11          # one call (~9.5 min, CALL_BUDGET_S): the graph step's speed and
+#          its loss check, the thesis with that step (1k-sample evaluations), eager/stacked K=8 contenders,
+#          stacked sampling -- each stage in the time left (BENCHMARKS.md, "Issue 11 on an NVIDIA H200")
 # Environment: OUT (default ./gpu_out), DEVICE (default cuda), PYTHON (default python3),
 # SMOKE=1 (tiny sizes, to check the plumbing on a CPU: DEVICE=cpu PYTHON=.venv/bin/python SMOKE=1).
 set -euo pipefail
