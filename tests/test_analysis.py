@@ -226,8 +226,12 @@ def test_decompose_uses_the_study_evaluation_seed_and_reads_old_snapshots(study_
 
 
 def test_figures_refuse_a_folder_without_records(tmp_path):
-    r = studyctl("figures", tmp_path, timeout=120)
-    assert r.returncode == 2 and "no Parquet records" in r.stdout
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    r = CliRunner().invoke(app, ["figures", str(tmp_path)])   # in this process: a refusal needs no new one
+    assert r.exit_code == 2 and "no Parquet records" in r.output, r.output
 
 
 def test_launch_draws_the_figures_at_the_end(e2e_study):
