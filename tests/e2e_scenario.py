@@ -68,7 +68,8 @@ def run(tmp: Path, data_root) -> dict:
     p = start("launch", f, "--output", out, log=tmp / "launch.log")
     try:
         wait_for(lambda: len(_statuses(out)) == 5, 120, "PENDING rows", p)
-        a = obs["a"] = sorted(_statuses(out))[0]
+        ids = sorted(_statuses(out))
+        a = obs["a"] = ids[0]
         # 2. kill trial A's rank-1 worker after its first checkpoint
         wait_for(lambda: checkpoint_steps(out, a), 300, f"first checkpoint of {a}", p, poll=0.1)
         rank1 = json.loads((out / "trial_files" / a / "workers" / "rank1.json").read_text())
@@ -77,14 +78,18 @@ def run(tmp: Path, data_root) -> dict:
 
         # 3. kill the launcher (and its local Ray) once A is done and B holds its first checkpoint only
         def running_b():
+            # the checkpoint snapshots first: reading the trials table costs ~30 ms of CPU, too much at 10 Hz
+            # for two cores the trials need
+            firsts = [t for t in ids if t != a and checkpoint_steps(out, t) == [first_eval]]
+            if not firsts:
+                return None
             st = _statuses(out)
             if st.get(a) in ("FAILED", "STOPPED"):  # its worker group did not come back: fail now, not at the timeout
                 raise AssertionError(f"{a} ended {st[a]} after its rank-1 worker was killed:\n"
                                      f"{(tmp / 'launch.log').read_text()[-4000:]}")
             if st.get(a) != "COMPLETED":
                 return None
-            return next((t for t, v in sorted(st.items()) if v == "RUNNING" and checkpoint_steps(out, t) == [first_eval]),
-                        None)
+            return next((t for t in firsts if st.get(t) == "RUNNING"), None)
 
         b = obs["b"] = wait_for(running_b, 480, f"{a} completed and another trial at its first checkpoint", p, poll=0.1)
         kill_group(p)
