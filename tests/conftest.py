@@ -35,21 +35,17 @@ def mnist_splits(data_root):
 
 
 @pytest.fixture(scope="session")
-def e2e_study(tmp_path_factory, data_root):
-    """One real study, launched once: `studyctl launch` on real MNIST, a local Ray (2 CPUs), SQLite MLflow.
+def e2e_run(tmp_path_factory, data_root):
+    """One real study, run once per session (tests/e2e_scenario.py): `studyctl launch` on real MNIST,
+    a local Ray (2 CPUs), SQLite MLflow; a DDP worker killed, then the launcher killed, then
+    `studyctl resume`. Used by the orchestrator and the analysis tests. Returns what was observed
+    (a dict: study, out, a, b, resume, ...)."""
+    import e2e_scenario
 
-    Four healthy trials (base width {8, 12} x seed {0, 1}; DDP with 2 workers each) and one whose
-    learning rate makes the loss overflow. Used by the orchestrator and the analysis tests.
-    Returns (study dict, output folder, CompletedProcess of the launch).
-    """
-    from orchestrator_helpers import NAN_LR, studyctl, tiny_study, write_study
+    return e2e_scenario.run(tmp_path_factory.mktemp("e2e"), data_root)
 
-    tmp = tmp_path_factory.mktemp("e2e")
-    study = tiny_study(data_root, name="e2e",
-                       sweep={"grid": {"model.base_width": [8, 12], "training.seed": [0, 1]},
-                              "arms": [{"training.lr": [NAN_LR]}]},
-                       resources={"workers_per_trial": 2, "cpus_per_worker": 0.5, "max_failures": 1})
-    f = write_study(tmp / "e2e.yaml", study)
-    out = tmp / "out"
-    r = studyctl("launch", f, "--output", out, timeout=600)
-    return study, out, r
+
+@pytest.fixture(scope="session")
+def e2e_study(e2e_run):
+    """(study dict, output folder, CompletedProcess of the `resume` that finished the study)."""
+    return e2e_run["study"], e2e_run["out"], e2e_run["resume"]

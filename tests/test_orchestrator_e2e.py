@@ -1,11 +1,13 @@
 """End to end: `studyctl launch` on real MNIST, a real local Ray (2 CPUs), a real MLflow SQLite store.
 
-One study, launched once per session (conftest.e2e_study; the analysis tests reuse it):
+One study, run once per session (conftest.e2e_run; the fault and analysis tests reuse it):
 four healthy trials (base width {8, 12} x seed {0, 1}, DDP, 2 workers each) and a fifth
-whose learning rate makes the loss overflow. The healthy trials must leave complete
-records (every Parquet table with its columns and exact row counts, MLflow parent + child
-runs with metrics, checkpoints, EMA snapshots, sample grids); the diverged one must end
-FAILED with its reason while the others go on, and `launch` must exit 1 naming it.
+whose learning rate makes the loss overflow. On its way a DDP worker is killed, then the
+launcher, and `studyctl resume` finishes it (tests/e2e_scenario.py, test_orchestrator_faults.py).
+The healthy trials must leave complete records (every Parquet table with its columns and exact
+row counts, MLflow parent + child runs with metrics, checkpoints, EMA snapshots, sample grids);
+the diverged one must end FAILED with its reason while the others go on, and the command that
+finished the sweep (`resume`, which ends exactly as `launch` does) must exit 1 naming it.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ def test_parquet_tables_columns_and_row_counts(launched):
         res = tables["residuals"].query("trial_id == @tid")
         assert len(res) == len(evals) * n_t * 2
         assert set(res["weights"]) == {"ema", "raw"} and sorted(res["step"].unique()) == evals
+        assert not res.duplicated(["step", "t", "weights"]).any()
         assert (res["residual"] > 0).all()
         e = tables["evals"].query("trial_id == @tid").sort_values("step")
         assert e["step"].tolist() == evals
@@ -138,6 +141,8 @@ def test_mlflow_parent_and_children(launched):
                 assert k in x.data.metrics, k
             hist = c.get_metric_history(x.info.run_id, "loss")
             assert len(hist) == len({m.step for m in hist})  # no duplicated steps
+            evals = [m.step for m in c.get_metric_history(x.info.run_id, "eval_seconds")]
+            assert len(evals) == len(set(evals))  # evaluations are logged with the checkpoint: once each
             arts = [a.path for a in c.list_artifacts(x.info.run_id, "samples")]
             assert any(a.endswith(".png") for a in arts)
         else:
