@@ -144,17 +144,34 @@ def training_ended(out: Path, trial_id: str) -> bool:
     return s.get("status") == "FAILED" or (s.get("step") is not None and s.get("step") == s.get("total_steps"))
 
 
+def _load_group(d: Path, trial_ids: list[str], not_before: int) -> dict[str, dict] | None:
+    """The members' states from one group checkpoint folder, if it holds them all and is not older."""
+    try:
+        held = json.loads((d / "group.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not set(trial_ids) <= set(held["members"]) or held["step"] < not_before:
+        return None
+    return {tid: torch.load(d / f"{tid}.pt", weights_only=True, map_location="cpu") for tid in trial_ids}
+
+
 def restore_states(out: Path, trial_ids: list[str], ckpt) -> dict[str, dict | None]:
     """Each member's resume state: Ray's checkpoint of this run if it holds them all and is not
-    older than their pointers, else each member's pointer (None: from the start)."""
+    older than their pointers; else the folder of the newest pointer, if it holds them all (a worker
+    killed while writing the pointers, before Ray registered that checkpoint: the folder is complete
+    in storage, the pointers come after the report); else each member's pointer (None: from the start)."""
     pointers = {tid: read_pointer(out, tid) for tid in trial_ids}
+    newest = max((p for p in pointers.values() if p), key=lambda p: p["step"], default=None)
+    not_before = newest["step"] if newest else 0
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            d = Path(d)
-            held = json.loads((d / "group.json").read_text())
-            if set(trial_ids) <= set(held["members"]) and \
-                    held["step"] >= max((p["step"] for p in pointers.values() if p), default=0):
-                return {tid: torch.load(d / f"{tid}.pt", weights_only=True, map_location="cpu") for tid in trial_ids}
+            states = _load_group(Path(d), trial_ids, not_before)
+        if states is not None:
+            return states
+    if newest is not None:
+        states = _load_group((Path(out) / newest["state"]).parent, trial_ids, not_before)
+        if states is not None:
+            return states
     return {tid: torch.load(Path(out) / p["state"], weights_only=True, map_location="cpu") if p else None
             for tid, p in pointers.items()}
 

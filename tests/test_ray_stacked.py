@@ -111,6 +111,26 @@ def test_a_restarted_group_resumes_from_rays_checkpoint_unless_it_lacks_a_member
     assert restore_states(out, ["a", "b"], _Checkpoint(ck))["b"] == {"step": 24, "who": "b"}
 
 
+def test_a_worker_killed_between_its_pointers_resumes_every_member_from_the_newest_folder(tmp_path):
+    """The kill lands after the report (the folder is complete in storage) and after member a's
+    pointer, before b's and before Ray registered the checkpoint: both resume from that folder
+    (b from the start would put the group's members at different steps)."""
+    from orchestrator.ray_stacked import POINTER, restore_states
+
+    out = tmp_path / "study"
+    _point(out, "a", "g", 8)
+    folder = (out / json.loads((out / "trial_files" / "a" / POINTER).read_text())["state"]).parent
+    torch.save({"step": 8, "who": "b"}, folder / "b.pt")
+    assert restore_states(out, ["a", "b"], None) == {"a": {"step": 8, "who": "a"}, "b": None}  # no group.json yet
+    (folder / "group.json").write_text(json.dumps({"run": "g", "step": 8, "members": ["a", "b"]}))
+    assert restore_states(out, ["a", "b"], None) == {"a": {"step": 8, "who": "a"}, "b": {"step": 8, "who": "b"}}
+    # Ray's registered checkpoint, older than the folder: the folder still wins
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    (ck / "group.json").write_text(json.dumps({"run": "g", "step": 4, "members": ["a", "b"]}))
+    assert restore_states(out, ["a", "b"], _Checkpoint(ck))["b"] == {"step": 8, "who": "b"}
+
+
 def test_asha_with_stacking_is_refused(data_root):
     from orchestrator.spec import StudyError, parse_study
 
