@@ -89,30 +89,32 @@ else
   BATCHES=(16 128 512); IMAGES=4096; ROUNDS=3; SBATCH=1024; DDIM=(50); DDPM=(--ddpm)
 fi
 
+logged() {  # logged FILE CMD...: run CMD (a failure is reported, not fatal), warnings dropped, appended to $OUT/FILE
+  local file="$1"; shift
+  { "$@" 2>&1 || echo "FAILED: exit $?"; } | { grep -v -i "warn" || true; } | tee -a "$OUT/$file"
+}
+
 train_step() {  # $@: extra switches
   for prec in fp32 bf16; do
     echo "### bench_train_step --precision $prec $*" | tee -a "$OUT/train_step.txt"
-    { "$PY" benchmarks/bench_train_step.py --device "$DEVICE" --batch-sizes "${BATCHES[@]}" --rounds "$ROUNDS" \
-        --images-per-round "$IMAGES" --precision "$prec" "$@" --json "$OUT/train_step.jsonl" 2>&1 \
-        || echo "FAILED: exit $?"; } | { grep -v -i "warn" || true; } | tee -a "$OUT/train_step.txt"
+    logged train_step.txt "$PY" benchmarks/bench_train_step.py --device "$DEVICE" --batch-sizes "${BATCHES[@]}" \
+      --rounds "$ROUNDS" --images-per-round "$IMAGES" --precision "$prec" "$@" --json "$OUT/train_step.jsonl"
   done
 }
 
 sampling() {
   for amp in "" --bf16 "--bf16 --compile"; do
     echo "### bench_sampling --batch $SBATCH $amp" | tee -a "$OUT/sampling.txt"
-    { "$PY" benchmarks/bench_sampling.py --device "$DEVICE" --batch "$SBATCH" --ddim-steps "${DDIM[@]}" \
-        ${DDPM[@]+"${DDPM[@]}"} --rounds 2 $amp 2>&1 || echo "FAILED: exit $?"; } \
-        | { grep -v -i "warn" || true; } | tee -a "$OUT/sampling.txt"
+    logged sampling.txt "$PY" benchmarks/bench_sampling.py --device "$DEVICE" --batch "$SBATCH" \
+      --ddim-steps "${DDIM[@]}" ${DDPM[@]+"${DDPM[@]}"} --rounds 2 $amp
   done
 }
 
 packing() {  # k trials sharing the GPU (what a fractional gpus_per_worker gives) vs one alone
   for prec in fp32 bf16; do
     echo "### bench_packing --precision $prec" | tee -a "$OUT/packing.txt"
-    { "$PY" benchmarks/bench_packing.py --device "$DEVICE" --packs 1 2 4 --steps "${PACK_STEPS:-1000}" \
-        --precision "$prec" --json "$OUT/packing.jsonl" 2>&1 || echo "FAILED: exit $?"; } \
-        | { grep -v -i "warn" || true; } | tee -a "$OUT/packing.txt"
+    logged packing.txt "$PY" benchmarks/bench_packing.py --device "$DEVICE" --packs 1 2 4 \
+      --steps "${PACK_STEPS:-1000}" --precision "$prec" --json "$OUT/packing.jsonl"
   done
 }
 
@@ -120,22 +122,21 @@ graph() {  # one thesis trial with the host in / out of the loop, and K=8 stacke
   local steps=2000 k=8 width=32
   [[ "${SMOKE:-0}" == 1 ]] && { steps=12; k=2; width=8; GRAPH_WARMUP="${GRAPH_WARMUP:-3}"; }
   echo "### bench_no_host --steps $steps --k $k" | tee -a "$OUT/graph.txt"
-  { "$PY" benchmarks/bench_no_host.py --device "$DEVICE" --steps "$steps" --warmup "${GRAPH_WARMUP:-100}" \
-      --k "$k" --width "$width" --json "$OUT/graph.jsonl" 2>&1 || echo "FAILED: exit $?"; } \
-      | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
+  logged graph.txt "$PY" benchmarks/bench_no_host.py --device "$DEVICE" --steps "$steps" \
+    --warmup "${GRAPH_WARMUP:-100}" --k "$k" --width "$width" --json "$OUT/graph.jsonl"
   echo "### bench_stacked --k 8 (stacked vs sequential train())" | tee -a "$OUT/graph.txt"
-  { "$PY" benchmarks/bench_stacked.py --device "$DEVICE" --k "$k" --width "$width" --steps "$((steps / 8))" \
-      --warmup 20 --rounds 1 --deferred-sync --grouped-nhwc --json "$OUT/graph.jsonl" 2>&1 || echo "FAILED: exit $?"; } \
-      | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
+  logged graph.txt "$PY" benchmarks/bench_stacked.py --device "$DEVICE" --k "$k" --width "$width" \
+    --steps "$((steps / 8))" --warmup 20 --rounds 1 --deferred-sync --grouped-nhwc --json "$OUT/graph.jsonl"
 }
 
 stacked_sampling() {  # a stacked group's K=8 evaluations: one after another vs one batched pass (issue 11)
-  local n=1000 k=8 steps=50
+  # $1: the log file (default stacked_sampling.txt); $2: a time limit in seconds (default none)
+  local file="${1:-stacked_sampling.txt}" n=1000 k=8 steps=50
+  local limit=(); [[ -n "${2:-}" ]] && limit=(timeout "$2")
   [[ "${SMOKE:-0}" == 1 ]] && { n=8; k=2; steps=2; }
-  echo "### bench_stacked_sampling --k $k --n-samples $n (DDIM-$steps)" | tee -a "$OUT/stacked_sampling.txt"
-  { "$PY" benchmarks/bench_stacked_sampling.py --device "$DEVICE" --k "$k" --n-samples "$n" --steps "$steps" \
-      --batch-size "$n" --rounds 2 2>&1 || echo "FAILED: exit $?"; } \
-      | { grep -v -i "warn" || true; } | tee -a "$OUT/stacked_sampling.txt"
+  echo "### bench_stacked_sampling --k $k --n-samples $n (DDIM-$steps)" | tee -a "$OUT/$file"
+  logged "$file" ${limit[@]+"${limit[@]}"} "$PY" benchmarks/bench_stacked_sampling.py --device "$DEVICE" --k "$k" \
+    --n-samples "$n" --steps "$steps" --batch-size "$n" --rounds 2
 }
 
 thesis() {
@@ -177,34 +178,26 @@ issue11() {
   [[ "${SMOKE:-0}" == 1 ]] && { steps=12; warm=3; k=2; width=8; tail_s=20; }
   left() { echo $(( budget - ($(date +%s) - t0) )); }
   echo "### bench_no_host --only graph (probe; $steps steps)" | tee -a "$OUT/graph.txt"
-  { timeout 120 "$PY" benchmarks/bench_no_host.py --device "$DEVICE" --only graph --k 0 --steps "$steps" \
-      --warmup "$warm" --width "$width" --json "$OUT/graph.jsonl" 2>&1 || echo "FAILED: exit $?"; } \
-      | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
-  local fast="training.cuda_graph=true training.device_noise=true training.deferred_sync=true"
-  if ! grep -q '"graph": [0-9]' "$OUT/graph.jsonl" 2>/dev/null; then  # no graph step: compile's CUDA graphs instead
-    fast="training.compile=true training.compile_mode=reduce-overhead training.device_noise=true training.deferred_sync=true"
-  fi
+  logged graph.txt timeout 120 "$PY" benchmarks/bench_no_host.py --device "$DEVICE" --only graph --k 0 \
+    --steps "$steps" --warmup "$warm" --width "$width" --json "$OUT/graph.jsonl"
   # The thesis's own 1,000-sample DDPM-1000 evaluations (Table 1's run as shipped), sampled in bf16 with
-  # compile's CUDA graphs, all 1,000 in one batch; training fp32 (TF32 convolutions) with the step above.
-  THESIS_SET="${THESIS_SET:-$fast evaluation.precision=bf16 evaluation.compile=true evaluation.batch_size=1000}" \
-    THESIS_BUDGET_S="$(( $(left) - tail_s ))" thesis
-  if grep -q "FAILED" "$OUT/thesis_status.txt" && (( $(left) > 200 )); then  # e.g. the graph step broke at an evaluation
+  # compile's CUDA graphs, all 1,000 in one batch; training fp32 (TF32 convolutions) with the graph step,
+  # or with compile's CUDA graphs where the probe found no graph step.
+  local evals="evaluation.precision=bf16 evaluation.compile=true evaluation.batch_size=1000"
+  local graphed="training.cuda_graph=true training.device_noise=true training.deferred_sync=true"
+  local compiled="training.compile=true training.compile_mode=reduce-overhead"
+  local step="$graphed"; grep -q '"graph": [0-9]' "$OUT/graph.jsonl" 2>/dev/null || step="$compiled"
+  THESIS_SET="${THESIS_SET:-$step $evals}" THESIS_BUDGET_S="$(( $(left) - tail_s ))" thesis
+  if [[ "$step" == "$graphed" ]] && grep -q "FAILED" "$OUT/thesis_status.txt" && (( $(left) > 200 )); then
     echo "### thesis FAILED with the graph step: again with compile (reduce-overhead)" | tee -a "$OUT/thesis_log.txt"
     rm -rf .gpu_run/thesis
-    THESIS_SET="training.compile=true training.compile_mode=reduce-overhead evaluation.precision=bf16 evaluation.compile=true evaluation.batch_size=1000" \
-      THESIS_BUDGET_S="$(( $(left) - tail_s ))" thesis
+    THESIS_SET="$compiled $evals" THESIS_BUDGET_S="$(( $(left) - tail_s ))" thesis
   fi
   echo "### bench_no_host eager, eager+nosync, stacked K=$k ($(left) s left)" | tee -a "$OUT/graph.txt"
-  { timeout "$(( $(left) > 30 ? $(left) - 30 : 1 ))" "$PY" benchmarks/bench_no_host.py --device "$DEVICE" \
-      --only eager eager+nosync --k "$k" --steps "$(( steps / 4 ))" --warmup "$warm" --width "$width" --check-steps 0 \
-      --json "$OUT/graph.jsonl" 2>&1 || echo "FAILED: exit $?"; } | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
-  if (( $(left) > 40 )); then
-    local n=1000 sk=8 sst=50; [[ "${SMOKE:-0}" == 1 ]] && { n=8; sk=2; sst=2; }
-    echo "### bench_stacked_sampling --k $sk --n-samples $n (DDIM-$sst; $(left) s left)" | tee -a "$OUT/graph.txt"
-    { timeout "$(( $(left) - 10 ))" "$PY" benchmarks/bench_stacked_sampling.py --device "$DEVICE" --k "$sk" \
-        --n-samples "$n" --steps "$sst" --batch-size "$n" --rounds 2 2>&1 || echo "FAILED: exit $?"; } \
-        | { grep -v -i "warn" || true; } | tee -a "$OUT/graph.txt"
-  fi
+  logged graph.txt timeout "$(( $(left) > 30 ? $(left) - 30 : 1 ))" "$PY" benchmarks/bench_no_host.py \
+    --device "$DEVICE" --only eager eager+nosync --k "$k" --steps "$(( steps / 4 ))" --warmup "$warm" \
+    --width "$width" --check-steps 0 --json "$OUT/graph.jsonl"
+  if (( $(left) > 40 )); then stacked_sampling graph.txt "$(( $(left) - 10 ))"; fi
   echo "issue11: $(( $(date +%s) - t0 )) s"
   # At most 8 files come back: fold the environment and the status into the logs.
   cat "$OUT/env.txt" >> "$OUT/graph.txt" && rm "$OUT/env.txt"
