@@ -91,6 +91,21 @@ def run_stacked(args, splits, device, k: int, backend: str, channels_last: bool 
     return k * args.batch * clock.steps_per_s()
 
 
+def print_scaling(args, img_s: dict[int, float], sequential_img_s: float) -> None:
+    """Least-squares ms/step = a + b*K over the stacked sizes: a is the per-step cost stacking shares
+    (Python, launches, the host), b what each member adds (its compute); as K grows the gain over
+    sequential trials tends to (ms per sequential trial-step) / b, whatever the code around it does."""
+    ks = sorted(img_s)
+    ms = [1e3 * k * args.batch / img_s[k] for k in ks]
+    kbar, mbar = statistics.mean(ks), statistics.mean(ms)
+    b = sum((k - kbar) * (m - mbar) for k, m in zip(ks, ms)) / sum((k - kbar) ** 2 for k in ks)
+    a = mbar - b * kbar
+    seq_ms = 1e3 * args.batch / sequential_img_s
+    print("stacked ms/step by K: " + "  ".join(f"K={k}: {m:.1f}" for k, m in zip(ks, ms)))
+    print(f"fit ms/step = {a:.1f} + {b:.1f} * K; a sequential trial-step takes {seq_ms:.1f} ms, so stacking "
+          f"can gain at most {seq_ms / b:.2f}x over sequential trials as K grows")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -108,6 +123,9 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["grouped", "vmap"], choices=("grouped", "vmap"))
     ap.add_argument("--grouped-nhwc", action="store_true", help="also the grouped backend in channels_last memory")
     ap.add_argument("--deferred-sync", action="store_true", help="stacked: fetch losses once per log interval")
+    ap.add_argument("--scaling", type=int, nargs="+", default=None, metavar="K",
+                    help="also stacked groups of these sizes, and the fit ms/step = a + b*K over all stacked K: "
+                         "b is what one more member costs, so (sequential ms per trial-step) / b bounds the ratio")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--subset", type=int, default=4096, help="training images (real MNIST)")
     ap.add_argument("--data-root", default=None)
@@ -132,6 +150,10 @@ def main() -> None:
         contenders[f"stacked K={args.k} (grouped, NHWC)"] = lambda: run_stacked(args, splits, device, args.k,
                                                                                  "grouped", True)
     contenders[f"stacked K=1 ({args.backends[0]})"] = lambda: run_stacked(args, splits, device, 1, args.backends[0])
+    sizes = {1: f"stacked K=1 ({args.backends[0]})", args.k: f"stacked K={args.k} ({args.backends[0]})"}
+    for k in args.scaling or []:
+        sizes.setdefault(k, f"stacked K={k} ({args.backends[0]})")
+        contenders.setdefault(sizes[k], lambda k=k: run_stacked(args, splits, device, k, args.backends[0]))
     rates: dict[str, list[float]] = {c: [] for c in contenders}
     for r in range(args.rounds):
         for label, fn in contenders.items():
@@ -142,6 +164,8 @@ def main() -> None:
     for label, v in rates.items():
         m = statistics.median(v)
         print(f"{label:<40} {m:>15.1f} {m / base:>13.2f}  {' '.join(f'{x:.1f}' for x in v)}")
+    if args.scaling:
+        print_scaling(args, {k: statistics.median(rates[label]) for k, label in sizes.items()}, base)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "a") as f:
