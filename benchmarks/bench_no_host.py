@@ -4,10 +4,14 @@ Contenders, all `diffusion_core.train` / `train_stacked` on real MNIST at --batc
   eager            the default loop (CPU-drawn noise, a loss fetch at each logged step)
   eager+nosync     device_noise + deferred_sync (no host sync inside a logging interval)
   graph            the above + cuda_graph (forward + backward + capturable fused Adam, one CUDA graph)
+  graph+bf16       graph with bf16 autocast (its per-op casting costs the host nothing once captured)
+  graph+compile    graph replaying inductor's fused kernels (torch.compile, default mode): fewer launches
+  graph+compile+bf16   both (named with --only; the default runs eager, eager+nosync and graph)
   stacked K        train_stacked, K members (seeds 0..K-1), deferred sync; img/s counts all members
 Every trial logs every step for its first --log-first steps (the thesis's log_every_first) and then
-every 100th (or every --warmup-th, if fewer), as a real trial does. Then a check that the graph replays the eager step: with dropout 0
-and the same device noise, the per-step losses of eager+nosync and graph over --check-steps steps.
+every 100th (or every --warmup-th, if fewer), as a real trial does. Then a check that each graph contender run replays its eager step: with dropout 0 and the same
+device noise, the per-step losses over --check-steps steps of the same configuration with and without
+cuda_graph (graph vs eager+nosync, graph+compile vs the compiled step, ...).
 
     python benchmarks/bench_no_host.py --device cuda --steps 2000          # a GPU (what run_gpu.sh graph runs)
     .venv/bin/python benchmarks/bench_no_host.py --device cpu --steps 20 --width 8 --k 2   # plumbing on a CPU
@@ -25,6 +29,14 @@ import torch  # noqa: E402
 from bench_stacked import Clock  # noqa: E402
 
 
+_NO_HOST = dict(device_noise=True, deferred_sync=True)
+VARIANTS = {"eager": {}, "eager+nosync": _NO_HOST,
+            "graph": {**_NO_HOST, "cuda_graph": True},
+            "graph+bf16": {**_NO_HOST, "cuda_graph": True, "precision": "bf16"},
+            "graph+compile": {**_NO_HOST, "cuda_graph": True, "compile": True},
+            "graph+compile+bf16": {**_NO_HOST, "cuda_graph": True, "compile": True, "precision": "bf16"}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -35,8 +47,8 @@ def main() -> None:
     ap.add_argument("--log-first", type=int, default=1000, help="log every step for the first N steps")
     ap.add_argument("--k", type=int, default=8, help="members of the stacked contender (0: skip it)")
     ap.add_argument("--check-steps", type=int, default=50, help="graph-vs-eager loss check (0: skip it)")
-    ap.add_argument("--only", nargs="+", default=None, choices=["eager", "eager+nosync", "graph"],
-                    help="run these single-trial contenders only (default: all; the stacked one is --k)")
+    ap.add_argument("--only", nargs="+", default=["eager", "eager+nosync", "graph"], choices=list(VARIANTS),
+                    help="run these single-trial contenders (default: eager eager+nosync graph; the stacked one is --k)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -58,11 +70,7 @@ def main() -> None:
                            val_every=10 ** 9, **kw)
 
     model = UNetConfig(base_width=args.width)
-    variants = {"eager": {}, "eager+nosync": dict(device_noise=True, deferred_sync=True)}
-    if device.type == "cuda":
-        variants["graph"] = dict(device_noise=True, deferred_sync=True, cuda_graph=True)
-    if args.only:
-        variants = {k: v for k, v in variants.items() if k in args.only}
+    variants = {k: v for k, v in VARIANTS.items() if k in args.only and (device.type == "cuda" or not v.get("cuda_graph"))}
     rows = {}
     for label, kw in variants.items():
         clock = Clock(args.warmup, device)
@@ -85,16 +93,25 @@ def main() -> None:
                      else "(all members)"), flush=True)
         except Exception as e:
             print(f"stacked K={args.k}: FAILED {type(e).__name__}: {e}")
-    if device.type == "cuda" and args.check_steps:  # does the graph replay the eager step? (dropout 0: the masks' streams differ)
-        quiet = UNetConfig(base_width=args.width, dropout=0.0)
-        check = dict(device_noise=True, deferred_sync=True, max_steps=args.check_steps, log_every_first=10 ** 6)
-        a = train(model=quiet, training=TrainConfig(**{**tc().__dict__, **check}), splits=splits, device=device)
-        b = train(model=quiet, training=TrainConfig(**{**tc().__dict__, **check, "cuda_graph": True}),
-                  splits=splits, device=device)
-        la = torch.tensor([v for _, v in a.train_losses]); lb = torch.tensor([v for _, v in b.train_losses])
-        rel = ((la - lb).abs() / la).max().item()
-        print(f"graph vs eager, dropout 0, {args.check_steps} steps: max relative loss difference {rel:.2e}")
-        rows["graph_check_max_rel"] = rel
+    # Does each graph replay its eager step? Dropout 0: the masks' streams differ between the two.
+    quiet = UNetConfig(base_width=args.width, dropout=0.0)
+    check = dict(max_steps=args.check_steps, log_every_first=10 ** 6)
+    for label, kw in variants.items():
+        if not (kw.get("cuda_graph") and args.check_steps and label in rows):
+            continue
+        losses = []
+        try:
+            for graphed in (False, True):
+                r = train(model=quiet, training=TrainConfig(**{**tc(**kw).__dict__, **check, "cuda_graph": graphed}),
+                          splits=splits, device=device)
+                losses.append(torch.tensor([v for _, v in r.train_losses]))
+        except Exception as e:
+            print(f"{label} check: FAILED {type(e).__name__}: {e}")
+            continue
+        rel = ((losses[0] - losses[1]).abs() / losses[0]).max().item()
+        print(f"{label} vs the same step eager, dropout 0, {args.check_steps} steps: "
+              f"max relative loss difference {rel:.2e}", flush=True)
+        rows[f"{label}_check_max_rel"] = rel
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({**vars(args), "device_name": name, "steps_per_s": rows}) + "\n")

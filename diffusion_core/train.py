@@ -35,7 +35,9 @@ from .unet import UNet, UNetConfig, count_parameters
 
 ReverseVariance = Literal["beta", "beta_tilde", "learned"]
 Precision = Literal["fp32", "bf16"]
-CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# compile modes that replay their own CUDA graphs (cuda_graph cannot capture those a second time)
+GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 REVERSE_VARIANCES, PRECISIONS, COMPILE_MODES = get_args(ReverseVariance), get_args(Precision), get_args(CompileMode)
 
 
@@ -99,13 +101,15 @@ class TrainConfig:
     precision: Precision = "fp32"    # bf16: autocast of the forward pass; loss and Adam in fp32
     channels_last: bool = False      # NHWC memory layout for convolutions
     compile: bool = False            # torch.compile the training forward ...
-    compile_mode: CompileMode = "default"   # ... reduce-overhead: CUDA graphs
+    compile_mode: CompileMode = "default"   # ... reduce-overhead / max-autotune: with compile's own CUDA graphs
     fused_adam: bool | None = None   # None: fused Adam on CUDA, the reference loop elsewhere
     # No host in the loop (issue 11). device_noise draws (t, eps) from a seeded generator on the
     # training device: on a GPU that is another random stream than the default CPU one (same on a CPU).
     device_noise: bool = False
     deferred_sync: bool = False      # fetch logged losses every log_every steps (and at epoch/eval/end), not each
-    cuda_graph: bool = False         # replay forward+backward+Adam as one CUDA graph (graph_step.py; CUDA only)
+    # Replay forward+backward+Adam as one CUDA graph (graph_step.py; CUDA only). With compile (modes
+    # default / max-autotune-no-cudagraphs) the graph replays inductor's fused kernels: fewer, larger launches.
+    cuda_graph: bool = False
     label_dropout: float = 0.1       # class-conditional models: P(label -> null label), classifier-free guidance
 
     def __post_init__(self):
@@ -120,9 +124,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.compile_mode={self.compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        if self.cuda_graph and self.compile:
-            raise ValueError("TrainConfig.cuda_graph=True and compile=True: choose one "
-                             "(compile_mode=reduce-overhead is compile's own CUDA graphs)")
+        if self.cuda_graph and self.compile and self.compile_mode in GRAPHING_COMPILE_MODES:
+            raise ValueError(f"TrainConfig.cuda_graph=True with compile_mode={self.compile_mode!r}: that mode replays "
+                             f"compile's own CUDA graphs, which cannot be captured again; allowed with cuda_graph: "
+                             f"compile_mode=default or max-autotune-no-cudagraphs (or cuda_graph=False)")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"TrainConfig.label_dropout={self.label_dropout!r} must lie in [0, 1)")
 
@@ -409,7 +414,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         from tqdm.auto import tqdm
         bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
 
-    cuda_graphs = training.compile and training.compile_mode == "reduce-overhead" and device.type == "cuda"
+    cuda_graphs = training.compile and training.compile_mode in GRAPHING_COMPILE_MODES and device.type == "cuda"
 
     def step_fn(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         with autocast:

@@ -71,5 +71,8 @@ def test_device_noise_is_the_same_stream_on_the_cpu(splits):
 def test_cuda_graph_is_refused_without_a_gpu(splits):
     with pytest.raises(ValueError, match="cuda_graph=True needs one CUDA device"):
         run(splits, cuda_graph=True)
-    with pytest.raises(ValueError, match="cuda_graph=True and compile=True"):
-        cfg(cuda_graph=True, compile=True)
+    for mode in ("reduce-overhead", "max-autotune"):  # compile's own CUDA graphs cannot be captured again
+        with pytest.raises(ValueError, match=f"cuda_graph=True with compile_mode='{mode}'.*allowed with cuda_graph"):
+            cfg(cuda_graph=True, compile=True, compile_mode=mode)
+    for mode in ("default", "max-autotune-no-cudagraphs"):  # inductor's kernels, captured by our graph
+        assert cfg(cuda_graph=True, compile=True, compile_mode=mode).cuda_graph
