@@ -27,6 +27,8 @@
 #      bash benchmarks/run_gpu.sh issue11          # one call (~9.5 min, CALL_BUDGET_S): the graph step's speed and
 #          its loss check, the thesis with that step (1k-sample evaluations), eager/stacked K=8 contenders,
 #          stacked sampling -- each stage in the time left (BENCHMARKS.md, "Issue 11 on an NVIDIA H200")
+#      bash benchmarks/run_gpu.sh levers           # one call (~9.5 min): issue 11's next levers, each checked against
+#          its eager step: the graph step with bf16 / inductor kernels; one 10k-sample evaluation; the stacked graph
 # Environment: OUT (default ./gpu_out), DEVICE (default cuda), PYTHON (default python3),
 # SMOKE=1 (tiny sizes, to check the plumbing on a CPU: DEVICE=cpu PYTHON=.venv/bin/python SMOKE=1).
 set -euo pipefail
@@ -57,7 +59,7 @@ mkdir -p "$OUT"
 # --- wheels (diffusers is the benchmark peer; our code needs only torch + torchvision)
 SITE=/tmp/studyctl_site
 NEED="diffusers, pydantic"
-[[ "$PART" == graph || "$PART" == stacked-sampling ]] && NEED=torch  # diffusion_core only: no peer, no orchestrator
+[[ "$PART" == graph || "$PART" == stacked-sampling || "$PART" == levers ]] && NEED=torch  # diffusion_core only: no peer, no orchestrator
 [[ "$PART" == issue11 || "$PART" == thesis ]] && NEED=pydantic       # the orchestrator, no peer
 if ! "$PY" -c "import $NEED" 2>/dev/null; then
   if compgen -G ".whl/*.whl" > /dev/null; then
@@ -204,6 +206,33 @@ issue11() {
   cat "$OUT/thesis_status.txt" >> "$OUT/thesis_log.txt" && rm "$OUT/thesis_status.txt"
 }
 
+levers() {
+  # Issue 11's next levers in one call (CALL_BUDGET_S, ~9.5 min), most valuable first, each checked:
+  # (1) one thesis trial's step at batch 16 (target >= 1,000 steps/s): the CUDA graph with bf16, with
+  #     inductor's fused kernels (compile), both -- each against its own eager step (dropout 0, 50 steps);
+  # (2) one evaluation as the 10k target counts it: 10,000 DDPM-1000 samples + metrics, bf16 + compile,
+  #     all 10,000 in one batch (target <= 20 s; the thesis call's 1,000 took 5.7 s);
+  # (3) 8 stacked trials, eager vs the stacked step as one CUDA graph (target >= 8x one eager trial).
+  local t0; t0=$(date +%s)
+  local budget="${CALL_BUDGET_S:-560}" steps=2000 warm=100 k=8 width=32 n=10000
+  local eval_args=(--sampler ddpm --rounds 1)
+  [[ "${SMOKE:-0}" == 1 ]] && { steps=12; warm=3; k=2; width=8; n=16; eval_args=(--sampler ddim --steps 2 --residual-images 8); }
+  left() { echo $(( budget - ($(date +%s) - t0) )); }
+  echo "### bench_no_host --only graph graph+bf16 graph+compile graph+compile+bf16 ($steps steps)" | tee -a "$OUT/levers.txt"
+  logged levers.txt timeout "$(( budget * 45 / 100 ))" "$PY" benchmarks/bench_no_host.py --device "$DEVICE" \
+    --only graph graph+bf16 graph+compile graph+compile+bf16 --k 0 --steps "$steps" --warmup "$warm" --width "$width" \
+    --json "$OUT/levers.jsonl"
+  echo "### bench_evaluation --n-samples $n --batch-sizes $n --bf16 --compile ($(left) s left)" | tee -a "$OUT/levers.txt"
+  logged levers.txt timeout "$(( $(left) * 60 / 100 ))" "$PY" benchmarks/bench_evaluation.py --device "$DEVICE" \
+    --n-samples "$n" --batch-sizes "$n" --bf16 --compile "${eval_args[@]}" --json "$OUT/levers.jsonl"
+  echo "### bench_no_host --only eager, stacked K=$k eager vs graph ($(left) s left)" | tee -a "$OUT/levers.txt"
+  logged levers.txt timeout "$(( $(left) > 20 ? $(left) - 10 : 1 ))" "$PY" benchmarks/bench_no_host.py \
+    --device "$DEVICE" --only eager --k "$k" --steps "$(( steps / 4 ))" --warmup "$warm" --width "$width" \
+    --json "$OUT/levers.jsonl"
+  echo "levers: $(( $(date +%s) - t0 )) s"
+  cat "$OUT/env.txt" >> "$OUT/levers.txt" && rm "$OUT/env.txt"
+}
+
 case "$PART" in
   train-eager)   train_step ;;
   train-compile) train_step --compile ;;
@@ -214,6 +243,7 @@ case "$PART" in
   stacked-sampling) stacked_sampling ;;
   thesis)        thesis ;;
   issue11)       issue11 ;;
-  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | packing | graph | stacked-sampling | all | thesis | issue11" >&2; exit 2 ;;
+  levers)        levers ;;
+  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | packing | graph | stacked-sampling | all | thesis | issue11 | levers" >&2; exit 2 ;;
 esac
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
