@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 
 try:
-    from .test_orchestrator_spec import _DELETE, BAD, tiny
+    from .test_orchestrator_spec import BAD, tiny
 except ImportError:
-    from test_orchestrator_spec import _DELETE, BAD, tiny
+    from test_orchestrator_spec import BAD, tiny
 
 # (kind, changes as in test_orchestrator_spec.BAD, words the message must contain)
 DOOMED = [
