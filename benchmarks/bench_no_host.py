@@ -5,9 +5,11 @@ Contenders, all `diffusion_core.train` / `train_stacked` on real MNIST at --batc
   eager+nosync     device_noise + deferred_sync (no host sync inside a logging interval)
   graph            the above + cuda_graph (forward + backward + capturable fused Adam, one CUDA graph)
   stacked K        train_stacked, K members (seeds 0..K-1), deferred sync; img/s counts all members
+  stacked K graph  the same with cuda_graph=True (the stacked step's device part one CUDA graph; CUDA only)
 Every trial logs every step for its first --log-first steps (the thesis's log_every_first) and then
 every 100th (or every --warmup-th, if fewer), as a real trial does. Then a check that the graph replays the eager step: with dropout 0
-and the same device noise, the per-step losses of eager+nosync and graph over --check-steps steps.
+and the same device noise, the per-step losses of eager+nosync and graph over --check-steps steps;
+and (with --k) of the K stacked members, eager vs graph.
 
     python benchmarks/bench_no_host.py --device cuda --steps 2000          # a GPU (what run_gpu.sh graph runs)
     .venv/bin/python benchmarks/bench_no_host.py --device cpu --steps 20 --width 8 --k 2   # plumbing on a CPU
@@ -74,17 +76,21 @@ def main() -> None:
         print(f"{label:<16} {rows.get(label, float('nan')):>9.1f} steps/s  "
               f"{rows.get(label, float('nan')) * args.batch:>9.0f} img/s", flush=True)
     if args.k:
-        clock = Clock(args.warmup, device)
-        members = [Member(tc(seed=s), model, splits=splits, hooks=clock if s == 0 else None) for s in range(args.k)]
-        try:
-            train_stacked(members, device=device, deferred_sync=True)
-            rows[f"stacked K={args.k}"] = clock.steps_per_s()
-            r = rows[f"stacked K={args.k}"]
-            print(f"{f'stacked K={args.k}':<16} {r:>9.1f} steps/s  {r * args.batch * args.k:>9.0f} img/s "
-                  + (f"(all members; x{r * args.k / rows['eager']:.2f} the eager trial's img/s)" if "eager" in rows
-                     else "(all members)"), flush=True)
-        except Exception as e:
-            print(f"stacked K={args.k}: FAILED {type(e).__name__}: {e}")
+        stacked = {f"stacked K={args.k}": {}}
+        if device.type == "cuda":  # the stacked step's device part as one CUDA graph (a CPU has none)
+            stacked[f"stacked K={args.k} graph"] = dict(cuda_graph=True)
+        for label, kw in stacked.items():
+            clock = Clock(args.warmup, device)
+            members = [Member(tc(seed=s), model, splits=splits, hooks=clock if s == 0 else None)
+                       for s in range(args.k)]
+            try:
+                train_stacked(members, device=device, deferred_sync=True, **kw)
+                rows[label] = r = clock.steps_per_s()
+                print(f"{label:<16} {r:>9.1f} steps/s  {r * args.batch * args.k:>9.0f} img/s "
+                      + (f"(all members; x{r * args.k / rows['eager']:.2f} the eager trial's img/s)" if "eager" in rows
+                         else "(all members)"), flush=True)
+            except Exception as e:
+                print(f"{label}: FAILED {type(e).__name__}: {e}")
     if device.type == "cuda" and args.check_steps:  # does the graph replay the eager step? (dropout 0: the masks' streams differ)
         quiet = UNetConfig(base_width=args.width, dropout=0.0)
         check = dict(device_noise=True, deferred_sync=True, max_steps=args.check_steps, log_every_first=10 ** 6)
@@ -95,6 +101,20 @@ def main() -> None:
         rel = ((la - lb).abs() / la).max().item()
         print(f"graph vs eager, dropout 0, {args.check_steps} steps: max relative loss difference {rel:.2e}")
         rows["graph_check_max_rel"] = rel
+        if args.k:  # the same for the stacked step: per member, per step (dropout 0: the mask offsets differ)
+            def stacked_losses(**kw) -> torch.Tensor:
+                ms = [Member(TrainConfig(**{**tc(seed=s).__dict__, **check}), quiet, splits=splits)
+                      for s in range(args.k)]
+                return torch.tensor([[v for _, v in r.result.train_losses]
+                                     for r in train_stacked(ms, device=device, deferred_sync=True, **kw)])
+            try:
+                la, lb = stacked_losses(), stacked_losses(cuda_graph=True)
+                rel = ((la - lb).abs() / la).max().item()
+                print(f"stacked graph vs stacked eager, dropout 0, K={args.k}, {args.check_steps} steps: "
+                      f"max relative loss difference {rel:.2e}")
+                rows["stacked_graph_check_max_rel"] = rel
+            except Exception as e:
+                print(f"stacked graph check: FAILED {type(e).__name__}: {e}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({**vars(args), "device_name": name, "steps_per_s": rows}) + "\n")

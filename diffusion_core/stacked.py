@@ -95,6 +95,9 @@ def check_stackable(members: list[Member]) -> None:
             if getattr(m.training, name) != allowed:
                 raise ValueError(f"member {i} ({m.name!r}): training.{name}={getattr(m.training, name)!r} is not "
                                  f"supported when stacking; allowed: {allowed!r}")
+        if m.training.cuda_graph != members[0].training.cuda_graph:  # one step function for the whole group
+            raise ValueError(f"member {i} ({m.name!r}): training.cuda_graph={m.training.cuda_graph!r} must equal "
+                             f"member 0's ({members[0].training.cuda_graph!r}) to stack")
 
 
 def check_graphable(members: list[Member], device: torch.device, backend: str, capture: bool = True) -> None:

@@ -73,3 +73,28 @@ def test_cuda_graph_refusals_come_before_any_work():
     attn = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1, attention=True)
     with pytest.raises(ValueError, match=r"model.attention=True selects vmap"):
         train_stacked([Member(tc(), attn)], device="cpu", cuda_graph=True, _graph_capture=False)
+
+
+def test_a_study_opts_in_with_training_cuda_graph(tmp_path, data_root):
+    """resources.stack + training.cuda_graph: the group's train_stacked gets cuda_graph=True (on this
+    CPU it refuses, which is how the test sees it arrived); members that differ in it do not stack."""
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_study
+    from orchestrator.sweep import launch
+
+    from diffusion_core.stacked import check_stackable
+    try:
+        from .orchestrator_helpers import tiny_study
+    except ImportError:
+        from orchestrator_helpers import tiny_study
+
+    study = tiny_study(data_root, name="graph", training={"cuda_graph": True}, sweep={"seeds": [0, 1]},
+                       resources={"workers_per_trial": 1, "stack": 2}, analysis={"figures": False})
+    plan, said = build_plan(parse_study(study)), []
+    assert launch(plan, tmp_path / "graph", local=True, echo=said.append) == 1
+    assert any("stacked on cpu" in line for line in said)
+    for t in plan.trials:
+        assert any(f"trial {t.trial_id} failed: ValueError: train_stacked(cuda_graph=True) needs a CUDA device "
+                   f"(got cpu)" in line for line in said), said
+    with pytest.raises(ValueError, match=r"member 1 \('b'\): training.cuda_graph=False must equal member 0's"):
+        check_stackable([Member(tc(cuda_graph=True), TINY, name="a"), Member(tc(), TINY, name="b")])
