@@ -19,10 +19,12 @@ has its own stream). A member whose loss becomes NaN/inf is marked FAILED with
 group; a member that reaches its last step leaves after `on_end`; the others go on.
 
 cuda_graph=True (CUDA only, graph_step.py): the same step, its device part replayed as one CUDA
-graph; the members' losses equal the eager stacked step's to float tolerance with dropout 0
-(benchmarks/bench_no_host.py --check-steps); with dropout the masks come from each member's
-generator at graph-assigned offsets (statistically equivalent). On the CPU its graph form, run
-eagerly, gives the ordinary step's losses to float tolerance, dropout included (tests/test_stacked_graph.py).
+graph; the members' losses are meant to equal the eager stacked step's to float tolerance with
+dropout 0 (benchmarks/check_stacked_graph.py and bench_no_host.py --check-steps measure it); with
+dropout the masks come from each member's generator, registered with the graph, whose replays
+advance it as eager steps do (statistically equivalent masks at least). On the CPU its graph form,
+run eagerly, gives the ordinary step's losses to float tolerance, dropout included
+(tests/test_stacked_graph.py).
 """
 from __future__ import annotations
 
@@ -251,7 +253,7 @@ class _Group:
         self.clip = torch.tensor([t.grad_clip or math.inf for t in tr], device=device)
         # train_stacked(cuda_graph=True): the device part of the step replayed as one CUDA graph
         # (capture=False: its graph form run eagerly, for the CPU tests); rebuilt whenever rows change.
-        self.cuda_graph, self.capture = cuda_graph, capture
+        self.capture = capture
         self.graphed = self._graphed_step() if cuda_graph else None
 
     def row(self, run: _Run) -> int:
