@@ -10,7 +10,8 @@ stops at step 3 (the group's rows change: the graph is rebuilt for the new shape
 the 2-core dev CPU (torch 2.14): bit-identical. Tolerance 1e-5 relative all the same (capturable
 Adam's bias corrections are device float64 tensors, the ordinary step's Python floats: another
 platform may round them apart), while a stale input buffer or an uncloned logged loss moves a
-step's loss by >4e-2 (checked on broken copies).
+step's loss by >4e-2 (checked on broken copies). Also: the refusals (no CUDA device, ELBO, vmap),
+before any work; and a study's training.cuda_graph reaching a stacked group's train_stacked.
 """
 from __future__ import annotations
 
