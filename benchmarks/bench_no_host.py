@@ -8,10 +8,12 @@ Contenders, all `diffusion_core.train` / `train_stacked` on real MNIST at --batc
   graph+compile    graph replaying inductor's fused kernels (torch.compile, default mode): fewer launches
   graph+compile+bf16   both (named with --only; the default runs eager, eager+nosync and graph)
   stacked K        train_stacked, K members (seeds 0..K-1), deferred sync; img/s counts all members
+  stacked K graph  the same with cuda_graph=True (the stacked step's device part one CUDA graph; CUDA only)
 Every trial logs every step for its first --log-first steps (the thesis's log_every_first) and then
 every 100th (or every --warmup-th, if fewer), as a real trial does. Then a check that each graph contender run replays its eager step: with dropout 0 and the same
 device noise, the per-step losses over --check-steps steps of the same configuration with and without
-cuda_graph (graph vs eager+nosync, graph+compile vs the compiled step, ...).
+cuda_graph (graph vs eager+nosync, graph+compile vs the compiled step, ...); and (with --k) of the
+K stacked members, eager vs graph.
 
     python benchmarks/bench_no_host.py --device cuda --steps 2000          # a GPU (what run_gpu.sh graph runs)
     .venv/bin/python benchmarks/bench_no_host.py --device cpu --steps 20 --width 8 --k 2   # plumbing on a CPU
@@ -82,17 +84,21 @@ def main() -> None:
         print(f"{label:<16} {rows.get(label, float('nan')):>9.1f} steps/s  "
               f"{rows.get(label, float('nan')) * args.batch:>9.0f} img/s", flush=True)
     if args.k:
-        clock = Clock(args.warmup, device)
-        members = [Member(tc(seed=s), model, splits=splits, hooks=clock if s == 0 else None) for s in range(args.k)]
-        try:
-            train_stacked(members, device=device, deferred_sync=True)
-            rows[f"stacked K={args.k}"] = clock.steps_per_s()
-            r = rows[f"stacked K={args.k}"]
-            print(f"{f'stacked K={args.k}':<16} {r:>9.1f} steps/s  {r * args.batch * args.k:>9.0f} img/s "
-                  + (f"(all members; x{r * args.k / rows['eager']:.2f} the eager trial's img/s)" if "eager" in rows
-                     else "(all members)"), flush=True)
-        except Exception as e:
-            print(f"stacked K={args.k}: FAILED {type(e).__name__}: {e}")
+        stacked = {f"stacked K={args.k}": {}}
+        if device.type == "cuda":  # the stacked step's device part as one CUDA graph (a CPU has none)
+            stacked[f"stacked K={args.k} graph"] = dict(cuda_graph=True)
+        for label, kw in stacked.items():
+            clock = Clock(args.warmup, device)
+            members = [Member(tc(seed=s), model, splits=splits, hooks=clock if s == 0 else None)
+                       for s in range(args.k)]
+            try:
+                train_stacked(members, device=device, deferred_sync=True, **kw)
+                rows[label] = r = clock.steps_per_s()
+                print(f"{label:<16} {r:>9.1f} steps/s  {r * args.batch * args.k:>9.0f} img/s "
+                      + (f"(all members; x{r * args.k / rows['eager']:.2f} the eager trial's img/s)" if "eager" in rows
+                         else "(all members)"), flush=True)
+            except Exception as e:
+                print(f"{label}: FAILED {type(e).__name__}: {e}")
     # Does each graph replay its eager step? Dropout 0: the masks' streams differ between the two.
     quiet = UNetConfig(base_width=args.width, dropout=0.0)
     check = dict(max_steps=args.check_steps, log_every_first=10 ** 6)
@@ -112,6 +118,21 @@ def main() -> None:
         print(f"{label} vs the same step eager, dropout 0, {args.check_steps} steps: "
               f"max relative loss difference {rel:.2e}", flush=True)
         rows[f"{label}_check_max_rel"] = rel
+    # The same for the stacked step: per member, per step (dropout 0: the mask offsets differ).
+    if device.type == "cuda" and args.check_steps and args.k:
+        def stacked_losses(**kw) -> torch.Tensor:
+            ms = [Member(TrainConfig(**{**tc(seed=s).__dict__, **check}), quiet, splits=splits)
+                  for s in range(args.k)]
+            return torch.tensor([[v for _, v in r.result.train_losses]
+                                 for r in train_stacked(ms, device=device, deferred_sync=True, **kw)])
+        try:
+            la, lb = stacked_losses(), stacked_losses(cuda_graph=True)
+            rel = ((la - lb).abs() / la).max().item()
+            print(f"stacked graph vs stacked eager, dropout 0, K={args.k}, {args.check_steps} steps: "
+                  f"max relative loss difference {rel:.2e}")
+            rows["stacked_graph_check_max_rel"] = rel
+        except Exception as e:
+            print(f"stacked graph check: FAILED {type(e).__name__}: {e}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps({**vars(args), "device_name": name, "steps_per_s": rows}) + "\n")

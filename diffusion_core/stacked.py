@@ -17,6 +17,14 @@ the dropout masks are statistically equivalent, not identical (CUDA's fused drop
 has its own stream). A member whose loss becomes NaN/inf is marked FAILED with
 `train()`'s DivergedError message, its hooks' `on_diverged(err)` is called, and it leaves the
 group; a member that reaches its last step leaves after `on_end`; the others go on.
+
+cuda_graph=True (CUDA only, graph_step.py): the same step, its device part replayed as one CUDA
+graph; the members' losses are meant to equal the eager stacked step's to float tolerance with
+dropout 0 (benchmarks/check_stacked_graph.py and bench_no_host.py --check-steps measure it); with
+dropout the masks come from each member's generator, registered with the graph, whose replays
+advance it as eager steps do (statistically equivalent masks at least). On the CPU its graph form,
+run eagerly, gives the ordinary step's losses to float tolerance, dropout included
+(tests/test_stacked_graph.py).
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import torch.nn as nn
 
 from .data import DataConfig, epoch_batches, load_splits, steps_per_epoch
 from .evaluation import EvalConfig, Evaluator
+from .graph_step import GraphedStep
 from .losses import LOSSES
 from .schedules import NoiseSchedule
 from .stacked_model import StackedUNet
@@ -88,6 +97,25 @@ def check_stackable(members: list[Member]) -> None:
             if getattr(m.training, name) != allowed:
                 raise ValueError(f"member {i} ({m.name!r}): training.{name}={getattr(m.training, name)!r} is not "
                                  f"supported when stacking; allowed: {allowed!r}")
+        if m.training.cuda_graph != members[0].training.cuda_graph:  # one step function for the whole group
+            raise ValueError(f"member {i} ({m.name!r}): training.cuda_graph={m.training.cuda_graph!r} must equal "
+                             f"member 0's ({members[0].training.cuda_graph!r}) to stack")
+
+
+def check_graphable(members: list[Member], device: torch.device, backend: str, capture: bool = True) -> None:
+    """train_stacked(cuda_graph=True)'s refusals, before any work."""
+    if capture and device.type != "cuda":
+        raise ValueError(f"train_stacked(cuda_graph=True) needs a CUDA device (got {device}); "
+                         f"allowed on this device: cuda_graph=False")
+    for i, m in enumerate(members):
+        if m.diffusion.loss != "simple":  # its per-example weights are looked up on the host
+            raise ValueError(f"member {i} ({m.name!r}): diffusion.loss={m.diffusion.loss!r} with "
+                             f"train_stacked(cuda_graph=True); allowed: 'simple'")
+    if backend == "vmap" or (backend == "auto" and members[0].model.attention):
+        # vmap's functional_call + fed masks are not verified under capture; grouped is the faster path
+        raise ValueError(f"train_stacked(cuda_graph=True) needs backend='grouped' (got backend={backend!r}"
+                         f"{', model.attention=True selects vmap' if backend == 'auto' else ''}); "
+                         f"allowed: 'grouped', 'auto' without attention")
 
 
 @dataclass(frozen=True)
@@ -207,11 +235,13 @@ class _Run:
 class _Group:
     """The stacked tensors of the active members, row r <-> runs[r]."""
 
-    def __init__(self, runs: list[_Run], device: torch.device, backend: str = "auto", channels_last: bool = False):
+    def __init__(self, runs: list[_Run], device: torch.device, backend: str = "auto", channels_last: bool = False,
+                 cuda_graph: bool = False, capture: bool = True):
         self.runs, self.device, self.step = runs, device, 0
         self.model = StackedUNet([r.net for r in runs], [r.dropout_generator for r in runs], backend, channels_last)
         tr = [r.member.training for r in runs]
-        self.adam = FlatAdam(self.model.flat, [t.lr for t in tr], tr[0].adam_betas, tr[0].adam_eps)
+        self.adam = FlatAdam(self.model.flat, [t.lr for t in tr], tr[0].adam_betas, tr[0].adam_eps,
+                             capturable=cuda_graph)
         if any(t.adam_betas != tr[0].adam_betas or t.adam_eps != tr[0].adam_eps for t in tr):
             raise ValueError("training.adam_betas and training.adam_eps must be equal across a stacked group")
         self.ema = FlatEMA(self.model.flat, [t.ema_decay for t in tr])
@@ -221,6 +251,10 @@ class _Group:
         self.sqrt_ab = torch.stack([pad(r.schedule.sqrt_alpha_bar) for r in runs]).to(device)
         self.sqrt_1m_ab = torch.stack([pad(r.schedule.sqrt_one_minus_alpha_bar) for r in runs]).to(device)
         self.clip = torch.tensor([t.grad_clip or math.inf for t in tr], device=device)
+        # train_stacked(cuda_graph=True): the device part of the step replayed as one CUDA graph
+        # (capture=False: its graph form run eagerly, for the CPU tests); rebuilt whenever rows change.
+        self.capture = capture
+        self.graphed = self._graphed_step() if cuda_graph else None
 
     def row(self, run: _Run) -> int:
         return self.runs.index(run)
@@ -238,6 +272,12 @@ class _Group:
         self.ema.keep(rows)
         self.epoch_sum, self.clip = self.epoch_sum[rows], self.clip[rows]
         self.sqrt_ab, self.sqrt_1m_ab = self.sqrt_ab[rows], self.sqrt_1m_ab[rows]
+        if self.graphed is not None:  # new shapes and tensors: never replay the old graph; warm up, recapture
+            self.graphed = self._graphed_step()
+
+    def _graphed_step(self) -> GraphedStep:
+        generators = [g for g in self.model.generators if g.device.type == "cuda"]  # the dropout streams
+        return GraphedStep(self.device_step, generators=generators, capture=self.capture)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Each member's (31) with its own schedule; the float64 tables cast as NoiseSchedule does."""
@@ -252,20 +292,42 @@ class _Group:
         return (eps.float() - pred.float()).pow(2).flatten(2).mean(2)
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step of every member; returns the (K,) batch losses (on the device)."""
+        """One optimizer step of every member; returns the (K,) batch losses (on the device; with
+        cuda_graph the graph's static output, overwritten by the next step: clone what you keep)."""
+        x0, t, eps, weights = self.draw_batch()
+        if self.graphed is not None:
+            loss = self.graphed(x0, t, eps)
+            self.adam.step_count = self.step + 1  # its host counter moved at capture only, not at replays
+        else:
+            loss = self.device_step(x0, t, eps, weights)
+        self.ema.update(self.model.flat)  # outside the graph, as in train(): one kernel either way
+        self.step += 1
+        return loss
+
+    def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The host part: each member's batch and its (t, eps) from its own generator, as train()
+        draws them, on the device; and the (K, B) ELBO weights (None: every member's loss is simple)."""
         x0s, ts, epss = [], [], []
         for r in self.runs:
-            x0 = r.splits.train.batch(r.batch_indices(self.step)).to(self.device)
-            ts.append(r.schedule.sample_timesteps(x0.shape[0], generator=r.generator))  # train()'s order: t, eps
-            epss.append(torch.randn(x0.shape, generator=r.generator))
-            x0s.append(x0)
-        x0 = torch.stack(x0s)
+            x0s.append(r.splits.train.batch(r.batch_indices(self.step)))
+            ts.append(r.schedule.sample_timesteps(x0s[-1].shape[0], generator=r.generator))  # train()'s order: t, eps
+            epss.append(torch.randn(x0s[-1].shape, generator=r.generator))
+        x0 = _host_to_device(torch.stack(x0s), self.device)
         t, eps = _host_to_device(torch.stack(ts), self.device), _host_to_device(torch.stack(epss), self.device)
+        weights = None
+        if any(r.member.diffusion.loss == "elbo" for r in self.runs):
+            weights = torch.stack([r.schedule.elbo_weight(tk, r.member.diffusion.reverse_variance).float()
+                                   if r.member.diffusion.loss == "elbo" else torch.ones(len(tk))
+                                   for r, tk in zip(self.runs, ts)]).to(self.device)
+        return x0, t, eps, weights
+
+    def device_step(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                    weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The device part (what cuda_graph captures): q_sample, the forward with each member's
+        dropout, the losses, their gradients, per-member clipping and Adam. (K,) losses."""
         err = self.losses(x0, t, eps)
-        for k, r in enumerate(self.runs):
-            d = r.member.diffusion
-            if d.loss == "elbo":
-                err[k] = err[k] * r.schedule.elbo_weight(ts[k], d.reverse_variance).to(err)
+        if weights is not None:
+            err = err * weights
         loss = err.mean(1)
         params = self.model.param_list()
         grads = torch.autograd.grad(loss.sum(), params)
@@ -275,8 +337,6 @@ class _Group:
             coef = (self.clip / (torch.linalg.vector_norm(norms, 2, dim=1) + 1e-6)).clamp(max=1.0)
             grad = grad * coef[:, None]
         self.adam.step(grad)
-        self.ema.update(self.model.flat)
-        self.step += 1
         return loss.detach()
 
     @torch.no_grad()
@@ -336,7 +396,8 @@ def _draw_eval_samples(group: _Group, runs: list[_Run]) -> None:
 def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | torch.device | None = None,
                   deferred_sync: bool = False, backend: str = "auto", channels_last: bool = False,
                   on_group_eval: Callable[[int, dict[str, MemberState]], None] | None = None,
-                  batched_sampling: bool | None = None) -> list[MemberResult]:
+                  batched_sampling: bool | None = None, cuda_graph: bool = False,
+                  _graph_capture: bool = True) -> list[MemberResult]:
     """Train the members as one stacked model; one MemberResult per member, in order.
 
     backend:       grouped (convolutions with groups=K, no vmap; default) | vmap (torch.func.vmap over
@@ -355,6 +416,12 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
     through the stacked EMA network (stacked_sampling.py; the same samples). None: on a GPU only --
     on the dev CPU a forward is compute-bound and the batched pass measured 0.79x the members one
     after another (BENCHMARKS.md).
+    cuda_graph:    the device part of each step (q_sample, forward with dropout, losses, gradients,
+    clipping, capturable Adam) captured once as a CUDA graph and replayed (graph_step.py); the
+    host part (batches, each member's t and eps) stays outside, copied into the graph's inputs;
+    the EMA update too. Recaptured (after warm-up) whenever a member leaves. Needs a CUDA device,
+    every member's loss 'simple' and the grouped backend. _graph_capture=False (internal): the
+    graph form run eagerly on any device, which the CPU tests compare with the ordinary step.
     """
     t_start = time.time()
     check_stackable(members)
@@ -362,6 +429,8 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
             and torch.distributed.get_world_size() > 1:
         raise ValueError("train_stacked runs in one process; DDP (world size > 1) is not supported")
     device = pick_device(device)
+    if cuda_graph:
+        check_graphable(members, device, backend, _graph_capture)
     for m in members:
         if m.diffusion.loss not in LOSSES:
             raise ValueError(f"member {m.name!r}: unknown loss {m.diffusion.loss!r}; allowed: {', '.join(LOSSES)}")
@@ -375,7 +444,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
         if m.data.on_device:
             splits = dataclasses.replace(splits, train=splits.train.to(device), val=splits.val.to(device))
         runs.append(_Run(group, m, splits, device, eval_seed))
-    group.__init__(runs, device, backend, channels_last)
+    group.__init__(runs, device, backend, channels_last, cuda_graph, _graph_capture)
     steps = {int((m.resume_state or {}).get("step", 0)) for m in members}
     if len(steps) > 1:
         raise ValueError(f"resumed members are at different steps {sorted(steps)}: stack only members at one step")
@@ -426,7 +495,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
         for r in group.runs:
             r.epoch_count += 1
         if any(r.logs_at(step) for r in group.runs):
-            pending.append((step, loss))
+            pending.append((step, loss.clone() if cuda_graph else loss))  # a graph's output is overwritten
         ends = [r for r in group.runs if step % r.epoch_steps == 0 or step == r.total]
         evals = [r for r in group.runs if r.should_eval(step)]
         if not deferred_sync or ends or evals or step % members[0].training.log_every == 0:

@@ -193,4 +193,6 @@ def ray_stacked_worker(config: dict) -> None:
     states = restore_states(out, [t.trial.trial_id for t in tasks], ray.train.get_checkpoint())
     members, hooks = build_members(tasks, states, GroupMemberHooks)
     train_stacked(members, eval_seed=tasks[0].trial.evaluation.seed, device=ray.train.torch.get_device(),
-                  on_group_eval=GroupCheckpoint(run, out, hooks))
+                  on_group_eval=GroupCheckpoint(run, out, hooks),
+                  cuda_graph=tasks[0].trial.training.cuda_graph,  # equal across a group (check_stackable)
+                  deferred_sync=all(t.trial.training.deferred_sync for t in tasks))  # when hooks see losses, not what
