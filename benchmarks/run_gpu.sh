@@ -215,8 +215,9 @@ levers() {
   # (3) 8 stacked trials, eager vs the stacked step as one CUDA graph (target >= 8x one eager trial).
   local t0; t0=$(date +%s)
   local budget="${CALL_BUDGET_S:-560}" steps=2000 warm=100 k=8 width=32 n=10000
-  local eval_args=(--sampler ddpm --rounds 1)
-  [[ "${SMOKE:-0}" == 1 ]] && { steps=12; warm=3; k=2; width=8; n=16; eval_args=(--sampler ddim --steps 2 --residual-images 8); }
+  local eval_args=(--sampler ddpm --rounds 1) check_args=()
+  [[ "${SMOKE:-0}" == 1 ]] && { steps=12; warm=3; k=2; width=8; n=16; check_args=(--steps 12 --width 8)
+    eval_args=(--sampler ddim --steps 2 --residual-images 8); }
   left() { echo $(( budget - ($(date +%s) - t0) )); }
   echo "### bench_no_host --only graph graph+bf16 graph+compile graph+compile+bf16 ($steps steps)" | tee -a "$OUT/levers.txt"
   logged levers.txt timeout "$(( budget * 45 / 100 ))" "$PY" benchmarks/bench_no_host.py --device "$DEVICE" \
@@ -225,6 +226,9 @@ levers() {
   echo "### bench_evaluation --n-samples $n --batch-sizes $n --bf16 --compile ($(left) s left)" | tee -a "$OUT/levers.txt"
   logged levers.txt timeout "$(( $(left) * 60 / 100 ))" "$PY" benchmarks/bench_evaluation.py --device "$DEVICE" \
     --n-samples "$n" --batch-sizes "$n" --bf16 --compile "${eval_args[@]}" --json "$OUT/levers.jsonl"
+  echo "### check_stacked_graph (graph vs eager stacked losses, recapture, generator states; $(left) s left)" \
+    | tee -a "$OUT/levers.txt"
+  logged levers.txt timeout 90 "$PY" benchmarks/check_stacked_graph.py --device "$DEVICE" ${check_args[@]+"${check_args[@]}"}
   echo "### bench_no_host --only eager, stacked K=$k eager vs graph ($(left) s left)" | tee -a "$OUT/levers.txt"
   logged levers.txt timeout "$(( $(left) > 20 ? $(left) - 10 : 1 ))" "$PY" benchmarks/bench_no_host.py \
     --device "$DEVICE" --only eager --k "$k" --steps "$(( steps / 4 ))" --warmup "$warm" --width "$width" \
