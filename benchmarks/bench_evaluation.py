@@ -70,6 +70,7 @@ def main() -> None:
             t0 = _now(device)
             ev.evaluate(ema, raw)
             first = _now(device) - t0
+            print(f"{batch:>6} {first:>8.1f}  (the first evaluation; timed ones follow)", flush=True)
             totals, samples = [], []
             sample = ev.sample
 
