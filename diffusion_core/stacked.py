@@ -50,7 +50,7 @@ from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, Tr
 from .unet import UNet, UNetConfig, count_parameters
 
 # Fields every member of a group must share (the rest may differ member by member).
-UNSTACKABLE = {"compile": False, "channels_last": False, "precision": "fp32", "ema_warmup": False}
+UNSTACKABLE = {"compile": False, "channels_last": False, "precision": "fp32"}
 
 
 @dataclass
@@ -120,7 +120,7 @@ def check_graphable(members: list[Member], device: torch.device, backend: str, c
 
 @dataclass(frozen=True)
 class _EMAView:
-    """What hooks read of train()'s EMA: the initial weights' share lambda^k (no warm-up when stacked)."""
+    """What hooks read of train()'s EMA: the initial weights' share prod_k lambda_k."""
     init_share: float
 
 
@@ -140,7 +140,7 @@ class MemberState:
 
     @property
     def ema(self) -> "_EMAView":
-        return _EMAView(self.run.member.training.ema_decay ** self.run.group.step)
+        return _EMAView(self.run.group.ema.init_shares[self.run.group.row(self.run)])
 
     def state_dict(self) -> dict:
         run, group = self.run, self.run.group
@@ -151,7 +151,8 @@ class MemberState:
                  for i, (e, v) in enumerate(zip(group.model.unflatten(adam.exp_avg[row]).values(),
                                                 group.model.unflatten(adam.exp_avg_sq[row]).values()))}
         out = {"model": {k: v.clone() for k, v in run.net.state_dict().items()},
-               "ema": {"decay": run.member.training.ema_decay,
+               "ema": {"decay": run.member.training.ema_decay, "warmup": run.member.training.ema_warmup,
+                       "updates": group.ema.updates, "init_share": group.ema.init_shares[row],
                        "module": {k: v.clone() for k, v in run.ema_net.state_dict().items()}},
                "optimizer": {"state": state, "param_groups": run.param_groups},
                "step": group.step, "generator": run.generator.get_state(),
@@ -244,7 +245,7 @@ class _Group:
                              capturable=cuda_graph)
         if any(t.adam_betas != tr[0].adam_betas or t.adam_eps != tr[0].adam_eps for t in tr):
             raise ValueError("training.adam_betas and training.adam_eps must be equal across a stacked group")
-        self.ema = FlatEMA(self.model.flat, [t.ema_decay for t in tr])
+        self.ema = FlatEMA(self.model.flat, [t.ema_decay for t in tr], [t.ema_warmup for t in tr])
         self.epoch_sum = torch.zeros(len(runs), dtype=torch.float64, device=device)
         t_max = max(r.schedule.T for r in runs)
         pad = lambda v: torch.cat([v, v.new_zeros(t_max + 1 - len(v))])  # noqa: E731  (t <= T_k never reads it)
@@ -371,6 +372,13 @@ def _load_member_state(group: _Group, run: _Run, state: dict) -> None:
     row, names = group.row(run), group.model.names
     group.model.flat[row].copy_(StackedUNet.flatten_state(state["model"], names))
     group.ema.flat[row].copy_(StackedUNet.flatten_state(state["ema"]["module"], names))
+    ema = state["ema"]  # a state without "updates" predates the warm-up: a constant decay, one update per step
+    updates, warmup = int(ema.get("updates", state["step"])), bool(ema.get("warmup", False))
+    if updates != group.ema.updates or warmup != run.member.training.ema_warmup:
+        raise ValueError(f"member {run.member.name!r}: its EMA state (updates {updates}, warmup {warmup}) "
+                         f"does not continue training.ema_warmup="
+                         f"{run.member.training.ema_warmup} at step {group.ema.updates}")
+    group.ema.init_shares[row] = float(ema.get("init_share", run.member.training.ema_decay ** group.ema.updates))
     opt = [state["optimizer"]["state"][i] for i in range(len(names))]
     group.adam.load_row(row, torch.cat([s["exp_avg"].reshape(-1) for s in opt]).to(group.device),
                         torch.cat([s["exp_avg_sq"].reshape(-1) for s in opt]).to(group.device),
@@ -450,6 +458,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
         raise ValueError(f"resumed members are at different steps {sorted(steps)}: stack only members at one step")
     group.step = steps.pop()
     group.adam.set_step(group.step)  # before the members' states: load_row checks their step against it
+    group.ema.updates = group.step   # one EMA update per step, as in train()
     for r in runs:
         if r.member.resume_state is not None:
             _load_member_state(group, r, r.member.resume_state)
@@ -515,9 +524,9 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                 train_loss = train_loss_of[r]
                 completed = math.ceil(step / r.epoch_steps)
                 # The raw weights' eval-mode losses (val_raw, train_eval) are not computed for stacked
-                # members yet; the EMA share is lambda^k (FlatEMA has no warm-up: refused above).
+                # members yet; the EMA share is prod_k lambda_k, warm-up included, as train() reports it.
                 losses = EpochLosses(completed, step, train_loss, val_losses.get(r), None, None,
-                                     r.member.training.ema_decay ** step)
+                                     group.ema.init_shares[group.row(r)])
                 r.epoch_losses.append(losses)
                 r.call("on_epoch", losses)
                 group.epoch_sum[group.row(r)] = 0.0

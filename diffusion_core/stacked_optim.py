@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .ema import warmup_decay
+
 
 class FlatAdam:
     """Adam (Kingma & Ba 2015, as torch.optim.Adam without weight decay / amsgrad) on (K, N) rows."""
@@ -68,24 +70,45 @@ class FlatAdam:
 
 
 class FlatEMA:
-    """theta_hat <- lambda theta_hat + (1 - lambda) theta per row (thesis eq. 101), as ema.EMA.update."""
+    """theta_hat <- lambda_k theta_hat + (1 - lambda_k) theta per row (thesis eq. 101), as ema.EMA.update:
+    lambda_k = lambda, or with a member's warm-up min(lambda, (1 + k) / (10 + k)) at the k-th update.
 
-    def __init__(self, flat: torch.Tensor, decays: list[float]):
+    The per-row weights 1 - lambda_k are computed on the device in float64 and rounded to the
+    parameters' dtype, which is how `EMA`'s Python-float weight reaches its kernel: the same bits,
+    and no host-to-device copy (a sync) per step. `init_shares` tracks each member's prod_k lambda_k
+    on the host, as `EMA.init_share` does."""
+
+    def __init__(self, flat: torch.Tensor, decays: list[float], warmups: list[bool] | None = None):
         for d in decays:
             if not 0.0 <= d < 1.0:
                 raise ValueError(f"EMA decay={d!r} must lie in [0, 1)")
         self.flat = flat.detach().clone()
         self.decays = [float(d) for d in decays]
-        self._weight_col = torch.tensor([1.0 - d for d in self.decays], dtype=flat.dtype, device=flat.device)[:, None]
+        self.warmups = [bool(w) for w in warmups] if warmups is not None else [False] * len(self.decays)
+        self.updates = 0                            # k: updates made so far (the group's step)
+        self.init_shares = [1.0] * len(self.decays)
+        self._decay_col = torch.tensor(self.decays, dtype=torch.float64, device=flat.device)[:, None]
+        self._warmup_col = torch.tensor(self.warmups, dtype=torch.bool, device=flat.device)[:, None]
+
+    def current_decays(self) -> list[float]:
+        """Each member's lambda_k of the next update."""
+        return [warmup_decay(d, self.updates) if w else d for d, w in zip(self.decays, self.warmups)]
 
     @torch.no_grad()
     def update(self, params: torch.Tensor) -> None:
-        if len(set(self.decays)) == 1:
-            self.flat.lerp_(params, 1.0 - self.decays[0])
+        decays = self.current_decays()
+        if len(set(decays)) == 1:
+            self.flat.lerp_(params, 1.0 - decays[0])
         else:
-            self.flat.lerp_(params, self._weight_col)
+            ramp = (1.0 + self.updates) / (10.0 + self.updates)
+            lam = torch.where(self._warmup_col, self._decay_col.clamp(max=ramp), self._decay_col)
+            self.flat.lerp_(params, (1.0 - lam).to(self.flat.dtype))
+        self.init_shares = [s * d for s, d in zip(self.init_shares, decays)]
+        self.updates += 1
 
     def keep(self, rows: list[int]) -> None:
         self.flat = self.flat[rows].contiguous()
         self.decays = [self.decays[r] for r in rows]
-        self._weight_col = self._weight_col[rows]
+        self.warmups = [self.warmups[r] for r in rows]
+        self.init_shares = [self.init_shares[r] for r in rows]
+        self._decay_col, self._warmup_col = self._decay_col[rows], self._warmup_col[rows]

@@ -1,7 +1,7 @@
 """K trials trained as one stacked model equal K separate `train()` runs (issue 11, CPU part).
 
 Three members that differ in everything a group may differ in — seed, noise schedule, learning
-rate, EMA decay, training subset, gradient clipping — with dropout 0.1, 12 steps of batch 16 on
+rate, EMA decay and warm-up, training subset, gradient clipping — with dropout 0.1, 12 steps of batch 16 on
 real MNIST. Each member's per-step losses, epoch train losses and EMA validation losses must equal its own
 `train()` run's. Measured on the 2-core dev CPU (torch 2.14), 20 steps: max relative difference 2.2e-7
 per step (grouped convolutions and vmap sum in another order than K separate convolutions;
@@ -9,6 +9,8 @@ the dropout masks are the same bits, see stacked_model.py); tolerance 1e-5, ~50x
 a wrong mask stream, data order, noise stream or learning rate moves a step's loss by >1e-2.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -39,9 +41,9 @@ def members_and_runs(mnist_splits):
         return Splits(mnist_splits.train.subset(idx), val)
 
     cosine = DiffusionConfig(schedule="cosine")
-    specs = [dict(training=tc(seed=0), splits=subset(0)),
+    specs = [dict(training=tc(seed=0, ema_warmup=True), splits=subset(0)),
              dict(training=tc(seed=1, lr=2e-3, ema_decay=0.5), splits=subset(1), diffusion=cosine),
-             dict(training=tc(seed=2, grad_clip=0.5), splits=Splits(mnist_splits.train.subset(torch.arange(256)),
+             dict(training=tc(seed=2, grad_clip=0.5, ema_warmup=True), splits=Splits(mnist_splits.train.subset(torch.arange(256)),
                                                                     val))]
     separate = []
     for s in specs:
@@ -59,6 +61,11 @@ def assert_same_run(stacked, separate) -> None:
     assert [s for s, _ in stacked.train_losses] == [s for s, _ in separate.train_losses]
     rel = (losses(stacked) - losses(separate)).abs() / losses(separate)
     assert rel.max() < RTOL, f"per-step losses differ by {rel.max():.2e} (relative)"
+    assert_same_run_epochs(stacked, separate)
+
+
+def assert_same_run_epochs(stacked, separate) -> None:
+    """Epoch losses: the EMA weights' validation loss (warm-up included) and the initial weights' share."""
     assert len(stacked.epoch_losses) == len(separate.epoch_losses) >= 1
     for a, b in zip(stacked.epoch_losses, separate.epoch_losses):
         assert (a.epoch, a.step) == (b.epoch, b.step)
@@ -79,7 +86,7 @@ def test_stacked_members_equal_separate_runs_and_resume_in_train(members_and_run
     ckpt = Checkpoint()
     members = [Member(s["training"], TINY, diffusion=s.get("diffusion", DiffusionConfig()), splits=s["splits"],
                       name=f"m{i}") for i, s in enumerate(specs)]
-    members[0].training = tc(seed=0, eval_start=5, eval_every=5)  # a checkpoint at step 5
+    members[0].training = tc(seed=0, ema_warmup=True, eval_start=5, eval_every=5)  # a checkpoint at step 5
     members[0].hooks = ckpt
     results = train_stacked(members, device="cpu")
     assert [r.status for r in results] == ["FINISHED"] * 3
@@ -90,9 +97,14 @@ def test_stacked_members_equal_separate_runs_and_resume_in_train(members_and_run
     # The member's checkpoint has TrainState's format: train() resumes it where the stacked run was.
     assert ckpt.state["step"] == 5 and set(ckpt.state) >= {"model", "ema", "optimizer", "generator", "cpu_rng"}
     resumed = train(model=TINY, training=specs[0]["training"], splits=specs[0]["splits"], device="cpu",
-                    resume_state=ckpt.state)
+                    resume_state=copy.deepcopy(ckpt.state))  # torch's Adam adopts (and then steps) its tensors
     rel = (losses(resumed) - losses(separate[0])[5:]).abs() / losses(separate[0])[5:]
     assert [s for s, _ in resumed.train_losses] == list(range(6, STEPS + 1)) and rel.max() < RTOL
+    # ... and so does a stacked group: its EMA warm-up continues at update 5, its initial-weight share too.
+    (again,) = train_stacked([Member(specs[0]["training"], TINY, splits=specs[0]["splits"], resume_state=ckpt.state)],
+                             device="cpu")
+    assert again.status == "FINISHED" and losses(again.result).tolist() == losses(resumed).tolist()
+    assert_same_run_epochs(again.result, separate[0])
 
 
 def test_vmap_backend_equals_separate_runs(members_and_runs):
