@@ -20,17 +20,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from bench_stacked import synced_time as _now  # noqa: E402
+from bench_train_step import device_name  # noqa: E402
 from diffusion_core.evaluation import EvalConfig, Evaluator  # noqa: E402
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def main() -> None:
@@ -55,7 +50,7 @@ def main() -> None:
     schedule = NoiseSchedule.make("linear", 1000)
     torch.manual_seed(0)
     ema, raw = (UNet(UNetConfig()).to(device).eval() for _ in range(2))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    name = device_name(device)
     print(f"device {device} ({name}), torch {torch.__version__}; {args.n_samples} samples, {args.sampler}"
           f"{'-' + str(args.steps) if args.steps else ''}, {'bf16' if args.bf16 else 'fp32'}"
           f"{', compile' if args.compile else ''}", flush=True)

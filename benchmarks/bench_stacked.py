@@ -27,6 +27,13 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 
+def synced_time(device: torch.device) -> float:
+    """perf_counter once the device has finished what it was given."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Clock:
     """Hooks: stamp the first logged loss once training has reached the warmup step, and the last
     one (syncing the device first). With deferred sync a loss reaches its hook later than its step,
@@ -39,9 +46,7 @@ class Clock:
         self.step_warm = self.step_end = None
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return synced_time(self.device)
 
     def on_step(self, ctx, loss):
         if self.t_warm is None and ctx.state.step >= self.warmup:

@@ -100,7 +100,7 @@ class FlatEMA:
         if len(set(decays)) == 1:
             self.flat.lerp_(params, 1.0 - decays[0])
         else:
-            ramp = (1.0 + self.updates) / (10.0 + self.updates)
+            ramp = warmup_decay(1.0, self.updates)  # (1 + k) / (10 + k)
             lam = torch.where(self._warmup_col, self._decay_col.clamp(max=ramp), self._decay_col)
             self.flat.lerp_(params, (1.0 - lam).to(self.flat.dtype))
         self.init_shares = [s * d for s, d in zip(self.init_shares, decays)]

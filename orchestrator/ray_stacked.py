@@ -46,7 +46,7 @@ from records.atomic import write_json
 from records.layout import ray_train_dir, trial_files, worker_file
 
 from .plan import Plan, Trial
-from .stacked_worker import build_members
+from .stacked_worker import build_members, group_options
 from .status import read_summary
 from .worker import TrialHooks, TrialTask
 
@@ -192,7 +192,5 @@ def ray_stacked_worker(config: dict) -> None:
                     "host": socket.gethostname(), "world_size": 1, "group": run})
     states = restore_states(out, [t.trial.trial_id for t in tasks], ray.train.get_checkpoint())
     members, hooks = build_members(tasks, states, GroupMemberHooks)
-    train_stacked(members, eval_seed=tasks[0].trial.evaluation.seed, device=ray.train.torch.get_device(),
-                  on_group_eval=GroupCheckpoint(run, out, hooks),
-                  cuda_graph=tasks[0].trial.training.cuda_graph,  # equal across a group (check_stackable)
-                  deferred_sync=all(t.trial.training.deferred_sync for t in tasks))  # when hooks see losses, not what
+    train_stacked(members, device=ray.train.torch.get_device(), on_group_eval=GroupCheckpoint(run, out, hooks),
+                  **group_options(tasks))

@@ -34,9 +34,14 @@ def stacked_worker(tasks: list[TrialTask], device: str | torch.device) -> None:
         write_local_worker_file(task, device)
         states[task.trial.trial_id] = LocalTrialHooks.load_resume_file(task.files)[0]
     members, _ = build_members(tasks, states, LocalTrialHooks)
-    train_stacked(members, eval_seed=tasks[0].trial.evaluation.seed, device=device,
-                  cuda_graph=tasks[0].trial.training.cuda_graph,  # equal across a group (check_stackable)
-                  deferred_sync=all(t.trial.training.deferred_sync for t in tasks))  # when hooks see losses, not what
+    train_stacked(members, device=device, **group_options(tasks))
+
+
+def group_options(tasks: list[TrialTask]) -> dict:
+    """train_stacked's group-wide arguments, from the members' trials (both stacked workers)."""
+    return dict(eval_seed=tasks[0].trial.evaluation.seed,          # equal across a group (stacking.can_stack)
+                cuda_graph=tasks[0].trial.training.cuda_graph,     # equal across a group (check_stackable)
+                deferred_sync=all(t.trial.training.deferred_sync for t in tasks))  # when hooks see losses, not what
 
 
 def build_members(tasks: list[TrialTask], states: dict[str, dict | None],
