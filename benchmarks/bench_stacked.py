@@ -10,6 +10,7 @@ neighbour hits them alike; the table gives the median of the rounds.
 
     .venv/bin/python benchmarks/bench_stacked.py --k 8 --width 8 --batch 16 --steps 30 --rounds 3
     python benchmarks/bench_stacked.py --device cuda --k 8 --width 32 --batch 16 --steps 500   # a GPU
+    .venv/bin/python benchmarks/bench_stacked.py --k 8 --threads 2 --backends grouped --processes 2   # all cores: threads vs processes
 
 Needs only torch (and diffusion_core).
 """
@@ -96,6 +97,32 @@ def run_stacked(args, splits, device, k: int, backend: str, channels_last: bool 
     return k * args.batch * clock.steps_per_s()
 
 
+def load_splits(args):
+    from diffusion_core import mnist_splits
+    from diffusion_core.data import Splits
+
+    full = mnist_splits(args.data_root)
+    return Splits(full.train.subset(torch.arange(args.subset)), full.val.subset(torch.arange(256)))
+
+
+def _one_process(kind: str, args, k: int) -> float:
+    """In a fresh process with 1 thread: k trials one after another, or one stacked group of k."""
+    torch.set_num_threads(1)
+    splits, device = load_splits(args), torch.device(args.device)
+    seq = argparse.Namespace(**{**vars(args), "k": k})
+    return run_sequential(seq, splits, device) if kind == "sequential" else \
+        run_stacked(args, splits, device, k, args.backends[0])
+
+
+def run_processes(args, kind: str) -> float:
+    """The K trials split over --processes processes side by side (1 thread each; what a sweep of
+    1-CPU trials, or of 1-CPU stacked groups, does): the sum of their img/s."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(args.processes) as pool:
+        return sum(pool.starmap(_one_process, [(kind, args, args.k // args.processes)] * args.processes))
+
+
 def print_scaling(args, img_s: dict[int, float], sequential_img_s: float) -> None:
     """Least-squares ms/step = a + b*K over the stacked sizes: a is the per-step cost stacking shares
     (Python, launches, the host), b what each member adds (its compute); as K grows the gain over
@@ -132,17 +159,16 @@ def main() -> None:
                     help="also stacked groups of these sizes, and the fit ms/step = a + b*K over all stacked K: "
                          "b is what one more member costs, so (sequential ms per trial-step) / b bounds the ratio")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--processes", type=int, default=None, metavar="P",
+                    help="also the K trials as P processes side by side, 1 thread each: P x K/P sequential "
+                         "trials, and P stacked groups of K/P (the peers that use all cores without threads)")
     ap.add_argument("--subset", type=int, default=4096, help="training images (real MNIST)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--json", default=None, help="also append the results as one JSON line to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from diffusion_core import mnist_splits
-    from diffusion_core.data import Splits
-
     device = torch.device(args.device)
-    full = mnist_splits(args.data_root)
-    splits = Splits(full.train.subset(torch.arange(args.subset)), full.val.subset(torch.arange(256)))
+    splits = load_splits(args)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {device} ({name}), torch {torch.__version__}, {args.threads} thread(s); U-Net width "
@@ -154,6 +180,10 @@ def main() -> None:
     if args.grouped_nhwc:
         contenders[f"stacked K={args.k} (grouped, NHWC)"] = lambda: run_stacked(args, splits, device, args.k,
                                                                                  "grouped", True)
+    if args.processes:
+        p = args.processes
+        contenders[f"{p} processes x {args.k // p} sequential"] = lambda: run_processes(args, "sequential")
+        contenders[f"{p} processes x stacked K={args.k // p}"] = lambda: run_processes(args, "stacked")
     contenders[f"stacked K=1 ({args.backends[0]})"] = lambda: run_stacked(args, splits, device, 1, args.backends[0])
     sizes = {1: f"stacked K=1 ({args.backends[0]})", args.k: f"stacked K={args.k} ({args.backends[0]})"}
     for k in args.scaling or []:
