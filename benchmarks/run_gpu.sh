@@ -30,7 +30,8 @@
 #      bash benchmarks/run_gpu.sh levers           # one call (~9.5 min): issue 11's next levers, each checked against
 #          its eager step: the graph step with bf16 / inductor kernels; one 10k-sample evaluation; the stacked graph
 # Environment: OUT (default ./gpu_out), DEVICE (default cuda), PYTHON (default python3),
-# SMOKE=1 (tiny sizes, to check the plumbing on a CPU: DEVICE=cpu PYTHON=.venv/bin/python SMOKE=1).
+# SMOKE=1 (tiny sizes, to check the plumbing on a CPU: DEVICE=cpu PYTHON=.venv/bin/python SMOKE=1, and
+# PYTHONPATH=benchmarks/gpu_machine_imports to refuse the imports the GPU machine lacks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PART="${1:-all}"
