@@ -71,11 +71,11 @@ def configs(args, seed: int):
     return model, training
 
 
-def run_sequential(args, splits, device) -> float:
+def run_sequential(args, splits, device, k: int) -> float:
     from diffusion_core import train
 
     images = seconds = 0.0
-    for seed in range(args.k):
+    for seed in range(k):
         model, training = configs(args, seed)
         clock = Clock(args.warmup, device)
         train(model=model, training=training, splits=splits, device=device, hooks=clock)
@@ -109,8 +109,7 @@ def _one_process(kind: str, args, k: int) -> float:
     """In a fresh process with 1 thread: k trials one after another, or one stacked group of k."""
     torch.set_num_threads(1)
     splits, device = load_splits(args), torch.device(args.device)
-    seq = argparse.Namespace(**{**vars(args), "k": k})
-    return run_sequential(seq, splits, device) if kind == "sequential" else \
+    return run_sequential(args, splits, device, k) if kind == "sequential" else \
         run_stacked(args, splits, device, k, args.backends[0])
 
 
@@ -166,6 +165,8 @@ def main() -> None:
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--json", default=None, help="also append the results as one JSON line to this file")
     args = ap.parse_args()
+    if args.processes and args.k % args.processes:
+        ap.error(f"--processes {args.processes} must divide --k {args.k} (each process takes K/P trials)")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     splits = load_splits(args)
@@ -174,7 +175,7 @@ def main() -> None:
     print(f"device {device} ({name}), torch {torch.__version__}, {args.threads} thread(s); U-Net width "
           f"{args.width}, batch {args.batch}, dropout {args.dropout}, K={args.k}, {args.steps} timed steps; "
           f"load average at start {load:.1f}")
-    contenders = {f"{args.k} trials sequential (train())": lambda: run_sequential(args, splits, device)}
+    contenders = {f"{args.k} trials sequential (train())": lambda: run_sequential(args, splits, device, args.k)}
     for b in args.backends:
         contenders[f"stacked K={args.k} ({b})"] = lambda b=b: run_stacked(args, splits, device, args.k, b)
     if args.grouped_nhwc:

@@ -146,8 +146,8 @@ class MemberState:
         run, group = self.run, self.run.group
         row = group.row(run)
         run.refresh_modules()
-        adam = group.adam
-        state = {i: {"step": torch.tensor(float(adam.step_count)), "exp_avg": e, "exp_avg_sq": v}
+        adam, steps = group.adam, float(group.adam.step_count)  # read once: a device sync when capturable
+        state = {i: {"step": torch.tensor(steps), "exp_avg": e, "exp_avg_sq": v}
                  for i, (e, v) in enumerate(zip(group.model.unflatten(adam.exp_avg[row]).values(),
                                                 group.model.unflatten(adam.exp_avg_sq[row]).values()))}
         out = {"model": {k: v.clone() for k, v in run.net.state_dict().items()},
@@ -298,7 +298,6 @@ class _Group:
         x0, t, eps, weights = self.draw_batch()
         if self.graphed is not None:
             loss = self.graphed(x0, t, eps)
-            self.adam.step_count = self.step + 1  # its host counter moved at capture only, not at replays
         else:
             loss = self.device_step(x0, t, eps, weights)
         self.ema.update(self.model.flat)  # outside the graph, as in train(): one kernel either way

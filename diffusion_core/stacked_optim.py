@@ -26,7 +26,7 @@ class FlatAdam:
         self.betas, self.eps, self.capturable = (float(betas[0]), float(betas[1])), float(eps), capturable
         self.exp_avg = torch.zeros_like(flat)
         self.exp_avg_sq = torch.zeros_like(flat)
-        self.step_count = 0
+        self._host_steps = 0  # the non-capturable path's counter; capturable: _step_t, on the device
         self._step_t = torch.zeros((), dtype=torch.float64, device=flat.device) if capturable else None
         self._lr_col = torch.tensor(self.lrs, dtype=torch.float64, device=flat.device)[:, None]
 
@@ -35,14 +35,14 @@ class FlatAdam:
         b1, b2 = self.betas
         self.exp_avg.lerp_(grad, 1 - b1)
         self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        self.step_count += 1
         if self.capturable:
             self._step_t += 1
             bc1 = 1 - torch.pow(b1, self._step_t)
             bc2_sqrt = (1 - torch.pow(b2, self._step_t)).sqrt()
         else:  # Python floats, as torch.optim.Adam's CPU path computes them
-            bc1 = 1 - b1 ** self.step_count
-            bc2_sqrt = (1 - b2 ** self.step_count) ** 0.5
+            self._host_steps += 1
+            bc1 = 1 - b1 ** self._host_steps
+            bc2_sqrt = (1 - b2 ** self._host_steps) ** 0.5
         denom = (self.exp_avg_sq.sqrt() / bc2_sqrt).add_(self.eps)
         if not self.capturable and len(set(self.lrs)) == 1:
             self.flat.addcdiv_(self.exp_avg, denom, value=-(self.lrs[0] / bc1))
@@ -63,8 +63,15 @@ class FlatAdam:
         self.exp_avg[k].copy_(exp_avg)
         self.exp_avg_sq[k].copy_(exp_avg_sq)
 
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken. Capturable: read from the device counter (a sync, so only at
+        checkpoints and resumes), the one a CUDA graph's replays advance; a host counter would move
+        only at capture."""
+        return int(self._step_t.item()) if self._step_t is not None else self._host_steps
+
     def set_step(self, step: int) -> None:
-        self.step_count = step
+        self._host_steps = step
         if self._step_t is not None:
             self._step_t.fill_(step)
 

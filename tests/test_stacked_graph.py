@@ -99,3 +99,20 @@ def test_a_study_opts_in_with_training_cuda_graph(tmp_path, data_root):
                    f"(got cpu)" in line for line in said), said
     with pytest.raises(ValueError, match=r"member 1 \('b'\): training.cuda_graph=False must equal member 0's"):
         check_stackable([Member(tc(cuda_graph=True), TINY, name="a"), Member(tc(), TINY, name="b")])
+
+
+def test_capturable_flat_adam_counts_its_steps_on_the_device():
+    """A captured step's Python runs once, at capture, so the capturable FlatAdam's step count is its
+    device counter (what replays advance), read back for checkpoints; it must equal the host count."""
+    from diffusion_core.stacked_optim import FlatAdam
+
+    grads = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
+    host = FlatAdam(torch.zeros(2, 5), [1e-3, 3e-3], (0.9, 0.999), 1e-8)
+    device = FlatAdam(torch.zeros(2, 5), [1e-3, 3e-3], (0.9, 0.999), 1e-8, capturable=True)
+    for g in grads:
+        host.step(g)
+        device.step(g)
+    assert host.step_count == device.step_count == 3
+    torch.testing.assert_close(device.flat, host.flat, rtol=1e-6, atol=0)
+    device.set_step(10)
+    assert device.step_count == 10
