@@ -12,6 +12,19 @@ import typer
 
 from records.layout import STUDY_FILE, read_study_file, study_file
 
+from . import packaged_study_names
+
+
+def _flag_without_type(display_type_rich):
+    """typer 0.29 prints a type after every option in --help, `<bool>` after a flag too (`--local <bool>`),
+    as if it took a value: a flag shows none."""
+    def display(self, ctx):
+        return None if self.is_flag else display_type_rich(self, ctx)
+    return display
+
+
+typer.core.TyperOption.display_type_rich = _flag_without_type(typer.core.TyperOption.display_type_rich)
+
 app = typer.Typer(
     name="studyctl",
     help="Systematic bias-variance studies of diffusion models (DDPMs) on Ray.\n\n"
@@ -48,6 +61,7 @@ def version() -> None:
 EXIT_BAD_STUDY = 2
 
 
+STUDY_ARG_HELP = f"Study YAML: a path, or a packaged study's name ({', '.join(packaged_study_names())})."
 SET_HELP = ("Override a study field, FIELD=VALUE in YAML syntax (repeatable), e.g. "
             "--set evaluation.n_samples=10000 --set training.precision=bf16.")
 
@@ -98,8 +112,7 @@ def _print_table(plan) -> None:
 
 
 @app.command()
-def validate(file: str = typer.Argument(..., help="Study YAML: a path, or a packaged study's name "
-                                                  "(quickstart, bias_variance, thesis)."),
+def validate(file: str = typer.Argument(..., help=STUDY_ARG_HELP),
              overrides: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Check a study file and print the expanded trial table and count.
 
@@ -119,12 +132,12 @@ def validate(file: str = typer.Argument(..., help="Study YAML: a path, or a pack
 
 
 @app.command()
-def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packaged study's name."),
+def launch(file: str = typer.Argument(..., help=STUDY_ARG_HELP),
            address: str = typer.Option(None, "--address", help="Join this Ray cluster (e.g. ray://head:10001 or "
                                        "head:6379); default: the study's ray_address, else a local Ray "
                                        "sized to this machine."),
            output: str = typer.Option(None, "--output", "-o", help="Study folder for records, checkpoints and "
-                                      "the MLflow store (default: the study's output, else runs/<name>)."),
+                                      "the MLflow store (default: the study's output, else `runs/<name>`)."),
            dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; start nothing."),
            local: bool = typer.Option(False, "--local", help="No Ray: run the trials one after another in this "
                                       "process (first GPU if the study asks for GPUs, else CPU), with a "

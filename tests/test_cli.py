@@ -29,6 +29,23 @@ def test_help_explains_every_command():
         assert cmd in r.output
     r = runner.invoke(app, ["launch", "--help"])
     assert r.exit_code == 0 and "--address" in r.output and "--dry-run" in r.output and "--output" in r.output
+    assert "runs/<name>" in r.output       # not eaten as markup
+
+
+@pytest.mark.parametrize("command", ["validate", "launch", "resume", "figures", "generalization"])
+def test_help_shows_no_value_after_a_flag(command):
+    r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    assert "<bool>" not in r.output, r.output
+
+
+def test_validate_help_lists_every_packaged_study():
+    from orchestrator.study_file import PACKAGED_STUDIES
+
+    r = runner.invoke(app, ["validate", "--help"], env={"COLUMNS": "400"})
+    names = sorted(f.stem for f in PACKAGED_STUDIES.glob("*.yaml"))
+    assert len(names) >= 7
+    assert f"({', '.join(names)})" in " ".join(r.output.split()), r.output
 
 
 def test_version_prints_the_installed_versions():
