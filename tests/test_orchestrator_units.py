@@ -113,3 +113,30 @@ def test_evaluation_records_the_metrics(tiny_eval, data_root):
     assert set(REAL_DATA_KEYS) <= set(r.metrics) and r.metrics["real_n_samples"] == 16
     assert 0 < r.metrics["real_fid"] < r.metrics["fid"] and r.metrics["real_inception_score"] > 1
     assert r.metrics["real_memorized_fraction"] == 0.0    # test images are not in the (validation) "training" set
+
+
+def test_status_shows_each_trials_swept_values(tmp_path, data_root):
+    """`studyctl status` names each trial by what the sweep gave it, not by its hash alone."""
+    from typer.testing import CliRunner
+
+    from orchestrator import sweep
+    from orchestrator.cli import app
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_study
+
+    try:
+        from .orchestrator_helpers import tiny_study
+    except ImportError:
+        from orchestrator_helpers import tiny_study
+    study = tiny_study(data_root, name="named", tracking={"enabled": False}, evaluation={"metrics": False},
+                       sweep={"grid": {"model.base_width": [8, 16], "diffusion.schedule": ["linear", "cosine"]},
+                              "seeds": [0, 3]})
+    plan = build_plan(parse_study(study))
+    sweep.prepare(plan, tmp_path / "out", echo=lambda _: None)
+    out = CliRunner().invoke(app, ["status", str(tmp_path / "out")], env={"COLUMNS": "200"}).output
+    header, *lines = out.strip().splitlines()
+    assert header.split()[:4] == ["trial_id", "base_width", "schedule", "seed"], out
+    assert "model.channel_mult" not in header and "lr" not in header.split()   # not swept: not shown
+    for t in plan.trials:
+        line = next(x for x in lines if x.startswith(t.trial_id)).split()
+        assert line[1:5] == [str(t.model.base_width), t.diffusion.schedule, str(t.training.seed), "PENDING"], out
