@@ -180,33 +180,97 @@ def _run_sweep(plan, out: Path, address: str | None, local: bool = False) -> Non
     except KeyboardInterrupt:  # before the trials started (the sweep handles its own interrupts)
         typer.echo(f"interrupted — `studyctl resume {out}{' --local' if local else ''}` continues", err=True)
         raise typer.Exit(130)
-    typer.echo(f"wall time {time.time() - t0:.0f} s")
+    trials_s = time.time() - t0
     if code == 130:  # interrupted: the message is printed; no analysis of a half-run sweep
+        typer.echo(f"wall time {trials_s:.0f} s")
         raise typer.Exit(code)
-    _after_sweep(plan.spec, out)
+    try:
+        _after_sweep(plan.spec, out)
+    finally:
+        total = time.time() - t0
+        typer.echo(f"wall time {total:.0f} s (trials {trials_s:.0f} s, analysis {total - trials_s:.0f} s)")
     raise typer.Exit(code)
 
 
-def _after_sweep(spec, out: Path) -> None:
-    """The study file's `analysis` section: figures (default) and the decomposition (opt-in)."""
-    if spec.analysis.decompose:
-        from analysis.decompose import decompose as run_decompose
+# The study file's `analysis` steps: what each does, and the files that say it is done (the last it
+# writes: analysis/decompose.py, analysis/generalization.py, analysis/report.py).
+ANALYSIS_STEPS = {
+    "decompose": ("bias² + noise and variance of every group of seeds, at every snapshot",
+                  ("decomposition/decomposition.parquet", "distance_to_memorization/distance_to_memorization.parquet")),
+    "generalization": ("same-noise similarity and memorization of every pair of disjoint subsets",
+                       ("generalization/generalization.parquet",)),
+    "figures": ("every figure and the report", ("figures/index.html",)),
+}
+# What the analysis reads: the trials' records and files, and (the figures) the other steps' tables.
+ANALYSIS_INPUTS = ("trials", "train_steps", "epochs", "residuals", "evals", "trial_files")
+FIGURE_INPUTS = ANALYSIS_INPUTS + ("decomposition", "distance_to_memorization", "generalization")
 
-        try:
-            table = run_decompose(out, n_points=spec.analysis.decompose_points)
-            typer.echo(f"decomposition: {table['group_id'].nunique()} group(s) -> {out / 'decomposition'}")
-        except (FileNotFoundError, ValueError) as e:
-            typer.echo(f"decomposition skipped: {e}", err=True)
-    if spec.analysis.generalization:
-        try:
-            _run_generalization(out)
-        except (FileNotFoundError, ValueError) as e:
-            typer.echo(f"generalization skipped: {e}", err=True)
-    if spec.analysis.figures or spec.analysis.decompose or spec.analysis.generalization:
-        try:
-            _write_figures(out)
-        except FileNotFoundError as e:
-            typer.echo(f"figures skipped: {e}", err=True)
+
+def _after_sweep(spec, out: Path) -> None:
+    """The study file's `analysis` section: the decomposition and generalization (opt-in), then the
+    figures (default). Each step says what it does and how long it took; a step whose output is newer
+    than everything it reads is skipped (a relaunch of a finished study redoes nothing); Ctrl-C (or
+    SIGTERM) stops the analysis with a message and exit status 130."""
+    from .sweep import sigterm_as_interrupt
+
+    a = spec.analysis
+    steps = [name for name, on in (("decompose", a.decompose), ("generalization", a.generalization)) if on]
+    steps += ["figures"] if a.figures or steps else []
+    if not steps:
+        return
+    typer.echo(f"analysis (the study file's `analysis` section): {', '.join(steps)}. The trials are finished and "
+               f"recorded; Ctrl-C stops the analysis")
+    step = steps[0]
+    try:
+        with sigterm_as_interrupt():
+            for i, step in enumerate(steps, 1):
+                _analysis_step(spec, out, step, f"analysis {i}/{len(steps)}: {step}")
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted during the analysis ({step}); the trials' records are complete: "
+                   f"`studyctl {step} {out}` runs it again", err=True)
+        raise typer.Exit(130)
+
+
+def _analysis_step(spec, out: Path, step: str, where: str) -> None:
+    what, outputs = ANALYSIS_STEPS[step]
+    if _up_to_date(out, outputs, FIGURE_INPUTS if step == "figures" else ANALYSIS_INPUTS):
+        typer.echo(f"{where}: up to date (written after the last change to what it reads); "
+                   f"`studyctl {step} {out}` redoes it")
+        return
+    typer.echo(f"{where}: {what} ...")
+    t0 = time.time()
+    try:
+        _ANALYSIS_RUN[step](spec, out)
+    except (FileNotFoundError, ValueError) as e:
+        typer.echo(f"{where} skipped: {e}", err=True)
+        return
+    typer.echo(f"{where}: done in {time.time() - t0:.0f} s")
+
+
+def _decompose_step(spec, out: Path) -> None:
+    from analysis.decompose import decompose as run_decompose
+
+    table = run_decompose(out, n_points=spec.analysis.decompose_points)
+    typer.echo(f"decomposition: {table['group_id'].nunique()} group(s) -> {out / 'decomposition'}")
+
+
+_ANALYSIS_RUN = {"decompose": _decompose_step,
+                 "generalization": lambda spec, out: _run_generalization(out),
+                 "figures": lambda spec, out: _write_figures(out)}
+
+
+def _up_to_date(out: Path, outputs: tuple[str, ...], inputs: tuple[str, ...]) -> bool:
+    """Every output exists and was written after the newest file under the inputs (make's rule)."""
+    def newest(path: Path) -> int:
+        if path.is_file():
+            return path.stat().st_mtime_ns
+        return max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0)
+
+    files = [out / f for f in outputs]
+    if not all(f.is_file() for f in files):
+        return False
+    return min(f.stat().st_mtime_ns for f in files) >= max((newest(out / p) for p in inputs if (out / p).exists()),
+                                                           default=0)
 
 
 def _study_dir(directory: str) -> Path:

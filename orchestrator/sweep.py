@@ -127,7 +127,7 @@ def _launch_prepared(study: StudyRun, address: str | None, device: str | None, e
          f"{len(todo)} to run")
     echo(f"records: {out}    MLflow: {study.mlflow_uri or 'off (tracking.enabled: false)'}")
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             if todo and device is not None:
                 from .local_runner import run_local
 
@@ -160,7 +160,7 @@ def _launch_prepared(study: StudyRun, address: str | None, device: str | None, e
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def sigterm_as_interrupt():
     """SIGTERM (a scheduler's or `kill`'s stop) takes the Ctrl-C path: records and MLflow runs
     are closed as interrupted instead of being left RUNNING."""
     if threading.current_thread() is not threading.main_thread():
