@@ -246,6 +246,11 @@ def _doomed_value(spec: StudySpec, data: DataConfig, model: UNetConfig, diffusio
                 "compare samples with MNIST, not with the molrg mixture; allowed: false on data.dataset molrg "
                 "(`studyctl decompose` measures molrg samples exactly: log-density, coverage, pixel-space "
                 "Frechet distance to the mixture)")
+    if data.dataset == "molrg" and (evaluation.keep_samples or spec.analysis.generalization):
+        field = "evaluation.keep_samples" if evaluation.keep_samples else "analysis.generalization"
+        return (f"field '{field}': bad value true: kept samples and `studyctl generalization` work on uint8 images "
+                f"in [-1, 1], which would clip molrg's unbounded draws; allowed: false on data.dataset molrg "
+                f"(`studyctl decompose` places each model between the memorizing f*_D and the true f*)")
     if model.attention:
         channels = model.base_width * model.channel_mult[-1]
         if channels % model.attention_heads:
