@@ -202,7 +202,7 @@ ANALYSIS_STEPS = {
     "figures": ("every figure and the report", ("figures/index.html",)),
 }
 # What the analysis reads: the trials' records and files, and (the figures) the other steps' tables.
-ANALYSIS_INPUTS = ("trials", "train_steps", "epochs", "residuals", "evals", "trial_files")
+ANALYSIS_INPUTS = ("trials", "train_steps", "epochs", "residuals", "evals", "trial_files", "ground_truth")
 FIGURE_INPUTS = ANALYSIS_INPUTS + ("decomposition", "distance_to_memorization", "generalization")
 
 
