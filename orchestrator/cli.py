@@ -192,18 +192,21 @@ def _run_sweep(plan, out: Path, address: str | None, local: bool = False) -> Non
     raise typer.Exit(code)
 
 
-# The study file's `analysis` steps: what each does, and the files that say it is done (the last it
-# writes: analysis/decompose.py, analysis/generalization.py, analysis/report.py).
+# The study file's `analysis` steps: what each does, the files that say it is done (what it writes:
+# analysis/decompose.py, analysis/generalization.py, analysis/report.py) and the errors that skip it
+# (a study without seed groups or subset pairs) instead of stopping the launch.
 ANALYSIS_STEPS = {
     "decompose": ("bias² + noise and variance of every group of seeds, at every snapshot",
-                  ("decomposition/decomposition.parquet", "distance_to_memorization/distance_to_memorization.parquet")),
+                  ("decomposition/decomposition.parquet", "distance_to_memorization/distance_to_memorization.parquet"),
+                  (FileNotFoundError, ValueError)),
     "generalization": ("same-noise similarity and memorization of every pair of disjoint subsets",
-                       ("generalization/generalization.parquet",)),
-    "figures": ("every figure and the report", ("figures/index.html",)),
+                       ("generalization/generalization.parquet",), (FileNotFoundError, ValueError)),
+    "figures": ("every figure and the report", ("figures/index.html",), (FileNotFoundError,)),
 }
-# What the analysis reads: the trials' records and files, and (the figures) the other steps' tables.
+# What the decomposition and generalization read: the trials' records and files. The figures read
+# everything in the study folder but these (MLflow's store changes at every launch).
 ANALYSIS_INPUTS = ("trials", "train_steps", "epochs", "residuals", "evals", "trial_files", "ground_truth")
-FIGURE_INPUTS = ANALYSIS_INPUTS + ("decomposition", "distance_to_memorization", "generalization")
+NOT_FIGURE_INPUTS = ("figures", "mlflow.db", "mlartifacts", "ray", STUDY_FILE)
 
 
 def _after_sweep(spec, out: Path) -> None:
@@ -232,8 +235,10 @@ def _after_sweep(spec, out: Path) -> None:
 
 
 def _analysis_step(spec, out: Path, step: str, where: str) -> None:
-    what, outputs = ANALYSIS_STEPS[step]
-    if _up_to_date(out, outputs, FIGURE_INPUTS if step == "figures" else ANALYSIS_INPUTS):
+    what, outputs, skippable = ANALYSIS_STEPS[step]
+    inputs = ANALYSIS_INPUTS if step != "figures" else \
+        tuple(p.name for p in out.iterdir() if p.name not in NOT_FIGURE_INPUTS)
+    if _up_to_date(out, outputs, inputs):
         typer.echo(f"{where}: up to date (written after the last change to what it reads); "
                    f"`studyctl {step} {out}` redoes it")
         return
@@ -241,7 +246,7 @@ def _analysis_step(spec, out: Path, step: str, where: str) -> None:
     t0 = time.time()
     try:
         _ANALYSIS_RUN[step](spec, out)
-    except (FileNotFoundError, ValueError) as e:
+    except skippable as e:
         typer.echo(f"{where} skipped: {e}", err=True)
         return
     typer.echo(f"{where}: done in {time.time() - t0:.0f} s")

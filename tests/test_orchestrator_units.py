@@ -140,3 +140,31 @@ def test_status_shows_each_trials_swept_values(tmp_path, data_root):
     for t in plan.trials:
         line = next(x for x in lines if x.startswith(t.trial_id)).split()
         assert line[1:5] == [str(t.model.base_width), t.diffusion.schedule, str(t.training.seed), "PENDING"], out
+
+
+def test_a_study_folder_from_before_a_new_field_is_still_its_study(tmp_path, data_root):
+    """A field added to the schema after a folder was written takes its default: relaunching or resuming
+    that folder is the same study, while a changed value is still refused."""
+    import yaml
+
+    from orchestrator import sweep
+    from orchestrator.driver import SetupError
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_study
+    from records.layout import study_file
+
+    try:
+        from .orchestrator_helpers import tiny_study
+    except ImportError:
+        from orchestrator_helpers import tiny_study
+    study = tiny_study(data_root, name="older", tracking={"enabled": False}, evaluation={"metrics": False})
+    plan, out = build_plan(parse_study(study)), tmp_path / "out"
+    sweep.prepare(plan, out, echo=lambda _: None)
+    written = yaml.safe_load(study_file(out).read_text())
+    del written["evaluation"]["progressive_rows"]      # as if the folder predated this field
+    study_file(out).write_text(yaml.safe_dump(written, sort_keys=False))
+    sweep.prepare(plan, out, echo=lambda _: None)       # the same study
+    written["evaluation"]["n_samples"] += 1
+    study_file(out).write_text(yaml.safe_dump(written, sort_keys=False))
+    with pytest.raises(SetupError, match="already holds a different study"):
+        sweep.prepare(plan, out, echo=lambda _: None)
