@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .capabilities import check_path
 from .data import DataConfig, epoch_batches, load_splits, steps_per_epoch
 from .evaluation import EvalConfig, Evaluator
 from .graph_step import GraphedStep
@@ -48,10 +49,6 @@ from .stacked_sampling import StackedEps, sample_members
 from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
                     build_model, fixed_validation_draws, pick_device, validates_at)
 from .unet import UNet, UNetConfig, count_parameters
-
-# Fields every member of a group must share (the rest may differ member by member).
-UNSTACKABLE = {"compile": False, "channels_last": False, "precision": "fp32"}
-
 
 @dataclass
 class Member:
@@ -90,13 +87,7 @@ def check_stackable(members: list[Member]) -> None:
             raise ValueError(f"member {i} ({m.name!r}): model and training.batch_size must equal member 0's "
                              f"to stack ({m.model} / {m.training.batch_size} vs {members[0].model} / "
                              f"{members[0].training.batch_size})")
-        if m.model.class_conditional or m.model.learn_sigma or m.diffusion.loss == "hybrid":
-            raise ValueError(f"member {i} ({m.name!r}): class-conditional models and the learned variance "
-                             f"(loss 'hybrid') are not supported when stacking; train them with train()")
-        for name, allowed in UNSTACKABLE.items():
-            if getattr(m.training, name) != allowed:
-                raise ValueError(f"member {i} ({m.name!r}): training.{name}={getattr(m.training, name)!r} is not "
-                                 f"supported when stacking; allowed: {allowed!r}")
+        check_path("stacked", m, who=f"member {i} ({m.name!r}): ")  # capabilities.SUPPORT, e.g. no compile
         if m.training.cuda_graph != members[0].training.cuda_graph:  # one step function for the whole group
             raise ValueError(f"member {i} ({m.name!r}): training.cuda_graph={m.training.cuda_graph!r} must equal "
                              f"member 0's ({members[0].training.cuda_graph!r}) to stack")

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .capabilities import check_path
 from .data import DataConfig, ImageSet, epoch_batches, load_splits, steps_per_epoch
 from .ema import EMA
 from .graph_step import GraphedStep
@@ -240,6 +241,15 @@ class TrainResult:
     wall_seconds: float
 
 
+@dataclass(frozen=True)
+class TrialConfigs:
+    """The configs of one run, as capabilities.check_path reads them."""
+    data: DataConfig
+    model: UNetConfig
+    diffusion: DiffusionConfig
+    training: TrainConfig
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -347,6 +357,8 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     """
     t_start = time.time()
     rank, world = _dist()
+    # what this path (one process, or DDP) cannot honour, before any work (capabilities.SUPPORT)
+    check_path("ddp" if world > 1 else "alone", TrialConfigs(data, model, diffusion, training))
     device = pick_device(device)
     schedule = NoiseSchedule.from_config(diffusion.schedule_config)
 
