@@ -159,6 +159,9 @@ class TrainContext:
     steps_per_epoch: int
     total_steps: int
     state: "TrainState"
+    # The run's evaluation.Evaluator (train(evaluation=...), Member.evaluation), built once by the engine
+    # (Evaluator.of_run); None without an evaluation config.
+    evaluator: Any = None
     # During on_eval of a stacked member (diffusion_core.stacked): its samples of this evaluation, drawn
     # with the group's other members in one pass (evaluation.DrawnSamples; pass them to Evaluator.evaluate).
     # None: the hook samples itself (always in train()).
@@ -250,6 +253,17 @@ class TrialConfigs:
     training: TrainConfig
 
 
+def run_evaluator(evaluation, schedule: NoiseSchedule, splits, data: DataConfig, diffusion: DiffusionConfig,
+                  device: torch.device):
+    """The run's Evaluator (evaluation.Evaluator.of_run; None without an EvalConfig): one place for
+    train() and every train_stacked member."""
+    if evaluation is None:
+        return None
+    from .evaluation import Evaluator  # evaluation.py imports this module
+
+    return Evaluator.of_run(evaluation, schedule, splits, data, diffusion.reverse_variance, device)
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -317,6 +331,32 @@ def fixed_train_draws(train: ImageSet, schedule: NoiseSchedule, eval_seed: int,
     return idx.to(device), t.to(device), eps.to(device)
 
 
+@dataclass(frozen=True)
+class EpochEvalDraws:
+    """The fixed draws of a run's epoch-end evaluation-mode losses (EpochLosses.val/val_raw/train_eval):
+    (t, eps) over the validation split, and a fixed training batch with its own (t, eps)."""
+    val_t: torch.Tensor
+    val_eps: torch.Tensor
+    train_batch: ImageSet
+    train_t: torch.Tensor
+    train_eps: torch.Tensor
+
+    @classmethod
+    def of(cls, splits, schedule: NoiseSchedule, eval_seed: int, train_eval_images: int) -> "EpochEvalDraws":
+        val_t, val_eps = fixed_validation_draws(splits.val, schedule, eval_seed)
+        idx, tr_t, tr_eps = fixed_train_draws(splits.train, schedule, eval_seed, train_eval_images)
+        return cls(val_t, val_eps, splits.train.subset(idx), tr_t, tr_eps)
+
+    def losses(self, ema_model: nn.Module, net: nn.Module, schedule: NoiseSchedule, val: ImageSet,
+               rank: int = 0, world_size: int = 1) -> tuple[float, float, float]:
+        """(val, val_raw, train_eval): the EMA and the raw weights on the validation draws, the raw
+        weights on the training batch; eval mode, fixed draws: no RNG is consumed. The one
+        computation of these records, for train() and every train_stacked member."""
+        return (validation_loss(ema_model, schedule, val, self.val_t, self.val_eps, rank=rank, world_size=world_size),
+                eval_mode_loss(net, schedule, val, self.val_t, self.val_eps, rank, world_size),
+                eval_mode_loss(net, schedule, self.train_batch, self.train_t, self.train_eps, rank, world_size))
+
+
 @torch.no_grad()
 def eval_mode_loss(model: nn.Module, schedule: NoiseSchedule, images: ImageSet, t: torch.Tensor, eps: torch.Tensor,
                    rank: int = 0, world_size: int = 1) -> float:
@@ -334,6 +374,21 @@ def build_model(model_cfg: UNetConfig, seed: int, device: torch.device) -> UNet:
     return UNet(model_cfg).to(device)
 
 
+def noise_generator(training: TrainConfig, device: torch.device, rank: int = 0) -> torch.Generator:
+    """A run's training-noise stream ((t, eps) of each step, then class-conditional label dropout), per
+    rank: on the CPU, so the stream is the same on any device, or with training.device_noise on the
+    training device (no host-to-device copy per step; on a GPU another stream). train() and every
+    train_stacked member draw from this."""
+    noise_device = device if training.device_noise else torch.device("cpu")
+    return torch.Generator(noise_device).manual_seed(training.seed * 1_000_003 + rank)
+
+
+def draw_noise(schedule: NoiseSchedule, shape: torch.Size, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's (t, eps) for a batch of `shape`, in this order, on the generator's device."""
+    t = schedule.sample_timesteps(shape[0], generator=generator, device=generator.device)
+    return t, torch.randn(shape, generator=generator, device=generator.device)
+
+
 def _host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The CPU-drawn training noise onto the device. A copy from pageable memory makes PyTorch
     sync the stream (the host waits for the GPU to drain, every step); from pinned memory
@@ -346,7 +401,8 @@ def _host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
           diffusion: DiffusionConfig = DiffusionConfig(), training: TrainConfig = TrainConfig(),
           eval_seed: int = 0, hooks: TrainHooks | None = None, resume_state: dict | None = None,
-          splits=None, device: str | torch.device | None = None, progress: bool = False) -> TrainResult:
+          splits=None, device: str | torch.device | None = None, progress: bool = False,
+          evaluation=None) -> TrainResult:
     """Train a DDPM noise predictor. Returns losses and the raw and EMA models.
 
     data/model/diffusion/training: typed configs (defaults = the thesis, Table 1).
@@ -354,6 +410,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     hooks:        optional callbacks (TrainHooks) for records, evaluation and checkpoints.
     resume_state: a TrainState.state_dict() to continue from (same configs).
     splits:       pre-loaded data.Splits (else loaded from `data`).
+    evaluation:   an evaluation.EvalConfig: the run's Evaluator, built once, for the hooks (ctx.evaluator).
     """
     t_start = time.time()
     rank, world = _dist()
@@ -395,18 +452,16 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                                  eps=training.adam_eps, fused=fused or None, capturable=training.cuda_graph)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.precision == "bf16",
                               cache_enabled=not training.cuda_graph)  # cached casts must not outlive a capture
-    # Per-rank training noise (t, eps); on the CPU so the stream is identical on any device (unless device_noise).
-    noise_device = device if training.device_noise else torch.device("cpu")
-    generator = torch.Generator(noise_device).manual_seed(training.seed * 1_000_003 + rank)
+    generator = noise_generator(training, device, rank)
+    noise_device = generator.device
     state = TrainState(net, ema, optimizer, generator)
     if resume_state is not None:
         state.load_state_dict(resume_state)
 
-    val_t, val_eps = fixed_validation_draws(splits.val, schedule, eval_seed)
-    tr_idx, tr_t, tr_eps = fixed_train_draws(splits.train, schedule, eval_seed, training.train_eval_images)
-    train_batch = splits.train.subset(tr_idx)
+    eval_draws = EpochEvalDraws.of(splits, schedule, eval_seed, training.train_eval_images)
     ctx = TrainContext(state.step, state.step / epoch_steps, net, ema.module, schedule, splits, device, rank, world,
-                       epoch_steps, total_steps, state)
+                       epoch_steps, total_steps, state, evaluator=run_evaluator(evaluation, schedule, splits, data,
+                                                                              diffusion, device))
     is_main = rank == 0
 
     def call(name, *args, all_ranks: bool = False):
@@ -467,9 +522,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            t = _host_to_device(schedule.sample_timesteps(x0.shape[0], generator=generator, device=noise_device),
-                                device)
-            eps = _host_to_device(torch.randn(x0.shape, generator=generator, device=noise_device), device)
+            t, eps = (_host_to_device(v, device) for v in draw_noise(schedule, x0.shape, generator))
             y = None
             if model.class_conditional:  # classifier-free guidance: drop labels to the null label
                 drop = torch.rand(x0.shape[0], generator=generator, device=noise_device) < training.label_dropout
@@ -501,11 +554,9 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                     raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1} "
                                         f"(step {state.step}); lower the learning rate or check the data")
                 val_loss = val_raw = train_eval = None
-                if validates_at(training, state.step, epoch_steps, total_steps):  # eval mode, fixed draws: no RNG
-                    val_loss = validation_loss(ema.module, schedule, splits.val, val_t, val_eps,
-                                               rank=rank, world_size=world)
-                    val_raw = eval_mode_loss(net, schedule, splits.val, val_t, val_eps, rank, world)
-                    train_eval = eval_mode_loss(net, schedule, train_batch, tr_t, tr_eps, rank, world)
+                if validates_at(training, state.step, epoch_steps, total_steps):
+                    val_loss, val_raw, train_eval = eval_draws.losses(ema.module, net, schedule, splits.val, rank,
+                                                                      world)
                 losses = EpochLosses(math.ceil(state.step / epoch_steps), state.step, train_loss, val_loss, val_raw,
                                      train_eval, ema.init_share)
                 epoch_losses.append(losses)
