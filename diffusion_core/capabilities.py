@@ -72,7 +72,7 @@ SUPPORT: dict[str, dict[str, dict[str, Refusal]]] = {
                                              "the group's layout is train_stacked(channels_last=...)")},
         "compile": {"stacked": Refusal(_true("training", "compile"), "False",
                                        "the stacked step is not compiled")},
-        "compile_mode": {},          # read only with compile (refused where compile is)
+        "compile_mode": {},          # read only with compile (refused where compile is; `validate` notes it unused)
         "fused_adam": {"stacked": Refusal(lambda c: c.training.fused_adam is True, "None or False",
                                           "a group's Adam is stacked_optim.FlatAdam, whole-tensor ops, not "
                                           "torch's fused kernel")},
@@ -80,7 +80,7 @@ SUPPORT: dict[str, dict[str, dict[str, Refusal]]] = {
         "deferred_sync": {},
         "cuda_graph": {"ddp": Refusal(_true("training", "cuda_graph"), "False",
                                       "one CUDA graph replays one process's step; DDP all-reduces inside it")},
-        "label_dropout": {},         # read only by class-conditional models (refused where they are)
+        "label_dropout": {},         # read only by class-conditional models (refused where they are; noted unused)
     },
     # The evaluation runs in the trial's hooks, the same Evaluator on every path.
     "evaluation": {

@@ -96,6 +96,12 @@ class Plan:
             if not t.model.class_conditional and t.evaluation.guidance_scale != 1.0:
                 notes.append(f"{t.trial_id}: evaluation.guidance_scale={t.evaluation.guidance_scale} is unused "
                              f"(model.class_conditional is false)")
+            if not t.model.class_conditional and t.training.label_dropout != TrainConfig.label_dropout:
+                notes.append(f"{t.trial_id}: training.label_dropout={t.training.label_dropout} is unused "
+                             f"(model.class_conditional is false)")
+            if not t.training.compile and t.training.compile_mode != TrainConfig.compile_mode:
+                notes.append(f"{t.trial_id}: training.compile_mode={t.training.compile_mode!r} is unused "
+                             f"(training.compile is false)")
         return notes
 
 

@@ -151,3 +151,17 @@ def test_ddp_refusal_message_says_what_to_change(data_root):
             "(one CUDA graph replays one process's step; DDP all-reduces inside it); allowed: False "
             "(or resources.workers_per_trial: 1); execution path 'ray_ddp'") in str(err.value)
 
+
+
+def test_fields_read_only_with_another_are_noted_when_unused(data_root):
+    """compile_mode without compile, label_dropout without a class-conditional model: honoured where they
+    apply, and `validate` notes a trial where they cannot (never silently dropped)."""
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_study
+
+    plan = build_plan(parse_study(tiny_study(data_root, training={"compile_mode": "max-autotune",
+                                                                  "label_dropout": 0.2})))
+    notes = plan.notes()
+    assert any("training.compile_mode='max-autotune' is unused (training.compile is false)" in n for n in notes)
+    assert any("training.label_dropout=0.2 is unused (model.class_conditional is false)" in n for n in notes)
+    assert build_plan(parse_study(tiny_study(data_root))).notes() == []
