@@ -1,6 +1,8 @@
 """K trials in one process as one stacked model: `train()`'s loop, vmapped over the members.
 
-(Just over 400 lines: it mirrors train.py step for step so the two can be read side by side.)
+(Over 400 lines: the group's loop, read top to bottom. What it shares with train() is train.py's, once:
+the noise stream, when a step logs / evaluates / validates, the epoch records, the evaluator, the
+divergence errors; diffusion_core/capabilities.py says what a group refuses.)
 
 Trials that share an architecture (UNetConfig) and batch size — and differ in seed, noise
 schedule, training subset, learning rate, EMA decay — train together. Each member keeps what
@@ -47,8 +49,8 @@ from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
 from .stacked_sampling import StackedEps, sample_members
 from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
-                    EpochEvalDraws, build_model, draw_noise, noise_generator, pick_device, run_evaluator,
-                    validates_at)
+                    EpochEvalDraws, build_model, draw_noise, evaluates_at, logs_at, noise_generator, pick_device,
+                    run_evaluator, validates_at)
 from .unet import UNet, UNetConfig, count_parameters
 
 @dataclass
@@ -216,12 +218,10 @@ class _Run:
             fn(self.ctx, *args) if name != "on_diverged" else fn(*args)
 
     def logs_at(self, step: int) -> bool:
-        tr = self.member.training
-        return step <= tr.log_every_first or step % tr.log_every == 0
+        return logs_at(self.member.training, step)
 
     def should_eval(self, step: int) -> bool:
-        tr = self.member.training
-        return step == self.total or (step >= tr.eval_start and step % tr.eval_every == 0)
+        return evaluates_at(self.member.training, step, self.total)
 
 
 class _Group:
@@ -444,8 +444,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                           run.ema_net, run.schedule, count_parameters(run.net), time.time() - t_start)
         results[members.index(run.member)] = MemberResult(run.member.name, status, error, res)
 
-    def diverge(run: _Run, message: str) -> None:
-        err = DivergedError(message)
+    def diverge(run: _Run, err: DivergedError) -> None:
         run.call("on_diverged", err)
         finish(run, "FAILED", f"DivergedError: {err}")
 
@@ -459,8 +458,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                 if r.status != "RUNNING" or not r.logs_at(step):
                     continue
                 if not math.isfinite(value):
-                    diverge(r, f"training loss became {value} at step {step} (epoch {step / r.epoch_steps:.2f}); "
-                               f"lower the learning rate or check the data")
+                    diverge(r, DivergedError.at_step(value, step, r.epoch_steps))
                     continue
                 r.train_losses.append((step, value))
                 r.call("on_step", value, step=step)
@@ -487,8 +485,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                              for r, s in zip(live, group.epoch_sum[[group.row(r) for r in live]].tolist())}
             for r, train_loss in train_loss_of.items():
                 if not math.isfinite(train_loss):
-                    diverge(r, f"training loss became {train_loss} in epoch {math.ceil(step / r.epoch_steps)} "
-                               f"(step {step}); lower the learning rate or check the data")
+                    diverge(r, DivergedError.in_epoch(train_loss, math.ceil(step / r.epoch_steps), step))
             live = [r for r in live if r.status == "RUNNING"]
             for r in live:
                 train_loss = train_loss_of[r]

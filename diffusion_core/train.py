@@ -140,8 +140,28 @@ def validates_at(training: TrainConfig, step: int, epoch_steps: int, total_steps
     return n is None or step == total_steps or step // n > (step - epoch_steps) // n
 
 
+def logs_at(training: TrainConfig, step: int) -> bool:
+    """Whether the loss of `step` is logged (Fig. 26b: every step at first, then every log_every)."""
+    return step <= training.log_every_first or step % training.log_every == 0
+
+
+def evaluates_at(training: TrainConfig, step: int, total_steps: int) -> bool:
+    """Whether hooks.on_eval runs after `step`: every eval_every steps from eval_start, and at the last."""
+    return step == total_steps or (step >= training.eval_start and step % training.eval_every == 0)
+
+
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite: the run cannot continue."""
+
+    @classmethod
+    def at_step(cls, value: float, step: int, epoch_steps: int) -> "DivergedError":
+        return cls(f"training loss became {value} at step {step} (epoch {step / epoch_steps:.2f}); "
+                   f"lower the learning rate or check the data")
+
+    @classmethod
+    def in_epoch(cls, value: float, epoch: int, step: int) -> "DivergedError":
+        return cls(f"training loss became {value} in epoch {epoch} (step {step}); "
+                   f"lower the learning rate or check the data")
 
 
 @dataclass
@@ -410,7 +430,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     hooks:        optional callbacks (TrainHooks) for records, evaluation and checkpoints.
     resume_state: a TrainState.state_dict() to continue from (same configs).
     splits:       pre-loaded data.Splits (else loaded from `data`).
-    evaluation:   an evaluation.EvalConfig: the run's Evaluator, built once, for the hooks (ctx.evaluator).
+    evaluation:   an evaluation.EvalConfig: the run's Evaluator, built once (rank 0), for the hooks (ctx.evaluator).
     """
     t_start = time.time()
     rank, world = _dist()
@@ -460,18 +480,18 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
 
     eval_draws = EpochEvalDraws.of(splits, schedule, eval_seed, training.train_eval_images)
     ctx = TrainContext(state.step, state.step / epoch_steps, net, ema.module, schedule, splits, device, rank, world,
-                       epoch_steps, total_steps, state, evaluator=run_evaluator(evaluation, schedule, splits, data,
-                                                                              diffusion, device))
+                       epoch_steps, total_steps, state)
     is_main = rank == 0
+    if is_main:  # hooks evaluate on rank 0 only
+        ctx.evaluator = run_evaluator(evaluation, schedule, splits, data, diffusion, device)
 
     def call(name, *args, all_ranks: bool = False):
         fn = getattr(hooks, name, None) if hooks is not None else None
         if fn is not None and (is_main or all_ranks):
             fn(ctx, *args)
 
-
     def should_eval(step: int) -> bool:
-        return step == total_steps or (step >= training.eval_start and step % training.eval_every == 0)
+        return evaluates_at(training, step, total_steps)
 
     train_losses: list[tuple[int, float]] = []
     epoch_losses: list[EpochLosses] = []
@@ -506,8 +526,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         now = ctx.step, ctx.epoch
         for (step, _), value in zip(pending_losses, values):
             if not math.isfinite(value):
-                raise DivergedError(f"training loss became {value} at step {step} "
-                                    f"(epoch {step / epoch_steps:.2f}); lower the learning rate or check the data")
+                raise DivergedError.at_step(value, step, epoch_steps)
             train_losses.append((step, value))
             ctx.step, ctx.epoch = step, step / epoch_steps  # what hooks see is the step the loss belongs to
             call("on_step", value)
@@ -533,7 +552,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             state.step += 1
             ctx.step, ctx.epoch = state.step, state.step / epoch_steps
 
-            log_now = state.step <= training.log_every_first or state.step % training.log_every == 0
+            log_now = logs_at(training, state.step)
             end_of_epoch = state.step % epoch_steps == 0 or state.step == total_steps
             # Losses accumulate on the device; they are fetched (a sync) only when logged.
             state.epoch_loss_sum = state.epoch_loss_sum + loss.detach().double()
@@ -551,8 +570,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                 train_loss = float(_all_mean(torch.as_tensor(state.epoch_loss_sum, dtype=torch.float64,
                                                              device=device), world)) / max(state.epoch_loss_count, 1)
                 if not math.isfinite(train_loss):
-                    raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1} "
-                                        f"(step {state.step}); lower the learning rate or check the data")
+                    raise DivergedError.in_epoch(train_loss, epoch + 1, state.step)
                 val_loss = val_raw = train_eval = None
                 if validates_at(training, state.step, epoch_steps, total_steps):
                     val_loss, val_raw, train_eval = eval_draws.losses(ema.module, net, schedule, splits.val, rank,
