@@ -57,3 +57,28 @@ def test_each_run_builds_one_evaluator_and_hands_it_to_its_hooks(mnist_splits, c
     h = SeesEvaluator()
     train(model=TINY, training=tc[0], splits=splits, device="cpu", hooks=h)
     assert len(counted) == 3 and {e for _, e in h.seen} == {None}
+
+
+def test_a_stacked_member_draws_its_noise_as_train_does(mnist_splits, monkeypatch):
+    """Each member's (t, eps) stream is train()'s noise_generator of its own TrainConfig, device_noise
+    included (on the CPU both streams are the CPU's, so the wiring is what can be seen here; before
+    issue 23 a member drew from a CPU generator whatever device_noise said)."""
+    import diffusion_core.stacked as stacked
+    from diffusion_core.train import noise_generator
+
+    made = []
+
+    def recording(training, device, rank=0):
+        g = noise_generator(training, device, rank)
+        made.append((training.seed, training.device_noise, g))
+        return g
+    monkeypatch.setattr(stacked, "noise_generator", recording)
+    splits = Splits(mnist_splits.train.subset(torch.arange(32)), mnist_splits.val.subset(torch.arange(8)))
+    tc = [TrainConfig(epochs=100, batch_size=16, max_steps=2, seed=s, device_noise=s == 1, eval_start=10 ** 9)
+          for s in (0, 1)]
+    results = train_stacked([Member(t, TINY, splits=splits, name=f"m{t.seed}") for t in tc], device="cpu")
+    assert [(seed, dn) for seed, dn, _ in made] == [(0, False), (1, True)]
+    alone = train(model=TINY, training=tc[1], splits=splits, device="cpu")
+    stacked_losses = results[1].result.train_losses
+    assert [s for s, _ in stacked_losses] == [s for s, _ in alone.train_losses] == [1, 2]
+    assert [v for _, v in stacked_losses] == pytest.approx([v for _, v in alone.train_losses], rel=1e-5)
