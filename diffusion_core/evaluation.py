@@ -164,6 +164,16 @@ class Evaluator:
         self._compiled: dict[int, tuple[nn.Module, nn.Module]] = {}
         self.num_classes = 0   # of the model last sampled: labels are asked for when > 0
 
+    @classmethod
+    def of_run(cls, cfg: EvalConfig, schedule: NoiseSchedule, splits, data, reverse_variance: str,
+               device: torch.device | str) -> "Evaluator":
+        """The evaluator of a training run (train(evaluation=...), a train_stacked member): its fixed
+        draws over the run's validation split, the training images for memorization, and the data root
+        and split seed of the metrics' reference statistics. Built once per run by the engine and
+        handed to the hooks as TrainContext.evaluator."""
+        return cls(schedule, splits.val, cfg, train_images=splits.train, device=device,
+                   reverse_variance=reverse_variance, data_root=data.root, split_seed=data.split_seed)
+
     def _sampling_network(self, model: nn.Module) -> nn.Module:
         """The network the sampler calls: `model`, or its torch.compile wrapper (made once per
         module: the EMA model is the same object at every evaluation, and compiled code reads its

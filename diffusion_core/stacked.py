@@ -1,6 +1,8 @@
 """K trials in one process as one stacked model: `train()`'s loop, vmapped over the members.
 
-(Just over 400 lines: it mirrors train.py step for step so the two can be read side by side.)
+(Over 400 lines: the group's loop, read top to bottom. What it shares with train() is train.py's, once:
+the noise stream, when a step logs / evaluates / validates, the epoch records, the evaluator, the
+divergence errors; diffusion_core/capabilities.py says what a group refuses.)
 
 Trials that share an architecture (UNetConfig) and batch size — and differ in seed, noise
 schedule, training subset, learning rate, EMA decay — train together. Each member keeps what
@@ -37,8 +39,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .capabilities import check_path
 from .data import DataConfig, epoch_batches, load_splits, steps_per_epoch
-from .evaluation import EvalConfig, Evaluator
+from .evaluation import EvalConfig
 from .graph_step import GraphedStep
 from .losses import LOSSES
 from .schedules import NoiseSchedule
@@ -46,12 +49,9 @@ from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
 from .stacked_sampling import StackedEps, sample_members
 from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
-                    build_model, fixed_validation_draws, pick_device, validates_at)
+                    EpochEvalDraws, build_model, draw_noise, evaluates_at, logs_at, noise_generator, pick_device,
+                    run_evaluator, validates_at)
 from .unet import UNet, UNetConfig, count_parameters
-
-# Fields every member of a group must share (the rest may differ member by member).
-UNSTACKABLE = {"compile": False, "channels_last": False, "precision": "fp32"}
-
 
 @dataclass
 class Member:
@@ -63,8 +63,9 @@ class Member:
     splits: object | None = None        # pre-loaded data.Splits (else loaded from `data`)
     resume_state: dict | None = None    # a TrainState/MemberState.state_dict()
     name: str = ""
-    # The member's evaluation config: members evaluating at one step then draw their samples in one
-    # batched pass (stacked_sampling.py), handed to on_eval as ctx.eval_samples. None: hooks sample alone.
+    # The member's evaluation config: its Evaluator (ctx.evaluator, as train(evaluation=...) builds it);
+    # members evaluating at one step then draw their samples in one batched pass (stacked_sampling.py),
+    # handed to on_eval as ctx.eval_samples. None: no evaluator, hooks sample alone.
     evaluation: EvalConfig | None = None
 
 
@@ -90,13 +91,7 @@ def check_stackable(members: list[Member]) -> None:
             raise ValueError(f"member {i} ({m.name!r}): model and training.batch_size must equal member 0's "
                              f"to stack ({m.model} / {m.training.batch_size} vs {members[0].model} / "
                              f"{members[0].training.batch_size})")
-        if m.model.class_conditional or m.model.learn_sigma or m.diffusion.loss == "hybrid":
-            raise ValueError(f"member {i} ({m.name!r}): class-conditional models and the learned variance "
-                             f"(loss 'hybrid') are not supported when stacking; train them with train()")
-        for name, allowed in UNSTACKABLE.items():
-            if getattr(m.training, name) != allowed:
-                raise ValueError(f"member {i} ({m.name!r}): training.{name}={getattr(m.training, name)!r} is not "
-                                 f"supported when stacking; allowed: {allowed!r}")
+        check_path("stacked", m, who=f"member {i} ({m.name!r}): ")  # capabilities.SUPPORT, e.g. no compile
         if m.training.cuda_graph != members[0].training.cuda_graph:  # one step function for the whole group
             raise ValueError(f"member {i} ({m.name!r}): training.cuda_graph={m.training.cuda_graph!r} must equal "
                              f"member 0's ({members[0].training.cuda_graph!r}) to stack")
@@ -185,21 +180,19 @@ class _Run:
             self.dropout_generator.set_state(torch.get_rng_state())
         else:
             self.dropout_generator.manual_seed(tr.seed)
-        self.generator = torch.Generator().manual_seed(tr.seed * 1_000_003)  # train()'s noise stream (rank 0)
+        self.generator = noise_generator(tr, device)  # train()'s noise stream (rank 0), device_noise included
         self.ema_net = UNet(member.model).to(device).eval().requires_grad_(False)
         self.param_groups = torch.optim.Adam(self.net.parameters(), lr=tr.lr, betas=tr.adam_betas,
                                              eps=tr.adam_eps).state_dict()["param_groups"]
-        self.val_t, self.val_eps = fixed_validation_draws(splits.val, self.schedule, eval_seed)
+        self.eval_draws = EpochEvalDraws.of(splits, self.schedule, eval_seed, tr.train_eval_images)  # as train()
         self.train_losses: list[tuple[int, float]] = []
         self.epoch_losses: list[EpochLosses] = []
         self.epoch_count = 0
         self.status, self.error, self._batches = "RUNNING", None, (None, None)
         self.ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, self.epoch_steps,
-                                self.total, MemberState(self))
-        # The draws of the hooks' own Evaluator (the same configs and val images: the same x_T), for sampling only.
-        self.evaluator = None if member.evaluation is None else Evaluator(
-            self.schedule, splits.val, member.evaluation, device=device,
-            reverse_variance=member.diffusion.reverse_variance)
+                                self.total, MemberState(self),
+                                evaluator=run_evaluator(member.evaluation, self.schedule, splits, member.data,
+                                                        member.diffusion, device))
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Indices of the batch of (0-based) step `step`, exactly as train() walks epoch_batches."""
@@ -225,12 +218,10 @@ class _Run:
             fn(self.ctx, *args) if name != "on_diverged" else fn(*args)
 
     def logs_at(self, step: int) -> bool:
-        tr = self.member.training
-        return step <= tr.log_every_first or step % tr.log_every == 0
+        return logs_at(self.member.training, step)
 
     def should_eval(self, step: int) -> bool:
-        tr = self.member.training
-        return step == self.total or (step >= tr.eval_start and step % tr.eval_every == 0)
+        return evaluates_at(self.member.training, step, self.total)
 
 
 class _Group:
@@ -310,13 +301,13 @@ class _Group:
         x0s, ts, epss = [], [], []
         for r in self.runs:
             x0s.append(r.splits.train.batch(r.batch_indices(self.step)))
-            ts.append(r.schedule.sample_timesteps(x0s[-1].shape[0], generator=r.generator))  # train()'s order: t, eps
-            epss.append(torch.randn(x0s[-1].shape, generator=r.generator))
-        x0 = _host_to_device(torch.stack(x0s), self.device)
-        t, eps = _host_to_device(torch.stack(ts), self.device), _host_to_device(torch.stack(epss), self.device)
+            t, eps = draw_noise(r.schedule, x0s[-1].shape, r.generator)  # as train() draws them
+            ts.append(t)
+            epss.append(eps)
+        x0, t, eps = (_stack_on(v, self.device) for v in (x0s, ts, epss))
         weights = None
         if any(r.member.diffusion.loss == "elbo" for r in self.runs):
-            weights = torch.stack([r.schedule.elbo_weight(tk, r.member.diffusion.reverse_variance).float()
+            weights = torch.stack([r.schedule.elbo_weight(tk.cpu(), r.member.diffusion.reverse_variance).float()
                                    if r.member.diffusion.loss == "elbo" else torch.ones(len(tk))
                                    for r, tk in zip(self.runs, ts)]).to(self.device)
         return x0, t, eps, weights
@@ -339,31 +330,13 @@ class _Group:
         self.adam.step(grad)
         return loss.detach()
 
-    @torch.no_grad()
-    def validation_losses(self, runs: list[_Run], batch_size: int = 256) -> list[float]:
-        """train.validation_loss with each member's EMA weights, the members of `runs` in one pass."""
-        rows = [self.row(r) for r in runs]
-        n = len(runs[0].splits.val)
-        if any(len(r.splits.val) != n for r in runs):
-            return [v for r in runs for v in self.validation_losses([r], batch_size)]
-        params = self.model.views_of(self.ema.flat[rows])
-        total = torch.zeros(len(runs), dtype=torch.float64, device=self.device)
-        for lo in range(0, n, batch_size):
-            x0 = torch.stack([r.splits.val.batch(slice(lo, lo + batch_size)) for r in runs]).to(self.device)
-            t = torch.stack([r.val_t[lo:lo + batch_size] for r in runs]).to(self.device)
-            eps = torch.stack([r.val_eps[lo:lo + batch_size] for r in runs]).to(self.device)
-            sub = _Subgroup(self, rows)
-            total += sub.losses(x0, t, eps, params=params, train=False).sum(1).double()
-        return (total / n).tolist()
 
-
-class _Subgroup:
-    """Some rows of a group (validation of the members whose epoch ends now)."""
-
-    def __init__(self, group: _Group, rows: list[int]):
-        self.model, self.sqrt_ab, self.sqrt_1m_ab = group.model, group.sqrt_ab[rows], group.sqrt_1m_ab[rows]
-
-    q_sample, losses = _Group.q_sample, _Group.losses
+def _stack_on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The members' tensors stacked on the device: one queued copy when all were made on the host
+    (batches, CPU noise), else each moved (a member's training.device_noise drew it there)."""
+    if all(v.device.type == "cpu" for v in tensors):
+        return _host_to_device(torch.stack(tensors), device)
+    return torch.stack([v.to(device) for v in tensors])
 
 
 def _load_member_state(group: _Group, run: _Run, state: dict) -> None:
@@ -391,10 +364,10 @@ def _load_member_state(group: _Group, run: _Run, state: dict) -> None:
 def _draw_eval_samples(group: _Group, runs: list[_Run]) -> None:
     """The samples of the members evaluating now (those with an evaluation config), drawn in batched
     passes, as each one's ctx.eval_samples; a member that cannot share a pass keeps None."""
-    runs = [r for r in runs if r.evaluator is not None]
+    runs = [r for r in runs if r.ctx.evaluator is not None]
     if len(runs) < 2:
         return
-    drawn = sample_members([r.evaluator for r in runs], [r.ema_net for r in runs],
+    drawn = sample_members([r.ctx.evaluator for r in runs], [r.ema_net for r in runs],
                            lambda rows: group.ema_eps([runs[i] for i in rows]))
     for r, samples in zip(runs, drawn):
         r.ctx.eval_samples = samples
@@ -471,8 +444,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                           run.ema_net, run.schedule, count_parameters(run.net), time.time() - t_start)
         results[members.index(run.member)] = MemberResult(run.member.name, status, error, res)
 
-    def diverge(run: _Run, message: str) -> None:
-        err = DivergedError(message)
+    def diverge(run: _Run, err: DivergedError) -> None:
         run.call("on_diverged", err)
         finish(run, "FAILED", f"DivergedError: {err}")
 
@@ -486,8 +458,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                 if r.status != "RUNNING" or not r.logs_at(step):
                     continue
                 if not math.isfinite(value):
-                    diverge(r, f"training loss became {value} at step {step} (epoch {step / r.epoch_steps:.2f}); "
-                               f"lower the learning rate or check the data")
+                    diverge(r, DivergedError.at_step(value, step, r.epoch_steps))
                     continue
                 r.train_losses.append((step, value))
                 r.call("on_step", value, step=step)
@@ -514,18 +485,17 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
                              for r, s in zip(live, group.epoch_sum[[group.row(r) for r in live]].tolist())}
             for r, train_loss in train_loss_of.items():
                 if not math.isfinite(train_loss):
-                    diverge(r, f"training loss became {train_loss} in epoch {math.ceil(step / r.epoch_steps)} "
-                               f"(step {step}); lower the learning rate or check the data")
+                    diverge(r, DivergedError.in_epoch(train_loss, math.ceil(step / r.epoch_steps), step))
             live = [r for r in live if r.status == "RUNNING"]
-            val = [r for r in live if validates_at(r.member.training, step, r.epoch_steps, r.total)]
-            val_losses = dict(zip(val, group.validation_losses(val))) if val else {}
             for r in live:
                 train_loss = train_loss_of[r]
                 completed = math.ceil(step / r.epoch_steps)
-                # The raw weights' eval-mode losses (val_raw, train_eval) are not computed for stacked
-                # members yet; the EMA share is prod_k lambda_k, warm-up included, as train() reports it.
-                losses = EpochLosses(completed, step, train_loss, val_losses.get(r), None, None,
-                                     group.ema.init_shares[group.row(r)])
+                evaluated = (None, None, None)
+                if validates_at(r.member.training, step, r.epoch_steps, r.total):  # train()'s computation
+                    r.refresh_modules()
+                    evaluated = r.eval_draws.losses(r.ema_net, r.net, r.schedule, r.splits.val)
+                # the EMA share is prod_k lambda_k, warm-up included, as train() reports it
+                losses = EpochLosses(completed, step, train_loss, *evaluated, group.ema.init_shares[group.row(r)])
                 r.epoch_losses.append(losses)
                 r.call("on_epoch", losses)
                 group.epoch_sum[group.row(r)] = 0.0

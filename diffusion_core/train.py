@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .capabilities import check_path
 from .data import DataConfig, ImageSet, epoch_batches, load_splits, steps_per_epoch
 from .ema import EMA
 from .graph_step import GraphedStep
@@ -139,8 +140,28 @@ def validates_at(training: TrainConfig, step: int, epoch_steps: int, total_steps
     return n is None or step == total_steps or step // n > (step - epoch_steps) // n
 
 
+def logs_at(training: TrainConfig, step: int) -> bool:
+    """Whether the loss of `step` is logged (Fig. 26b: every step at first, then every log_every)."""
+    return step <= training.log_every_first or step % training.log_every == 0
+
+
+def evaluates_at(training: TrainConfig, step: int, total_steps: int) -> bool:
+    """Whether hooks.on_eval runs after `step`: every eval_every steps from eval_start, and at the last."""
+    return step == total_steps or (step >= training.eval_start and step % training.eval_every == 0)
+
+
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite: the run cannot continue."""
+
+    @classmethod
+    def at_step(cls, value: float, step: int, epoch_steps: int) -> "DivergedError":
+        return cls(f"training loss became {value} at step {step} (epoch {step / epoch_steps:.2f}); "
+                   f"lower the learning rate or check the data")
+
+    @classmethod
+    def in_epoch(cls, value: float, epoch: int, step: int) -> "DivergedError":
+        return cls(f"training loss became {value} in epoch {epoch} (step {step}); "
+                   f"lower the learning rate or check the data")
 
 
 @dataclass
@@ -158,6 +179,9 @@ class TrainContext:
     steps_per_epoch: int
     total_steps: int
     state: "TrainState"
+    # The run's evaluation.Evaluator (train(evaluation=...), Member.evaluation), built once by the engine
+    # (Evaluator.of_run); None without an evaluation config.
+    evaluator: Any = None
     # During on_eval of a stacked member (diffusion_core.stacked): its samples of this evaluation, drawn
     # with the group's other members in one pass (evaluation.DrawnSamples; pass them to Evaluator.evaluate).
     # None: the hook samples itself (always in train()).
@@ -240,6 +264,26 @@ class TrainResult:
     wall_seconds: float
 
 
+@dataclass(frozen=True)
+class TrialConfigs:
+    """The configs of one run, as capabilities.check_path reads them."""
+    data: DataConfig
+    model: UNetConfig
+    diffusion: DiffusionConfig
+    training: TrainConfig
+
+
+def run_evaluator(evaluation, schedule: NoiseSchedule, splits, data: DataConfig, diffusion: DiffusionConfig,
+                  device: torch.device):
+    """The run's Evaluator (evaluation.Evaluator.of_run; None without an EvalConfig): one place for
+    train() and every train_stacked member."""
+    if evaluation is None:
+        return None
+    from .evaluation import Evaluator  # evaluation.py imports this module
+
+    return Evaluator.of_run(evaluation, schedule, splits, data, diffusion.reverse_variance, device)
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -307,6 +351,32 @@ def fixed_train_draws(train: ImageSet, schedule: NoiseSchedule, eval_seed: int,
     return idx.to(device), t.to(device), eps.to(device)
 
 
+@dataclass(frozen=True)
+class EpochEvalDraws:
+    """The fixed draws of a run's epoch-end evaluation-mode losses (EpochLosses.val/val_raw/train_eval):
+    (t, eps) over the validation split, and a fixed training batch with its own (t, eps)."""
+    val_t: torch.Tensor
+    val_eps: torch.Tensor
+    train_batch: ImageSet
+    train_t: torch.Tensor
+    train_eps: torch.Tensor
+
+    @classmethod
+    def of(cls, splits, schedule: NoiseSchedule, eval_seed: int, train_eval_images: int) -> "EpochEvalDraws":
+        val_t, val_eps = fixed_validation_draws(splits.val, schedule, eval_seed)
+        idx, tr_t, tr_eps = fixed_train_draws(splits.train, schedule, eval_seed, train_eval_images)
+        return cls(val_t, val_eps, splits.train.subset(idx), tr_t, tr_eps)
+
+    def losses(self, ema_model: nn.Module, net: nn.Module, schedule: NoiseSchedule, val: ImageSet,
+               rank: int = 0, world_size: int = 1) -> tuple[float, float, float]:
+        """(val, val_raw, train_eval): the EMA and the raw weights on the validation draws, the raw
+        weights on the training batch; eval mode, fixed draws: no RNG is consumed. The one
+        computation of these records, for train() and every train_stacked member."""
+        return (validation_loss(ema_model, schedule, val, self.val_t, self.val_eps, rank=rank, world_size=world_size),
+                eval_mode_loss(net, schedule, val, self.val_t, self.val_eps, rank, world_size),
+                eval_mode_loss(net, schedule, self.train_batch, self.train_t, self.train_eps, rank, world_size))
+
+
 @torch.no_grad()
 def eval_mode_loss(model: nn.Module, schedule: NoiseSchedule, images: ImageSet, t: torch.Tensor, eps: torch.Tensor,
                    rank: int = 0, world_size: int = 1) -> float:
@@ -324,6 +394,21 @@ def build_model(model_cfg: UNetConfig, seed: int, device: torch.device) -> UNet:
     return UNet(model_cfg).to(device)
 
 
+def noise_generator(training: TrainConfig, device: torch.device, rank: int = 0) -> torch.Generator:
+    """A run's training-noise stream ((t, eps) of each step, then class-conditional label dropout), per
+    rank: on the CPU, so the stream is the same on any device, or with training.device_noise on the
+    training device (no host-to-device copy per step; on a GPU another stream). train() and every
+    train_stacked member draw from this."""
+    noise_device = device if training.device_noise else torch.device("cpu")
+    return torch.Generator(noise_device).manual_seed(training.seed * 1_000_003 + rank)
+
+
+def draw_noise(schedule: NoiseSchedule, shape: torch.Size, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's (t, eps) for a batch of `shape`, in this order, on the generator's device."""
+    t = schedule.sample_timesteps(shape[0], generator=generator, device=generator.device)
+    return t, torch.randn(shape, generator=generator, device=generator.device)
+
+
 def _host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The CPU-drawn training noise onto the device. A copy from pageable memory makes PyTorch
     sync the stream (the host waits for the GPU to drain, every step); from pinned memory
@@ -336,7 +421,8 @@ def _host_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
           diffusion: DiffusionConfig = DiffusionConfig(), training: TrainConfig = TrainConfig(),
           eval_seed: int = 0, hooks: TrainHooks | None = None, resume_state: dict | None = None,
-          splits=None, device: str | torch.device | None = None, progress: bool = False) -> TrainResult:
+          splits=None, device: str | torch.device | None = None, progress: bool = False,
+          evaluation=None) -> TrainResult:
     """Train a DDPM noise predictor. Returns losses and the raw and EMA models.
 
     data/model/diffusion/training: typed configs (defaults = the thesis, Table 1).
@@ -344,9 +430,12 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     hooks:        optional callbacks (TrainHooks) for records, evaluation and checkpoints.
     resume_state: a TrainState.state_dict() to continue from (same configs).
     splits:       pre-loaded data.Splits (else loaded from `data`).
+    evaluation:   an evaluation.EvalConfig: the run's Evaluator, built once (rank 0), for the hooks (ctx.evaluator).
     """
     t_start = time.time()
     rank, world = _dist()
+    # what this path (one process, or DDP) cannot honour, before any work (capabilities.SUPPORT)
+    check_path("ddp" if world > 1 else "alone", TrialConfigs(data, model, diffusion, training))
     device = pick_device(device)
     schedule = NoiseSchedule.from_config(diffusion.schedule_config)
 
@@ -383,28 +472,26 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                                  eps=training.adam_eps, fused=fused or None, capturable=training.cuda_graph)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.precision == "bf16",
                               cache_enabled=not training.cuda_graph)  # cached casts must not outlive a capture
-    # Per-rank training noise (t, eps); on the CPU so the stream is identical on any device (unless device_noise).
-    noise_device = device if training.device_noise else torch.device("cpu")
-    generator = torch.Generator(noise_device).manual_seed(training.seed * 1_000_003 + rank)
+    generator = noise_generator(training, device, rank)
+    noise_device = generator.device
     state = TrainState(net, ema, optimizer, generator)
     if resume_state is not None:
         state.load_state_dict(resume_state)
 
-    val_t, val_eps = fixed_validation_draws(splits.val, schedule, eval_seed)
-    tr_idx, tr_t, tr_eps = fixed_train_draws(splits.train, schedule, eval_seed, training.train_eval_images)
-    train_batch = splits.train.subset(tr_idx)
+    eval_draws = EpochEvalDraws.of(splits, schedule, eval_seed, training.train_eval_images)
     ctx = TrainContext(state.step, state.step / epoch_steps, net, ema.module, schedule, splits, device, rank, world,
                        epoch_steps, total_steps, state)
     is_main = rank == 0
+    if is_main:  # hooks evaluate on rank 0 only
+        ctx.evaluator = run_evaluator(evaluation, schedule, splits, data, diffusion, device)
 
     def call(name, *args, all_ranks: bool = False):
         fn = getattr(hooks, name, None) if hooks is not None else None
         if fn is not None and (is_main or all_ranks):
             fn(ctx, *args)
 
-
     def should_eval(step: int) -> bool:
-        return step == total_steps or (step >= training.eval_start and step % training.eval_every == 0)
+        return evaluates_at(training, step, total_steps)
 
     train_losses: list[tuple[int, float]] = []
     epoch_losses: list[EpochLosses] = []
@@ -439,8 +526,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
         now = ctx.step, ctx.epoch
         for (step, _), value in zip(pending_losses, values):
             if not math.isfinite(value):
-                raise DivergedError(f"training loss became {value} at step {step} "
-                                    f"(epoch {step / epoch_steps:.2f}); lower the learning rate or check the data")
+                raise DivergedError.at_step(value, step, epoch_steps)
             train_losses.append((step, value))
             ctx.step, ctx.epoch = step, step / epoch_steps  # what hooks see is the step the loss belongs to
             call("on_step", value)
@@ -455,9 +541,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            t = _host_to_device(schedule.sample_timesteps(x0.shape[0], generator=generator, device=noise_device),
-                                device)
-            eps = _host_to_device(torch.randn(x0.shape, generator=generator, device=noise_device), device)
+            t, eps = (_host_to_device(v, device) for v in draw_noise(schedule, x0.shape, generator))
             y = None
             if model.class_conditional:  # classifier-free guidance: drop labels to the null label
                 drop = torch.rand(x0.shape[0], generator=generator, device=noise_device) < training.label_dropout
@@ -468,7 +552,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
             state.step += 1
             ctx.step, ctx.epoch = state.step, state.step / epoch_steps
 
-            log_now = state.step <= training.log_every_first or state.step % training.log_every == 0
+            log_now = logs_at(training, state.step)
             end_of_epoch = state.step % epoch_steps == 0 or state.step == total_steps
             # Losses accumulate on the device; they are fetched (a sync) only when logged.
             state.epoch_loss_sum = state.epoch_loss_sum + loss.detach().double()
@@ -486,14 +570,11 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
                 train_loss = float(_all_mean(torch.as_tensor(state.epoch_loss_sum, dtype=torch.float64,
                                                              device=device), world)) / max(state.epoch_loss_count, 1)
                 if not math.isfinite(train_loss):
-                    raise DivergedError(f"training loss became {train_loss} in epoch {epoch + 1} "
-                                        f"(step {state.step}); lower the learning rate or check the data")
+                    raise DivergedError.in_epoch(train_loss, epoch + 1, state.step)
                 val_loss = val_raw = train_eval = None
-                if validates_at(training, state.step, epoch_steps, total_steps):  # eval mode, fixed draws: no RNG
-                    val_loss = validation_loss(ema.module, schedule, splits.val, val_t, val_eps,
-                                               rank=rank, world_size=world)
-                    val_raw = eval_mode_loss(net, schedule, splits.val, val_t, val_eps, rank, world)
-                    train_eval = eval_mode_loss(net, schedule, train_batch, tr_t, tr_eps, rank, world)
+                if validates_at(training, state.step, epoch_steps, total_steps):
+                    val_loss, val_raw, train_eval = eval_draws.losses(ema.module, net, schedule, splits.val, rank,
+                                                                      world)
                 losses = EpochLosses(math.ceil(state.step / epoch_steps), state.step, train_loss, val_loss, val_raw,
                                      train_eval, ema.init_share)
                 epoch_losses.append(losses)

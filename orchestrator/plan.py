@@ -23,11 +23,13 @@ import hashlib
 import itertools
 import json
 import random
+import types
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from diffusion_core.capabilities import refusals
 from diffusion_core.data import IMAGE_CHANNELS, NATIVE_IMAGE_SIZE, SPLIT_SIZES, DataConfig
 from diffusion_core.evaluation import EvalConfig
 from diffusion_core.train import DiffusionConfig, TrainConfig
@@ -94,6 +96,12 @@ class Plan:
             if not t.model.class_conditional and t.evaluation.guidance_scale != 1.0:
                 notes.append(f"{t.trial_id}: evaluation.guidance_scale={t.evaluation.guidance_scale} is unused "
                              f"(model.class_conditional is false)")
+            if not t.model.class_conditional and t.training.label_dropout != TrainConfig.label_dropout:
+                notes.append(f"{t.trial_id}: training.label_dropout={t.training.label_dropout} is unused "
+                             f"(model.class_conditional is false)")
+            if not t.training.compile and t.training.compile_mode != TrainConfig.compile_mode:
+                notes.append(f"{t.trial_id}: training.compile_mode={t.training.compile_mode!r} is unused "
+                             f"(training.compile is false)")
         return notes
 
 
@@ -191,7 +199,7 @@ def make_trial(spec: StudySpec, tid: str, overrides: dict, cfg: dict[str, dict])
                              f"{_format_errors(e, s + '.', SECTION_TYPES[s])}") from None
         core = SECTION_CLASSES[s]  # the plain dataclass (the section class is its validating subclass)
         sections[s] = core(**{f.name: getattr(validated, f.name) for f in dataclasses.fields(core)})
-    problem = _doomed_value(spec, **sections)
+    problem = _doomed_value(spec, **sections) or _path_refusal(spec, types.SimpleNamespace(**sections))
     if problem:
         raise StudyError(f"{where}: {problem}")
     try:
@@ -199,6 +207,27 @@ def make_trial(spec: StudySpec, tid: str, overrides: dict, cfg: dict[str, dict])
     except ValueError as e:
         raise StudyError(f"{where}: {e}") from None
     return Trial(tid, overrides, **sections)
+
+
+# The paths a study runs a trial on, and the training path of diffusion_core.capabilities each one is.
+# A trial in a stacked group is refused nothing here: what the group cannot honour makes it train alone
+# (stacking.stack_groups; `validate` says why).
+EXECUTION_PATHS = {"local": "alone", "ray": "alone", "ray_ddp": "ddp", "stacked": "stacked"}
+
+
+def execution_paths(spec: StudySpec) -> tuple[str, ...]:
+    """Where a trial of this study trains unless it joins a stacked group: alone under --local; under
+    Ray as one worker, or DDP across resources.workers_per_trial."""
+    return ("local", "ray_ddp" if spec.resources.workers_per_trial > 1 else "ray")
+
+
+def _path_refusal(spec: StudySpec, configs) -> str | None:
+    """The first field a path of this trial cannot honour (capabilities.SUPPORT), as an error message."""
+    for path in execution_paths(spec):
+        for field, message in refusals(EXECUTION_PATHS[path], configs):
+            fix = " (or resources.workers_per_trial: 1)" if path == "ray_ddp" else ""
+            return f"field '{field}': {message}{fix}; execution path {path!r}"
+    return None
 
 
 def resolve_model(model: UNetConfig, data: DataConfig, diffusion: DiffusionConfig) -> UNetConfig:

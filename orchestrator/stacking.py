@@ -1,10 +1,10 @@
 """Which trials of a plan train together as one stacked model (`resources.stack: K`, issue 11).
 
 diffusion_core.stacked.train_stacked trains K members in one process as one model; its
-`check_stackable` says which members may share it (same U-Net and batch size; fp32, no
-compile, no learned variance, ...). On top of that, the members of one group here share
-what train_stacked takes once for all of them: the evaluation seed (the fixed validation
-draws) and Adam's betas and eps.
+`check_stackable` says which members may share it: the same U-Net and batch size, and nothing
+a group cannot honour (diffusion_core.capabilities.SUPPORT's "stacked" refusals, e.g. compile).
+On top of that, the members of one group here share what train_stacked takes once for all of
+them: the evaluation seed (the fixed validation draws) and Adam's betas and eps.
 
 Groups are formed in plan order, first fit: each trial joins the first open group (fewer
 than K members) it can share, else opens a new one. A trial that fits no group trains
@@ -12,6 +12,7 @@ alone, exactly as with stack: 1.
 """
 from __future__ import annotations
 
+from diffusion_core.capabilities import refusals
 from diffusion_core.stacked import Member, check_stackable
 
 from .plan import Plan, Trial
@@ -58,4 +59,8 @@ def describe(groups: list[list[Trial]], k: int) -> str:
     alone = sum(len(g) == 1 for g in groups)
     lines = [f"resources.stack={k}: {len(stacked)} stacked group(s), {alone} trial(s) alone"]
     lines += [f"  group {i}: {', '.join(t.trial_id for t in g)}" for i, g in enumerate(stacked)]
+    for g in groups:  # what a stacked group cannot honour (diffusion_core.capabilities) keeps a trial alone
+        found = refusals("stacked", member(g[0])) if len(g) == 1 else []
+        if found:
+            lines.append(f"  {g[0].trial_id} alone: {'; '.join(message for _, message in found)}")
     return "\n".join(lines)

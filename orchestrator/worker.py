@@ -122,9 +122,10 @@ class TrialHooks:
             # restored RNG state reproduces those values, so skip what MLflow already holds.
             self.mlflow_through = tracking.last_step(self.uri, self.run_id, "eval_seconds")
         self.parameters = count_parameters(ctx.model)
-        self.evaluator = Evaluator(ctx.schedule, ctx.splits.val, self.eval_cfg, train_images=ctx.splits.train,
-                                   device=ctx.device, reverse_variance=self.trial.diffusion.reverse_variance,
-                                   data_root=self.trial.data.root, split_seed=self.trial.data.split_seed)
+        if ctx.evaluator is None:
+            raise ValueError(f"{self.trial_id}: TrialHooks evaluate with the run's evaluator; pass "
+                             f"evaluation=trial.evaluation to train() (stacking.member does for train_stacked)")
+        self.evaluator = ctx.evaluator  # built once by the engine (Evaluator.of_run)
         if ctx.splits.train_indices is not None:  # the subset by index, so analysis can rebuild it
             self.files.mkdir(parents=True, exist_ok=True)
             np.save(train_indices_file(self.study_dir, self.trial_id), ctx.splits.train_indices.cpu().numpy())
@@ -334,7 +335,7 @@ def run_trial_loop(task: TrialTask, rank: int, device: torch.device, resume_stat
     try:
         train(data=trial.data, model=trial.model, diffusion=trial.diffusion, training=trial.training,
               eval_seed=trial.evaluation.seed, hooks=hooks, resume_state=resume_state, splits=splits,
-              device=device, progress=progress)
+              device=device, progress=progress, evaluation=trial.evaluation)
     except DivergedError as e:
         log.error("trial %s diverged: %s", trial.trial_id, e)
         if rank == 0:

@@ -65,11 +65,15 @@ def assert_same_run(stacked, separate) -> None:
 
 
 def assert_same_run_epochs(stacked, separate) -> None:
-    """Epoch losses: the EMA weights' validation loss (warm-up included) and the initial weights' share."""
+    """Epoch losses: the EMA and raw weights' validation losses (warm-up included), the raw weights' fixed
+    training batch, and the initial weights' share."""
     assert len(stacked.epoch_losses) == len(separate.epoch_losses) >= 1
     for a, b in zip(stacked.epoch_losses, separate.epoch_losses):
         assert (a.epoch, a.step) == (b.epoch, b.step)
         assert a.train == pytest.approx(b.train, rel=RTOL) and a.val == pytest.approx(b.val, rel=RTOL)
+        # the raw weights' eval-mode losses: train()'s records, computed by the same code (issue 23)
+        assert a.val_raw == pytest.approx(b.val_raw, rel=RTOL) and b.val_raw is not None
+        assert a.train_eval == pytest.approx(b.train_eval, rel=RTOL) and b.train_eval is not None
         assert a.ema_init_share == pytest.approx(b.ema_init_share, rel=1e-9)
 
 

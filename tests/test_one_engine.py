@@ -1,0 +1,84 @@
+"""What train() and train_stacked share, so it exists once (issue 23, item 1): a run's Evaluator is
+built once by the engine (Evaluator.of_run) and handed to its hooks; the epoch-end records and the
+training-noise stream are train()'s code on both paths (their numbers: tests/test_pinned_curve.py,
+tests/test_stacked.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffusion_core.evaluation as evaluation
+from diffusion_core import TrainConfig, UNetConfig, train
+from diffusion_core.data import Splits
+from diffusion_core.evaluation import EvalConfig
+from diffusion_core.stacked import Member, train_stacked
+
+TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1)
+EVAL = EvalConfig(n_samples=8, grid_images=4, sampler="ddim", steps=3, metrics=False, residual_images=8, t_grid=3)
+
+
+class SeesEvaluator:
+    def __init__(self):
+        self.seen = []
+
+    def on_start(self, ctx):
+        self.seen.append(("start", ctx.evaluator))
+
+    def on_eval(self, ctx):
+        self.seen.append(("eval", ctx.evaluator))
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    """Every Evaluator built, in order."""
+    built = []
+    original = evaluation.Evaluator.__init__
+
+    def init(self, *args, **kw):
+        built.append(self)
+        original(self, *args, **kw)
+    monkeypatch.setattr(evaluation.Evaluator, "__init__", init)
+    return built
+
+
+def test_each_run_builds_one_evaluator_and_hands_it_to_its_hooks(mnist_splits, counted):
+    splits = Splits(mnist_splits.train.subset(torch.arange(64)), mnist_splits.val.subset(torch.arange(16)))
+    tc = [TrainConfig(epochs=100, batch_size=16, max_steps=4, seed=s, eval_every=2, eval_start=2) for s in (0, 1)]
+    hooks = [SeesEvaluator() for _ in range(3)]
+    train_stacked([Member(tc[i], TINY, hooks=hooks[i], splits=splits, evaluation=EVAL, name=f"m{i}") for i in (0, 1)],
+                  device="cpu", batched_sampling=True)
+    train(model=TINY, training=tc[0], splits=splits, device="cpu", hooks=hooks[2], evaluation=EVAL)
+    assert len(counted) == 3  # one per run (a stacked member built two before issue 23)
+    for h, ev in zip(hooks, counted):
+        assert [kind for kind, _ in h.seen] == ["start", "eval", "eval"]
+        assert all(e is ev for _, e in h.seen)
+        assert ev.cfg == EVAL and torch.equal(ev.train_images.images, splits.train.images)  # of_run: for memorization
+    # without an evaluation config there is none, and nothing is built
+    h = SeesEvaluator()
+    train(model=TINY, training=tc[0], splits=splits, device="cpu", hooks=h)
+    assert len(counted) == 3 and {e for _, e in h.seen} == {None}
+
+
+def test_a_stacked_member_draws_its_noise_as_train_does(mnist_splits, monkeypatch):
+    """Each member's (t, eps) stream is train()'s noise_generator of its own TrainConfig, device_noise
+    included (on the CPU both streams are the CPU's, so the wiring is what can be seen here; before
+    issue 23 a member drew from a CPU generator whatever device_noise said)."""
+    import diffusion_core.stacked as stacked
+    from diffusion_core.train import noise_generator
+
+    made = []
+
+    def recording(training, device, rank=0):
+        g = noise_generator(training, device, rank)
+        made.append((training.seed, training.device_noise, g))
+        return g
+    monkeypatch.setattr(stacked, "noise_generator", recording)
+    splits = Splits(mnist_splits.train.subset(torch.arange(32)), mnist_splits.val.subset(torch.arange(8)))
+    tc = [TrainConfig(epochs=100, batch_size=16, max_steps=2, seed=s, device_noise=s == 1, eval_start=10 ** 9)
+          for s in (0, 1)]
+    results = train_stacked([Member(t, TINY, splits=splits, name=f"m{t.seed}") for t in tc], device="cpu")
+    assert [(seed, dn) for seed, dn, _ in made] == [(0, False), (1, True)]
+    alone = train(model=TINY, training=tc[1], splits=splits, device="cpu")
+    stacked_losses = results[1].result.train_losses
+    assert [s for s, _ in stacked_losses] == [s for s, _ in alone.train_losses] == [1, 2]
+    assert [v for _, v in stacked_losses] == pytest.approx([v for _, v in alone.train_losses], rel=1e-5)
