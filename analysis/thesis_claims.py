@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from diffusion_core.ema import init_share_crossing
 from diffusion_core.evaluation import EvalConfig
 from diffusion_core.train import TrainConfig
 from records.parquet import read_table
@@ -26,11 +27,6 @@ from records.parquet import read_table
 BEGIN, END = "<!-- thesis-claims:begin -->", "<!-- thesis-claims:end -->"
 EMA_LAG_SHARE = 0.05   # the EMA "still holds the initial weights" while decay^k > 5%
 STUDY_FILE = Path(__file__).resolve().parents[1] / "studies" / "thesis.yaml"
-
-
-def ema_crossing_step(decay: float, share: float = EMA_LAG_SHARE) -> int:
-    """The first step k with decay^k <= share (a plain EMA without warm-up holds decay^k of the init)."""
-    return math.ceil(math.log(share) / math.log(decay))
 
 
 def overridden_settings(trial: pd.Series, study_file: Path) -> dict[str, object]:
@@ -82,7 +78,7 @@ def claims(study_dir: str | Path, study_file: Path = STUDY_FILE) -> dict:
     c["overrides"] = overridden_settings(trial, study_file)
     c["n_evals"], c["n_samples"] = len(ev), int(ev["real_n_samples"].iloc[0])
     decay, steps_per_epoch = float(trial["training.ema_decay"]), int(ep.loc[1, "step"])
-    c["ema_step"] = ema_crossing_step(decay)
+    c["ema_step"] = init_share_crossing(decay, EMA_LAG_SHARE, bool(trial["training.ema_warmup"]))
     c["ema_epoch"] = c["ema_step"] / steps_per_epoch
     first, last = ev.iloc[0], ev.iloc[-1]
     at = lambda epoch: ev.loc[(ev["epoch"] - epoch).abs().idxmin()]  # noqa: E731

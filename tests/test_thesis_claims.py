@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.thesis_claims import claims, ema_crossing_step, readme_block, thesis_claims_markdown
+from analysis.thesis_claims import claims, readme_block, thesis_claims_markdown
+from diffusion_core.ema import init_share_crossing
 
 ROOT = Path(__file__).resolve().parents[1]
 THESIS = ROOT / "results" / "thesis"
@@ -23,8 +24,9 @@ def test_readme_thesis_block_is_generated_from_the_records():
 def test_the_quoted_numbers_are_the_reviewed_ones():
     """The numbers issue 24 derived by hand from the same records."""
     c = claims(THESIS)
-    assert ema_crossing_step(0.9999) == 29_956 and 0.9999 ** 29_956 <= 0.05 < 0.9999 ** 29_955
+    assert init_share_crossing(0.9999, 0.05) == 29_956 and 0.9999 ** 29_956 <= 0.05 < 0.9999 ** 29_955
     assert c["ema_epoch"] == pytest.approx(9.985, abs=1e-3)
+    assert init_share_crossing(0.999, 0.01, warmup=True) < init_share_crossing(0.999, 0.01)   # warm-up forgets sooner
     assert c["fid_done_by_10"] == pytest.approx(0.95, abs=0.005)
     assert (round(c["mean_x10"], 1), round(c["cov_x10"], 1)) == (18.8, 16.4)
     assert (round(c["mean_left53"], 3), round(c["cov_left53"], 3)) == (0.284, 0.275)
