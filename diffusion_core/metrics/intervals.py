@@ -57,13 +57,13 @@ def normal_interval(replicates: np.ndarray, observed: float, low: float = -np.in
     return float(np.clip(observed - half, low, high)), float(np.clip(observed + half, low, high))
 
 
-def _recall(d_ref_gen: torch.Tensor, d_gen_gen: torch.Tensor, idx: torch.Tensor, k: int) -> float:
+def _recall(d_gen_ref: torch.Tensor, d_gen_gen: torch.Tensor, idx: torch.Tensor, k: int) -> float:
     """Recall of the generated samples `idx`: each carries the ball of its k-th nearest other sample
     among them; the share of reference points inside any ball."""
     d = d_gen_gen[idx][:, idx]
     d.fill_diagonal_(float("inf"))
     r_sq = d.kthvalue(k, dim=1).values
-    return float((d_ref_gen[:, idx] <= r_sq[None, :]).any(dim=1).float().mean())
+    return float((d_gen_ref[idx] <= r_sq[:, None]).any(dim=0).float().mean())   # rows gathered: contiguous
 
 
 def half_sample_intervals(gen_features, probs, ref_mu: np.ndarray, ref_sigma: np.ndarray, ref_features,
@@ -81,9 +81,9 @@ def half_sample_intervals(gen_features, probs, ref_mu: np.ndarray, ref_sigma: np
     g = torch.Generator().manual_seed(seed)
     halves = [torch.randperm(n, generator=g)[:m] for _ in range(n_boot)]
     ref, gen = _as_tensor(ref_features), _as_tensor(feats)
-    d_ref_gen = _sq_dists(ref, gen, (gen * gen).sum(1))            # (n_ref, n): squared distances, once
+    d_gen_ref = _sq_dists(gen, ref, (ref * ref).sum(1))            # (n, n_ref): squared distances, once
     d_gen_gen = _sq_dists(gen, gen, (gen * gen).sum(1))
-    inside = (_sq_dists(gen, ref, (ref * ref).sum(1)) <= (ref_radii.float() ** 2)[None, :]).any(1).numpy()
+    inside = (d_gen_ref <= (ref_radii.float() ** 2)[None, :]).any(1).numpy()
     ref_root = sqrtm_psd(ref_sigma)                                 # FID's reference side, once
     reps = {name: np.empty(n_boot) for name in INTERVAL_METRICS}
     for b, idx in enumerate(halves):
@@ -92,7 +92,7 @@ def half_sample_intervals(gen_features, probs, ref_mu: np.ndarray, ref_sigma: np
         reps["fid"][b] = frechet_distance(ref_mu, ref_sigma, mu, sigma, sigma1_root=ref_root).total
         reps["inception_score"][b] = inception_score(p[i], splits=splits)["inception_score"]
         reps["precision"][b] = inside[i].mean()
-        reps["recall"][b] = _recall(d_ref_gen, d_gen_gen, idx, k)
+        reps["recall"][b] = _recall(d_gen_ref, d_gen_gen, idx, k)
     ranges = {"fid": (0.0, np.inf), "inception_score": (1.0, float(classes)), "precision": (0.0, 1.0),
               "recall": (0.0, 1.0)}
     out = {}
