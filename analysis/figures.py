@@ -21,7 +21,7 @@ from diffusion_core.ema import init_share_crossing
 from records.atomic import atomic_write
 
 from . import figures_axes
-from .style import STYLE, epoch_axis, legend_below, legend_outside, styled, subplots  # noqa: F401 (styled: report)
+from .style import STYLE, epoch_axis, legend_below, styled, subplots  # noqa: F401 (styled: report.py and tests use F.styled)
 from .tables import Study, load_grid
 
 # One sentence per figure, for the report.

@@ -7,7 +7,6 @@ curves across noise schedules use the log-SNR axis.
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from . import figures_axes
