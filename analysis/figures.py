@@ -1,31 +1,28 @@
-"""The thesis's figures (26-30) per trial, from Parquet only, and the style every figure shares.
+"""The thesis's figures (26-30) per trial, from Parquet only; the captions of every figure.
 
 Each `fig_*` function takes the loaded `Study` (and a trial id for per-trial figures)
 and returns a matplotlib Figure, or None when the data it needs does not exist yet
 (a half-finished study still gets every figure it can). The study-level figures are in
 figures_study.py; report.write_figures saves PNG and PDF of all under <study>/figures/.
+The style and the helpers every figure module shares are in style.py.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from diffusion_core.ema import init_share_crossing
+from records.atomic import atomic_write
 
-from records.atomic import atomic_write  # noqa: E402
-
-from .tables import Study, load_grid  # noqa: E402
-
-STYLE = {
-    "figure.figsize": (5.0, 3.6), "figure.dpi": 120, "savefig.dpi": 150, "savefig.bbox": "tight",
-    "font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.fontsize": 8,
-    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
-    "lines.linewidth": 1.6, "lines.markersize": 4,
-}
+from . import figures_axes
+from .style import STYLE, epoch_axis, legend_below, styled, subplots  # noqa: F401 (styled: report.py and tests use F.styled)
+from .tables import Study, load_grid
 
 # One sentence per figure, for the report.
 CAPTIONS = {
@@ -36,21 +33,29 @@ CAPTIONS = {
                              "more than 5% of the initial weights, where its loss measures that lag, not "
                              "generalization.",
     "fig26b_first_1000_iterations": "Training loss of every iteration of the first 1,000, log-log: how fast the "
-                                    "noise predictor leaves the trivial solution.",
+                                    "noise predictor leaves the trivial solution; with the validation loss where the "
+                                    "run recorded one in that range (the thesis's second curve).",
     "fig27_residual_vs_t": "Residual(t) = E||eps - eps_theta(x_t, t)||^2 / d on a fixed validation batch, per "
-                           "evaluation: where along the diffusion the prediction error sits.",
+                           "evaluation (colour: its epoch, EMA weights): where along the diffusion the prediction "
+                           "error sits.",
     "fig28_samples_by_epoch": "Samples from the same starting noise at chosen epochs: how fidelity and diversity "
-                              "develop in image space.",
-    "fig29a_log_is_vs_epoch": "log Inception Score (MNIST classifier) per evaluation, mean and std over splits; "
-                              "the bound is log 10, and the IS of real test images at the same sample count "
-                              "(n in the legend) is the attainable ceiling.",
+                              "develop in image space. Grey scale: model output -1 black, +1 white (outputs outside "
+                              "[-1, 1] were clipped to it when stored as uint8).",
+    "fig29a_log_is_vs_epoch": "log Inception Score (MNIST classifier) per evaluation, with its 95% interval where "
+                              "recorded (half-sampling of the samples), else the std over splits of one draw; the "
+                              "bound is log 10, and the IS of real test images at the same sample count (n in the "
+                              "legend, with its 95% interval) is the attainable ceiling.",
     "fig29b_entropy_plane": "Trajectory in the (H(Y), H(Y|X)) plane, coloured by epoch: diversity to the right, "
-                            "confidence (fidelity) downwards.",
+                            "confidence (fidelity) downwards; the star is real test images at the same sample count, "
+                            "the dashed line H(Y) = ln 10 the bound (all ten classes equally often). Right: the late "
+                            "evaluations, enlarged.",
     "fig30a_fid_vs_epoch": "FID in the MNIST classifier's feature space per evaluation, against the validation "
-                           "split; the floor is the FID of real test images at the same sample count (n in the "
-                           "legend).",
-    "fig30b_fid_decomposition": "FID split into the mean term ||mu_r - mu_g||^2 and the covariance term: which "
-                                "moment of the feature distribution is still wrong.",
+                           "split, log scale, with its 95% interval where recorded (half-sampling of the samples); "
+                           "the floor is the FID of real test images at the same sample count (n in the legend), "
+                           "band: its 95% interval.",
+    "fig30b_fid_decomposition": "FID split into the mean term ||mu_r - mu_g||^2 and the covariance term "
+                                "Tr(S_r + S_g - 2 (S_r S_g)^1/2): which moment of the feature distribution is still "
+                                "wrong. Log scale, same epochs as Fig. 30a; dotted: the real-data FID floor.",
     "study_val_loss_by": "Validation loss (EMA weights, fixed draws), one curve per value of the swept field and "
                          "one panel per combination of the other swept fields: mean over seeds +- 95% t-interval "
                          "(n seeds in the legend). Training-set sizes are compared at equal optimizer steps.",
@@ -87,59 +92,65 @@ CAPTIONS = {
 }
 
 
-def _fig(**kw):
-    # The size and dpi apply here; the rest of STYLE (fonts, line widths, savefig.*) is read
-    # while drawing and saving, so `write_figures` draws and saves each figure inside `styled()`.
-    with styled():
-        return plt.subplots(**kw)
-
-
-def styled():
-    """The figures' rc context: draw *and* save a figure inside it (`save` also pins dpi and bbox)."""
-    return plt.rc_context(STYLE)
-
-
-def _legend_outside(ax, **kw):
-    """A legend right of the axes, never over the data (a dense plot has no empty corner)."""
-    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kw)
-
-
-def _epoch_axis(ax):
-    ax.set_xlabel("epoch (passes over the training set)")
-
-
 # ------------------------------------------------------------------ per-trial figures
 EMA_LAG_SHARE = 0.05  # shade where the EMA still holds more than this share of the initial weights
 
 
-def _shade_ema_lag(ax, df: pd.DataFrame, x: str) -> None:
-    """Shade from the start of training to the last point whose ema_init_share > 5% (the share only
-    falls, so that is one interval), ending halfway to the next point."""
-    if "ema_init_share" not in df or df["ema_init_share"].isna().all():
-        return
-    lag = df["ema_init_share"].to_numpy() > EMA_LAG_SHARE
-    if not lag.any():
-        return
-    xs = df[x].to_numpy(dtype=float)
-    last = int(np.flatnonzero(lag)[-1])
-    right = (xs[last] + xs[last + 1]) / 2 if last + 1 < len(xs) else xs[last]
-    ax.axvspan(0, right, color="0.88", zorder=0,
-               label=f"EMA holds > {EMA_LAG_SHARE:.0%} of the initial weights\n(EMA numbers here show that lag)")
+def _steps_per_epoch(df: pd.DataFrame) -> float | None:
+    d = df[(df["epoch"] > 0) & df["step"].notna()]
+    return float(d["step"].iloc[-1] / d["epoch"].iloc[-1]) if len(d) else None
 
 
-def _real_data_line(ax, df: pd.DataFrame, column: str, transform=None, with_value: bool = True) -> None:
-    """The metric of real test images at the run's sample count (a horizontal dotted line)."""
+def ema_lag_end(study: Study, trial: str, df: pd.DataFrame) -> float | None:
+    """The epoch where the EMA's share of the initial weights reaches 5%: the exact step from the
+    trial's ema_decay and ema_warmup (diffusion_core.ema.init_share_crossing), not a midpoint between
+    evaluations. None when the trial's EMA settings or its steps per epoch are not recorded."""
+    decay, warmup = study.param(trial, "training.ema_decay"), study.param(trial, "training.ema_warmup")
+    per_epoch = _steps_per_epoch(df) if {"step", "epoch"} <= set(df) else None
+    if decay is None or pd.isna(decay) or per_epoch is None:
+        return None
+    warm = bool(warmup) if warmup is not None and not pd.isna(warmup) else False
+    return init_share_crossing(float(decay), EMA_LAG_SHARE, warm) / per_epoch
+
+
+def _shade_ema_lag(ax, study: Study, trial: str, df: pd.DataFrame) -> None:
+    end = ema_lag_end(study, trial, df)
+    if end is None or end <= 0:
+        return
+    ax.axvspan(0, end, color="0.88", zorder=0,
+               label=f"EMA holds > {EMA_LAG_SHARE:.0%} of the initial weights (to epoch {end:.2f})\n"
+                     "(EMA numbers here show that lag)")
+
+
+REAL_COLOUR = "#8c6d1f"   # real-data floors / ceilings and their intervals
+
+
+def _real_data_line(ax, df: pd.DataFrame, column: str, transform=None, with_value: bool = True,
+                    name: str = "real data") -> None:
+    """The metric of real test images at the run's sample count (a horizontal dotted line), with its
+    95% interval as a band where the records have one ({column}_lo / _hi)."""
     if column not in df or df[column].isna().all():
         return
     value = float(df[column].dropna().mean())
     n = int(df["real_n_samples"].dropna().iloc[0]) if "real_n_samples" in df else None
-    shown = transform(value) if transform else value
-    label = f"real data ({n} test images)" + (f": {shown:.3g}" if with_value else "")
-    ax.axhline(shown, color="0.35", ls=":", lw=1.2, label=label)
+    f = transform or (lambda v: v)
+    lo, hi = (f"{column}_{end}" for end in ("lo", "hi"))
+    band = lo in df and hi in df and df[lo].notna().any()
+    shown = f(value)
+    label = f"{name} ({n} test images)" + (f": {shown:.3g}" if with_value else "")
+    if band:
+        b = (f(float(df[lo].dropna().mean())), f(float(df[hi].dropna().mean())))
+        label += f" [{b[0]:.3g}, {b[1]:.3g}] (95%)" if with_value else " ± 95%"
+        ax.axhspan(*b, color=REAL_COLOUR, alpha=0.15, lw=0)   # not grey: the EMA-lag shading is grey
+    ax.axhline(shown, color=REAL_COLOUR, ls=":", lw=1.4, label=label)
 
 
-def _legend_below(ax, ncol: int = 2) -> None:
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=ncol, frameon=False)
+def _loss_label(study: Study, trial: str) -> str:
+    size, channels = study.param(trial, "model.image_size"), study.param(trial, "model.in_channels")
+    d = (f"d = {int(channels)}·{int(size)}·{int(size)} = {int(channels) * int(size) ** 2:,}"
+         if size is not None and channels is not None and not pd.isna(size) and not pd.isna(channels)
+         else "d = channels·height·width")
+    return f"loss  ||ε − ε_θ||² / d   (/ d: mean per pixel value, {d})"
 
 
 def fig26a_loss_per_epoch(study: Study, trial: str):
@@ -147,7 +158,7 @@ def fig26a_loss_per_epoch(study: Study, trial: str):
     if df.empty:  # no epoch has ended yet (a run stopped early in its first epoch)
         return None
     df = df.sort_values("epoch")
-    fig, ax = _fig()
+    fig, ax = subplots(figsize=(5.6, 3.8))
     # The thesis's Fig. 26a first (these two lines reproduce it), then the like-for-like pair.
     ax.plot(df["epoch"], df["train_loss"], "o-", label="training: running mean, dropout on (thesis)")
     if df["val_loss"].notna().any():
@@ -156,11 +167,13 @@ def fig26a_loss_per_epoch(study: Study, trial: str):
                                  ("val_loss_raw", "v-", "validation: raw weights, eval mode")):
         if column in df and df[column].notna().any():
             ax.plot(df["epoch"], df[column], style, ms=3, lw=1.1, label=label)
-    _shade_ema_lag(ax, df, "epoch")
-    _epoch_axis(ax)
-    ax.set_ylabel("loss  ||eps - eps_theta||^2 / d")
+    _shade_ema_lag(ax, study, trial, df)
+    ax.set_yscale("log")   # the EMA's early lag (0.3 at epoch 1) would flatten the 0.002 gaps on a linear axis
+    ax.set_xlim(0, float(df["epoch"].max()) + 0.5)
+    epoch_axis(ax)
+    ax.set_ylabel(_loss_label(study, trial), fontsize=8)
     ax.set_title(f"Loss per epoch — {trial}")
-    _legend_below(ax, ncol=1)
+    legend_below(ax, ncol=1)
     return fig
 
 
@@ -169,13 +182,23 @@ def fig26b_first_1000_iterations(study: Study, trial: str):
     df = df[df["step"] <= 1000].sort_values("step") if len(df) else df
     if df.empty:
         return None
-    fig, ax = _fig()
+    fig, ax = subplots(figsize=(5.6, 3.6))
     ax.loglog(df["step"], df["loss"], "-", lw=0.8, label="training loss per iteration")
+    top = int(df["step"].max())
+    val = study.trial_rows(study.epochs, trial)
+    val = val[(val["step"] <= top) & val["val_loss"].notna()] if len(val) else val
+    if len(val):
+        ax.loglog(val["step"], val["val_loss"], "s--", label="validation loss (EMA weights, fixed draws)")
+    else:
+        # The thesis draws a per-iteration validation curve here; a run records validation per epoch
+        # (training.val_every), so say where it is instead of leaving it out silently.
+        ax.plot([], [], " ", label="validation: not recorded before step "
+                                   f"{top:,} (per epoch only: Fig. 26a)")
     ax.set_xlabel("iteration (optimizer step)")
-    ax.set_ylabel("loss  ||eps - eps_theta||^2 / d")
+    ax.set_ylabel(_loss_label(study, trial), fontsize=8)
     # The thesis's figure shows 1,000 iterations; a shorter run shows what it has.
-    ax.set_title(f"First {int(df['step'].max()):,} iterations — {trial}")
-    _legend_outside(ax)
+    ax.set_title(f"First {top:,} iterations — {trial}")
+    legend_below(ax, ncol=1)
     return fig
 
 
@@ -183,24 +206,28 @@ def fig27_residual_vs_t(study: Study, trial: str):
     df = study.trial_rows(study.residuals, trial)
     if df.empty:
         return None
-    fig, ax = _fig()
+    fig, ax = subplots(figsize=(5.6, 3.6))
     ema = df[df["weights"] == "ema"]
-    steps = sorted(ema["step"].unique())
+    epochs = ema.groupby("step")["epoch"].first().sort_index()
+    norm = Normalize(float(epochs.min()), float(epochs.max()) if len(epochs) > 1 else float(epochs.min()) + 1)
     cmap = plt.get_cmap("viridis")
-    for i, s in enumerate(steps):
+    for s, epoch in epochs.items():
         d = ema[ema["step"] == s].sort_values("t")
-        ax.plot(d["t"], d["residual"], color=cmap(i / max(len(steps) - 1, 1)), lw=1.2 if s != steps[-1] else 2,
-                label=f"EMA, epoch {d['epoch'].iloc[0]:.1f}" if s in (steps[0], steps[-1]) else None)
+        ax.plot(d["t"], d["residual"], color=cmap(norm(epoch)), lw=2 if s == epochs.index[-1] else 1.0)
     raw = df[(df["weights"] == "raw") & (df["step"] == df["step"].max())].sort_values("t")
     if len(raw):
         ax.plot(raw["t"], raw["residual"], "k--", lw=1, label=f"raw weights, epoch {raw['epoch'].iloc[0]:.1f}")
+        ax.legend(loc="lower left")
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="epoch of the evaluation (EMA weights)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("diffusion timestep t")
-    ax.set_ylabel("Residual(t)  E||eps - eps_theta||^2 / d")
+    ax.set_ylabel("Residual(t)  E||ε − ε_θ||² / d")
     ax.set_title(f"Residual vs timestep — {trial}")
-    _legend_outside(ax)
     return fig
+
+
+GREY_NOTE = "grey: model output −1 black … +1 white (outside [−1, 1] clipped when stored as uint8)"
 
 
 def fig28_samples_by_epoch(study: Study, trial: str, max_panels: int = 6):
@@ -215,9 +242,9 @@ def fig28_samples_by_epoch(study: Study, trial: str, max_panels: int = 6):
     if not grids:
         return None
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.9), squeeze=False)
     for ax, (epoch, g, share) in zip(axes[0], grids):
-        ax.imshow(g, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        im = ax.imshow(g, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         # Early EMA weights are mostly the random initialisation (share lambda^step): their
         # samples are saturated noise, not a broken sampler. Say so on the panel.
         note = f"\nEMA weights: {share:.0%} initial" if share is not None and share >= 0.005 else ""
@@ -225,6 +252,9 @@ def fig28_samples_by_epoch(study: Study, trial: str, max_panels: int = 6):
         ax.set_xticks([])
         ax.set_yticks([])
         ax.grid(False)
+    bar = fig.colorbar(im, ax=list(axes[0]), orientation="horizontal", fraction=0.05, pad=0.04, aspect=60)
+    bar.set_ticks([0, 0.5, 1], labels=["−1", "0", "+1"])
+    bar.set_label(GREY_NOTE)
     fig.suptitle(f"Samples from fixed noise by epoch — {trial}")
     return fig
 
@@ -247,68 +277,117 @@ def _metric_frame(study: Study, trial: str, *cols: str) -> pd.DataFrame:
     return df.dropna(subset=list(cols)).sort_values("step")
 
 
+def _has_interval(df: pd.DataFrame, column: str) -> bool:
+    return f"{column}_lo" in df and f"{column}_hi" in df and df[f"{column}_lo"].notna().any()
+
+
+def _metric_line(ax, df: pd.DataFrame, column: str, style: str, label: str, transform=None, color=None):
+    """A metric against epoch with its recorded 95% interval as a band; without one, the label says so."""
+    f = transform or (lambda v: v)
+    banded = _has_interval(df, column)
+    line, = ax.plot(df["epoch"], f(df[column].to_numpy()), style, color=color,
+                    label=label + (" ± 95% interval" if banded else " (no interval recorded)"))
+    if banded:
+        ax.fill_between(df["epoch"], f(df[f"{column}_lo"].to_numpy()), f(df[f"{column}_hi"].to_numpy()),
+                        color=line.get_color(), alpha=0.2, lw=0)
+    return line
+
+
+def _epoch_range(ax, df: pd.DataFrame) -> None:
+    """Figures against epoch of one trial's evaluations share this x range (30a and 30b side by side)."""
+    ax.set_xlim(0, float(df["epoch"].max()) + 0.5)
+
+
 def fig29a_log_is_vs_epoch(study: Study, trial: str):
     df = _metric_frame(study, trial, "inception_score")
     if df.empty:
         return None
-    fig, ax = _fig()
-    log_is = np.log(df["inception_score"].to_numpy())
-    err = (df["inception_score_std"] / df["inception_score"]).to_numpy() if "inception_score_std" in df else None
-    ax.errorbar(df["epoch"], log_is, yerr=err, fmt="o-", capsize=2, label="log IS (std over splits)")
+    fig, ax = subplots(figsize=(5.6, 3.6))
+    if _has_interval(df, "inception_score"):
+        _metric_line(ax, df, "inception_score", "o-", "log IS", transform=np.log)
+    else:
+        err = (df["inception_score_std"] / df["inception_score"]).to_numpy() if "inception_score_std" in df else None
+        ax.errorbar(df["epoch"], np.log(df["inception_score"].to_numpy()), yerr=err, fmt="o-", capsize=2,
+                    label="log IS, bars: std over 5 splits of one draw")
     ax.axhline(np.log(10), color="grey", ls="-.", lw=1, label="bound log 10")
     _real_data_line(ax, df, "real_inception_score", transform=np.log)
-    _shade_ema_lag(ax, df, "epoch")
-    _epoch_axis(ax)
+    _shade_ema_lag(ax, study, trial, df)
+    _epoch_range(ax, df)
+    epoch_axis(ax)
     ax.set_ylabel("log Inception Score  (nats)")
     ax.set_title(f"log IS vs epoch — {trial}")
-    _legend_outside(ax)
+    legend_below(ax, ncol=1)
     return fig
+
+
+def _entropy_panel(ax, df: pd.DataFrame, norm) -> object:
+    ax.plot(df["h_y"], df["h_y_given_x"], "-", color="grey", lw=0.8, zorder=1)
+    sc = ax.scatter(df["h_y"], df["h_y_given_x"], c=df["epoch"], cmap="viridis", norm=norm, zorder=2)
+    if "real_h_y" in df and df["real_h_y"].notna().any():
+        n = int(df["real_n_samples"].dropna().iloc[0])
+        ax.plot(df["real_h_y"].dropna().iloc[0], df["real_h_y_given_x"].dropna().iloc[0], "*", ms=13, color=REAL_COLOUR,
+                mec="k", zorder=3, label=f"real test images (n = {n})")
+    ax.axvline(math.log(10), color="0.3", ls="--", lw=1, label="bound H(Y) = ln 10 (all classes equally often)")
+    ax.set_xlabel("H(Y)  marginal class entropy (nats)")
+    ax.set_ylabel("H(Y|X)  mean conditional entropy (nats)")
+    return sc
 
 
 def fig29b_entropy_plane(study: Study, trial: str):
     df = _metric_frame(study, trial, "h_y", "h_y_given_x")
     if df.empty:
         return None
-    fig, ax = _fig()
-    ax.plot(df["h_y"], df["h_y_given_x"], "-", color="grey", lw=0.8, zorder=1)
-    # One point per evaluation; the colour bar says its epoch (a legend would sit on the colour bar).
-    sc = ax.scatter(df["h_y"], df["h_y_given_x"], c=df["epoch"], cmap="viridis", zorder=2)
-    fig.colorbar(sc, ax=ax, label="epoch of the evaluation")
-    ax.set_xlabel("H(Y)  marginal class entropy (nats)")
-    ax.set_ylabel("H(Y|X)  mean conditional entropy (nats)")
-    ax.set_title(f"Entropy plane — {trial}")
-    return fig
-
-
-def _metric_vs_epoch(study: Study, trial: str, lines: dict[str, tuple[str, str]], ylabel: str, title: str,
-                     real_data: str | None = None):
-    """One line per metric column ({column: (marker style, legend label)}) against epoch; `real_data`:
-    the column of the same metric on real test images, drawn as a floor."""
-    df = _metric_frame(study, trial, *lines)
-    if df.empty:
-        return None
-    fig, ax = _fig()
-    for column, (style, label) in lines.items():
-        ax.plot(df["epoch"], df[column], style, label=label)
-    if real_data:
-        _real_data_line(ax, df, real_data)
-        _shade_ema_lag(ax, df, "epoch")
-    _epoch_axis(ax)
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{title} — {trial}")
-    _legend_outside(ax)
+    fig, (ax, zoom) = subplots(ncols=2, figsize=(10.0, 4.0), layout="constrained")
+    norm = Normalize(float(df["epoch"].min()), float(df["epoch"].max()))
+    sc = _entropy_panel(ax, df, norm)
+    ax.set_title("all evaluations")
+    late = df[df["epoch"] >= df["epoch"].min() + (df["epoch"].max() - df["epoch"].min()) / 2]
+    _entropy_panel(zoom, late, norm)
+    xs = list(late["h_y"]) + [math.log(10)] + (list(late["real_h_y"].dropna()) if "real_h_y" in late else [])
+    ys = list(late["h_y_given_x"]) + (list(late["real_h_y_given_x"].dropna()) if "real_h_y_given_x" in late else [])
+    pad_x, pad_y = 0.1 * (max(xs) - min(xs)) + 1e-3, 0.1 * (max(ys) - min(ys)) + 1e-3
+    zoom.set_xlim(min(xs) - pad_x, max(xs) + pad_x)
+    zoom.set_ylim(min(ys) - pad_y, max(ys) + pad_y)
+    zoom.set_title(f"enlarged: epochs {late['epoch'].min():.1f}–{late['epoch'].max():.1f}")
+    fig.colorbar(sc, ax=[ax, zoom], label="epoch of the evaluation")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, frameon=False)
+    fig.suptitle(f"Entropy plane — {trial}")
     return fig
 
 
 def fig30a_fid_vs_epoch(study: Study, trial: str):
-    return _metric_vs_epoch(study, trial, {"fid": ("o-", "FID (MNIST classifier features)")},
-                            "FID  (squared feature units)", "FID vs epoch", real_data="real_fid")
+    df = _metric_frame(study, trial, "fid")
+    if df.empty:
+        return None
+    fig, ax = subplots(figsize=(5.6, 3.6))
+    _metric_line(ax, df, "fid", "o-", "FID (MNIST classifier features)")
+    _real_data_line(ax, df, "real_fid")
+    _shade_ema_lag(ax, study, trial, df)
+    ax.set_yscale("log")
+    _epoch_range(ax, df)
+    epoch_axis(ax)
+    ax.set_ylabel("FID  (squared feature units, log scale)")
+    ax.set_title(f"FID vs epoch — {trial}")
+    legend_below(ax, ncol=1)
+    return fig
 
 
 def fig30b_fid_decomposition(study: Study, trial: str):
-    return _metric_vs_epoch(study, trial, {"fid_mean_term": ("o-", "mean term ||mu_r - mu_g||^2"),
-                                           "fid_cov_term": ("s-", "covariance term")},
-                            "FID term  (squared feature units)", "FID decomposition")
+    df = _metric_frame(study, trial, "fid_mean_term", "fid_cov_term")
+    if df.empty:
+        return None
+    fig, ax = subplots(figsize=(5.6, 3.6))
+    ax.plot(df["epoch"], df["fid_mean_term"], "o-", label="mean term  ||μ_r − μ_g||²")
+    ax.plot(df["epoch"], df["fid_cov_term"], "s-", label="covariance term  Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^½)")
+    _real_data_line(ax, df, "real_fid", name="real data, total FID")   # what both terms together reach there
+    _shade_ema_lag(ax, study, trial, df)
+    ax.set_yscale("log")
+    _epoch_range(ax, df)
+    epoch_axis(ax)
+    ax.set_ylabel("FID term  (squared feature units, log scale)")
+    ax.set_title(f"FID decomposition — {trial}")
+    legend_below(ax, ncol=1)
+    return fig
 
 
 TRIAL_FIGURES = {f.__name__: f for f in (fig26a_loss_per_epoch, fig26b_first_1000_iterations, fig27_residual_vs_t,
@@ -328,8 +407,6 @@ def save(fig, path_stem: Path) -> Path:
     return png
 
 
-# ------------------------------------------------------------------ the study axes of the other papers
-from . import figures_axes  # noqa: E402  (it draws with _fig above)
-
+# the study axes of the other papers
 TRIAL_FIGURES.update(figures_axes.TRIAL_FIGURES)
 CAPTIONS.update(figures_axes.CAPTIONS)

@@ -9,6 +9,7 @@ import numpy as np
 
 from records.layout import samples_dir
 
+from .style import subplots
 from .tables import Study, final_evals
 
 GUIDANCE = "evaluation.guidance_scale"
@@ -19,11 +20,13 @@ CAPTIONS = {
                                   "interpolation v(t) of the final EMA model on the residual batch; "
                                   "Sigma = exp(v log beta_t + (1 - v) log beta_tilde_t), so 0 is beta_tilde, 1 is beta.",
     "fig_progressive_generation": "Progressive generation of the final EMA model from the fixed evaluation noise: "
-                                  "one row per sample, columns at the study's evaluation.progressive_t.",
+                                  "one row per sample, columns at the study's evaluation.progressive_t. Grey scale: "
+                                  "x_t = -1 black, +1 white; x_t outside [-1, 1] (most of it at large t) is clipped "
+                                  "to those ends.",
     "study_guidance_tradeoff": "Classifier-free guidance: final FID (total, mean and covariance terms), IS with "
                                "H(Y) and H(Y|X), precision / recall and conditional accuracy against the guidance "
-                               "scale s; one line per group of the other swept fields, mean over seeds "
-                               "(bars: min..max over seeds).",
+                               "scale s; one colour per group of the other swept fields, one marker per metric, "
+                               "mean over seeds (bars: min..max over seeds).",
 }
 
 
@@ -33,8 +36,7 @@ def fig_variance_interpolation(study: Study, trial: str):
         return None
     ema = df[(df["weights"] == "ema") & df["variance_interpolation"].notna()]
     last = ema[ema["step"] == ema["step"].max()].sort_values("t")
-    from .figures import _fig
-    fig, (ax_r, ax_v) = _fig(ncols=2, figsize=(9.0, 3.6))
+    fig, (ax_r, ax_v) = subplots(ncols=2, figsize=(9.0, 3.6))
     ax_r.plot(last["t"], last["residual"], "o-")
     ax_r.set_xscale("log")
     ax_r.set_yscale("log")
@@ -71,7 +73,8 @@ def fig_progressive_generation(study: Study, trial: str):
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(f"t = {int(ts[c])}", fontsize=8)
-    fig.suptitle(f"Progressive generation — {trial}", fontsize=10)
+    fig.suptitle(f"Progressive generation — {trial}\ngrey: x_t −1 black … +1 white (outside [−1, 1] clipped)",
+                 fontsize=10)
     return fig
 
 
@@ -89,9 +92,9 @@ def study_guidance_tradeoff(study: Study):
               ("fraction", [("precision", "precision"), ("recall", "recall"),
                             ("conditional_accuracy", "conditional accuracy")])]
     fe = fe.assign(log_is=np.log(fe["inception_score"]) if "inception_score" in fe else np.nan)
-    from .figures import _fig
-    fig, axes = _fig(ncols=3, figsize=(13.0, 3.8))
+    fig, axes = subplots(ncols=3, figsize=(13.0, 3.8))
     groups = list(fe.groupby(others, dropna=False)) if others else [((), fe)]
+    # One colour per arm (group of the other swept fields), one marker and line style per metric.
     for ax, (ylabel, cols) in zip(axes, panels):
         for gi, (key, g) in enumerate(groups):
             key = key if isinstance(key, tuple) else (key,)
@@ -101,7 +104,7 @@ def study_guidance_tradeoff(study: Study):
                     continue
                 agg = g.groupby(GUIDANCE)[col].agg(["mean", "min", "max", "count"]).reset_index()
                 ax.errorbar(agg[GUIDANCE], agg["mean"], yerr=[agg["mean"] - agg["min"], agg["max"] - agg["mean"]],
-                            fmt="os^"[ci] + "-", color=f"C{ci}", alpha=1.0 if gi == 0 else 0.6, capsize=2,
+                            fmt="os^"[ci] + ("-", "--", ":")[ci], color=f"C{gi}", capsize=2,
                             label=f"{label}" + (f" ({tag})" if tag else ""))
         ax.set_xlabel("guidance scale s  (0 uncond., 1 cond.)")
         ax.set_ylabel(ylabel)

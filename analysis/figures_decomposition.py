@@ -12,8 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .figures import STYLE
-from .figures_study import _pick_ts, _width_axis
+from .style import STYLE, pick_ts, width_axis
 from .tables import Study
 
 BN_LABEL = "bias² + noise"
@@ -55,7 +54,7 @@ def _band(ax, d: pd.DataFrame, x: str, y: str, **kw):
 def _levels(df: pd.DataFrame, x: str, n: int = 3) -> list[float]:
     """n interior grid values, from the least to the most noisy."""
     if x == "t":
-        return [float(v) for v in _pick_ts(df[x].unique(), n)]
+        return [float(v) for v in pick_ts(df[x].unique(), n)]
     grid = np.sort(df[x].unique())[::-1]                       # log-SNR falls as noise grows
     idx = np.unique(np.linspace(0, len(grid) - 1, n + 2).round().astype(int)[1:-1])
     return [float(grid[i]) for i in idx]
@@ -144,7 +143,7 @@ def fig_decomposition_vs_capacity(study: Study):
                                 fmt="o-", capsize=3, color=f"C{i}", label=label)
             axes[0][j].set_title(_level_label(x, level))
             for ax in axes[:, j]:
-                _width_axis(ax, dec[col].unique())
+                width_axis(ax, dec[col].unique())
         _finish_two_rows(fig, axes, "bias² + noise and variance vs capacity (EMA, final evaluation)")
     return fig
 

@@ -7,14 +7,15 @@ curves across noise schedules use the log-SNR axis.
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 
 from . import figures_axes
-from .figures import STYLE, _real_data_line
+from . import figures_decomposition as D
+from .figures import _real_data_line
 from .figures_generalization import generalization_figures
 from .groups import (REPLICATE_FIELD, SCHEDULE_FIELDS, at_common_last_step, describe, group_fields,  # noqa: F401
                      fmt_value, groups, log_snr, n_label, range_text, short, summarize)
+from .style import STYLE, width_axis
 from .tables import Study
 
 def _panels(n: int, width: float = 4.6, height: float = 3.5):
@@ -126,8 +127,6 @@ def study_overlays(study: Study) -> dict[str, object]:
                 f"Residual at the last common evaluation by {short(col)}", logy=True, invert_x=True)
     figs["study_fid_bias_variance_vs_capacity"] = fig_fid_bias_variance_vs_capacity(study)
     figs["study_pr_memorization_vs_size"] = fig_pr_memorization_vs_size(study)
-    from . import figures_decomposition as D  # it imports _pick_ts from here: load after this module
-
     for name in ("decomposition_stacked", "decomposition_vs_capacity", "decomposition_vs_step",
                  "distance_to_memorization"):
         figs[name] = getattr(D, f"fig_{name}")(study)
@@ -161,13 +160,11 @@ def fig_fid_bias_variance_vs_capacity(study: Study):
             _mean_line(ax, s, col, f"{describe(ctx)}: step {int(g['step'].max())}, {n_label(s['n'])} seeds",
                        color=f"C{i}")
         _real_floor_in(ax, fe, "real_fid")
-        _width_axis(ax, fe[col].dropna())
+        width_axis(ax, fe[col].dropna())
         ax.set_ylabel("FID  (squared feature units)")
         if len(study.decomposition) and col in study.decomposition:
-            from .figures_decomposition import draw_on_capacity_axis
-
             twin = ax.twinx()
-            draw_on_capacity_axis(twin, study, col)
+            D.draw_on_capacity_axis(twin, study, col)
         _figure_legend(fig, [ax] + ([twin] if len(study.decomposition) and col in study.decomposition else []),
                        loc="outside lower center")
         ax.set_title(f"Final FID, bias² + noise and variance vs capacity\n"
@@ -210,19 +207,3 @@ def fig_pr_memorization_vs_size(study: Study):
                  f"trial of a curve reached",
                  fontsize=9)
     return fig
-
-
-def _width_axis(ax, widths) -> None:
-    from matplotlib.ticker import NullFormatter
-
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(set(int(w) for w in widths)))
-    ax.set_xticklabels([str(w) for w in sorted(set(int(w) for w in widths))])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("U-Net base width (channels)")
-
-
-def _pick_ts(ts, n):
-    ts = np.sort(np.asarray(ts))
-    idx = np.unique(np.linspace(0, len(ts) - 1, n + 2).round().astype(int)[1:-1]) if len(ts) > n else np.arange(len(ts))
-    return [int(ts[i]) for i in idx]

@@ -19,6 +19,7 @@ The EMA copy is a plain module in eval mode, so it can be sampled from directly.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,21 @@ import torch.nn as nn
 def warmup_decay(decay: float, k: int) -> float:
     """lambda_k of the k-th update (k = 0, 1, ...) under the warm-up: min(lambda, (1 + k) / (10 + k))."""
     return min(decay, (1.0 + k) / (10.0 + k))
+
+
+def init_share_crossing(decay: float, share: float, warmup: bool = False) -> int:
+    """The first step k after which the EMA holds at most `share` of the initial weights:
+    prod_{j<k} lambda_j <= share (plain EMA: lambda^k, so k = ceil(ln share / ln lambda))."""
+    if not 0 < share < 1 or not 0 <= decay < 1:
+        raise ValueError(f"share={share!r} must be in (0, 1) and decay={decay!r} in [0, 1)")
+    if not warmup:
+        k = math.ceil(math.log(share) / math.log(decay)) if decay > 0 else 1
+        return k - 1 if k > 1 and decay ** (k - 1) <= share else k   # guard the log's round-off
+    prod, k = 1.0, 0
+    while prod > share:
+        prod *= warmup_decay(decay, k)
+        k += 1
+    return k
 
 
 class EMA:

@@ -37,9 +37,11 @@ log = logging.getLogger(__name__)
 
 # The same metrics of real data: n_samples held-out images (the MNIST test set, drawn with the
 # evaluation seed) in place of the samples. What a perfect generator would score at this sample
-# count -- the floor (FID) or ceiling (IS, precision, recall) every curve should be read against.
-REAL_DATA_KEYS = ("real_fid", "real_inception_score", "real_precision", "real_recall",
-                  "real_memorized_fraction", "real_n_samples")
+# count -- the floor (FID) or ceiling (IS, precision, recall) every curve should be read against --
+# with the same intervals as the samples' metrics, and the real point of the entropy plane.
+REAL_METRICS = ("fid", "inception_score", "precision", "recall", "memorized_fraction", "h_y", "h_y_given_x",
+                *metrics.INTERVAL_KEYS)
+REAL_DATA_KEYS = (*(f"real_{k}" for k in REAL_METRICS), "real_n_samples")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class EvalConfig:
     eta: float = 0.0                 # DDIM eta
     clip_x0: float | None = None     # clip each step's x0 estimate to [-c, c] (None: the thesis's unclipped update)
     is_splits: int = 5               # IS averaged over this many splits (thesis: 5)
+    interval_halves: int = 50        # random halves of the samples for the 95% intervals of FID, IS,
+                                     # precision, recall (metrics/intervals.py; 0: no interval columns)
     t_grid: int | tuple[int, ...] = 40   # number of residual timesteps covering 1..T, or explicit t's
     residual_images: int = 256       # fixed validation images for Residual(t)
     seed: int = 0                    # the study's evaluation seed
@@ -72,6 +76,9 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.clip_x0 is not None and not self.clip_x0 > 0:
             raise ValueError(f"EvalConfig.clip_x0={self.clip_x0!r} must be > 0 or None")
+        if not isinstance(self.interval_halves, int) or self.interval_halves < 0:
+            raise ValueError(f"EvalConfig.interval_halves={self.interval_halves!r} must be an integer >= 0 "
+                             f"(0: no intervals)")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"EvalConfig.batch_size={self.batch_size!r} must be an integer >= 1")
 
@@ -132,6 +139,24 @@ def compile_for_sampling(model: nn.Module, device: torch.device | str):
 def _num_classes(model: nn.Module) -> int:
     """The class count of a class-conditional U-Net, 0 for an unconditional one."""
     return model.config.num_classes if getattr(model, "label_emb", None) is not None else 0
+
+
+def real_data_metrics(n: int, classifier, reference, train, *, data_root=None, seed: int = 0, is_splits: int = 5,
+                      interval_halves: int = 0) -> dict[str, float]:
+    """REAL_DATA_KEYS: the metrics of n MNIST test images drawn with the evaluation seed (at most the
+    10,000 there are), against the reference. An Evaluator computes them once per run (they depend on
+    the weights not at all); a finished study's records can be given them after the fact from its
+    study file alone."""
+    from .data import load_mnist
+
+    test = load_mnist(data_root, train=False).images
+    g = torch.Generator().manual_seed(seed + 2)  # apart from x_T's and the sampler's streams
+    real = test[torch.randperm(len(test), generator=g)[:n]]
+    rec = metrics.evaluate_samples(real, reference, classifier, train, splits=min(is_splits, real.shape[0]),
+                                   interval_halves=interval_halves, interval_seed=seed + 3)
+    out = {f"real_{k}": float(rec[k]) for k in REAL_METRICS}
+    out["real_n_samples"] = float(real.shape[0])
+    return out
 
 
 class Evaluator:
@@ -255,28 +280,16 @@ class Evaluator:
             train = self.train_images.images if self.train_images is not None else None
             rec = metrics.evaluate_samples(samples_uint8, self._reference, self._classifier, train,
                                            splits=min(self.cfg.is_splits, samples_uint8.shape[0]),
-                                           labels=self.labels(samples_uint8.shape[0]))
+                                           labels=self.labels(samples_uint8.shape[0]),
+                                           interval_halves=self.cfg.interval_halves, interval_seed=self.cfg.seed + 3)
             if self._real is None:
-                self._real = self._real_data_metrics(samples_uint8.shape[0], train)
+                self._real = real_data_metrics(samples_uint8.shape[0], self._classifier, self._reference, train,
+                                               data_root=self.data_root, seed=self.cfg.seed,
+                                               is_splits=self.cfg.is_splits, interval_halves=self.cfg.interval_halves)
         except Exception as e:  # a metrics failure must not kill a training run
             log.warning("metrics failed (%s: %s); this evaluation records no metric columns", type(e).__name__, e)
             return {}
         return {**{k: float(rec[k]) for k in METRIC_KEYS if k in rec}, **self._real}
-
-    def _real_data_metrics(self, n: int, train) -> dict[str, float]:
-        """REAL_DATA_KEYS: the metrics of n MNIST test images (seeded by the evaluation seed; at most
-        the 10,000 there are), computed once per run: they depend on the weights not at all."""
-        from .data import load_mnist
-
-        test = load_mnist(self.data_root, train=False).images
-        g = torch.Generator().manual_seed(self.cfg.seed + 2)  # apart from x_T's and the sampler's streams
-        real = test[torch.randperm(len(test), generator=g)[:n]]
-        rec = metrics.evaluate_samples(real, self._reference, self._classifier, train,
-                                       splits=min(self.cfg.is_splits, real.shape[0]))
-        out = {f"real_{k}": float(rec[k]) for k in ("fid", "inception_score", "precision", "recall",
-                                                    "memorized_fraction")}
-        out["real_n_samples"] = float(real.shape[0])
-        return out
 
     @torch.no_grad()
     def evaluate(self, ema_model: nn.Module, raw_model: nn.Module | None = None,
@@ -322,4 +335,4 @@ class Evaluator:
                           time.time() - t0 + sample_seconds, variance, samples[: self.cfg.n_samples])
 
 
-__all__ = ["DrawnSamples", "EvalConfig", "EvalResult", "Evaluator", "METRIC_KEYS", "REAL_DATA_KEYS", "compile_for_sampling", "grid_image"]
+__all__ = ["DrawnSamples", "EvalConfig", "EvalResult", "Evaluator", "METRIC_KEYS", "REAL_DATA_KEYS", "REAL_METRICS", "compile_for_sampling", "real_data_metrics", "grid_image"]

@@ -5,10 +5,12 @@ eta = 0 from the same starting noise z (a deterministic map z -> G(z)), are comp
 sample by sample (Kadkhodaie et al., ICLR 2024, "Generalization in diffusion models
 arises from geometry-adaptive harmonic representations"):
 
-- same-noise similarity of G_a(z) and G_b(z): cosine of the [0, 1] pixel intensities
-  (MNIST background is 0 there, so two different digits score well below 1 and the
-  same digit ~1) and the per-pixel MSE in the models' [-1, 1] scale. Small while each
-  model reproduces its own training images, near 1 / 0 once both learn the same density.
+- same-noise similarity of G_a(z) and G_b(z): the cosine of the two images' centred pixel
+  values (each image minus its own mean: Pearson's correlation over pixels), so identical
+  images score 1 whatever they are -- two blank images included, which the cosine of raw
+  [0, 1] intensities scored 0 (zero vectors) -- and two different digits score well below 1;
+  and the per-pixel MSE in the models' [-1, 1] scale. Small while each model reproduces its
+  own training images, near 1 / 0 once both learn the same density.
 - nearest training images (Gu et al. 2023, "On Memorization in Diffusion Models"):
   d1 <= d2 the distances (L2 over pixels, [-1, 1]) to the nearest and second-nearest image
   of the model's own subset; a sample is memorized when d1 < d2 / 3. The same against the
@@ -37,13 +39,23 @@ MEMORIZATION_RATIO = 3.0   # Gu et al. (2023): memorized when d1 < d2 / 3
 
 
 def same_noise_similarity(samples_a, samples_b) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample (cosine of [0, 1] intensities, per-pixel MSE in [-1, 1]) of two sample sets
-    drawn from the same noise, row i against row i. Inputs: uint8 or [-1, 1] images."""
+    """Per-sample (cosine of the centred pixel values, per-pixel MSE in [-1, 1]) of two sample sets
+    drawn from the same noise, row i against row i. Inputs: uint8 or [-1, 1] images.
+
+    The cosine is Pearson's correlation over pixels: invariant to each image's brightness offset
+    and scale (the MSE measures those). A constant image (a blank) has no centred direction: two
+    constant images score 1 (no structure either side: they agree), a constant against a
+    non-constant one 0."""
     a = as_unit_images(samples_a).flatten(1).double()
     b = as_unit_images(samples_b).flatten(1).double()
     if a.shape != b.shape:
         raise ValueError(f"same-noise samples must pair up row by row: got {tuple(a.shape)} and {tuple(b.shape)}")
-    cos = torch.nn.functional.cosine_similarity((a + 1) / 2, (b + 1) / 2, dim=1, eps=1e-12)
+    ca, cb = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    na, nb = ca.norm(dim=1), cb.norm(dim=1)
+    tiny = 1e-9   # a centred norm this small is a constant image up to round-off (one uint8 level: 2/255)
+    flat_a, flat_b = na <= tiny, nb <= tiny
+    cos = (ca * cb).sum(1) / (na * nb).clamp_min(tiny * tiny)
+    cos = torch.where(flat_a & flat_b, torch.ones_like(cos), torch.where(flat_a | flat_b, torch.zeros_like(cos), cos))
     mse = (a - b).pow(2).mean(1)
     return cos.numpy(), mse.numpy()
 
@@ -57,7 +69,7 @@ class NearestStats:
     d1_other: np.ndarray          # (n,) distance to the nearest image of the other subset
     d2_other: np.ndarray
     nn_other: np.ndarray
-    cosine_own: np.ndarray        # (n,) cosine ([0, 1] intensities) with the nearest own image
+    cosine_own: np.ndarray        # (n,) same_noise_similarity's cosine with the nearest own image
     cosine_other: np.ndarray
     ratio: float = MEMORIZATION_RATIO
 

@@ -42,7 +42,7 @@ StackedEps = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # EvalConfig fields that do not change the samples (residuals, metrics, figures, files): members
 # that differ only in these share a pass. Any other field -- including one added later -- must match.
-_NOT_SAMPLING = ("is_splits", "t_grid", "residual_images", "metrics", "progressive_t", "progressive_rows",
+_NOT_SAMPLING = ("is_splits", "interval_halves", "t_grid", "residual_images", "metrics", "progressive_t", "progressive_rows",
                  "keep_samples")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.name in _NOT_SAMPLING}
 

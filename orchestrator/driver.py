@@ -22,7 +22,7 @@ from typing import Callable
 
 from records.atomic import write_json
 from records.layout import summary_file
-from records.parquet import RecordWriter
+from records.parquet import RecordWriter, time_split
 
 from . import tracking
 from .plan import Plan, Trial
@@ -123,7 +123,8 @@ def record_outcome(study: StudyRun, trial: Trial, summary: dict, status: str, er
     study.writer(trial).write_trial(
         status=status, error=error[:4000] if error else None, parameters=summary.get("parameters"),
         wall_seconds=summary.get("wall_seconds"), step=summary.get("step"), total_steps=summary.get("total_steps"),
-        restarts=summary.get("restarts"), mlflow_run_id=run_id, updated_at=time.time())
+        restarts=summary.get("restarts"), mlflow_run_id=run_id, updated_at=time.time(),
+        **time_split(study.out, trial.trial_id, summary.get("wall_seconds")))
     if run_id:
         tracking.set_tags(study.mlflow_uri, run_id, {"status": status, "error": error or ""})
         tracking.end_run(study.mlflow_uri, run_id, run_status)

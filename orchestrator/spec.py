@@ -97,7 +97,7 @@ BOUNDS: dict[type, dict[str, Any]] = {
                   "label_dropout": UnitInterval},
     EvalConfig: {"n_samples": PositiveInt, "grid_images": PositiveInt, "steps": PositiveInt, "eta": NonNegativeFloat,
                  "clip_x0": PositiveFloat,
-                 "is_splits": PositiveInt, "t_grid": TimestepGrid,
+                 "is_splits": PositiveInt, "interval_halves": NonNegativeInt, "t_grid": TimestepGrid,
                  "residual_images": PositiveInt, "batch_size": PositiveInt, "guidance_scale": NonNegativeFloat,
                  "progressive_t": tuple[NonNegativeInt, ...], "progressive_rows": PositiveInt},
 }

@@ -36,7 +36,10 @@ _BASE = {
     "trials": [("study", pa.string()), ("trial_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
                ("parameters", pa.int64()), ("wall_seconds", pa.float64()), ("step", pa.int64()),
                ("total_steps", pa.int64()), ("restarts", pa.int64()), ("mlflow_run_id", pa.string()),
-               ("updated_at", pa.float64())],
+               ("updated_at", pa.float64()),
+               # wall_seconds split in two: the trial's evaluations (the sum of its `evals` rows'
+               # eval_seconds) and the rest (training steps, start-up, checkpoints): time_split()
+               ("eval_seconds", pa.float64()), ("train_seconds", pa.float64())],
     "train_steps": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()),
                     ("epoch", pa.float64()), ("loss", pa.float64())],
     "epochs": [("study", pa.string()), ("trial_id", pa.string()), ("epoch", pa.int64()), ("step", pa.int64()),
@@ -150,6 +153,16 @@ def read_table(study_dir: str | os.PathLike, kind: str) -> pd.DataFrame:
     if not folder.is_dir() or not any(not f.name.startswith((".", "_")) for f in folder.glob("*.parquet")):
         return pd.DataFrame()
     return pd.read_parquet(folder)
+
+
+def time_split(study_dir: str | os.PathLike, trial_id: str, wall_seconds: float | None) -> dict[str, float | None]:
+    """{eval_seconds, train_seconds} of a trial: the sum of its evaluations' eval_seconds (one row per
+    evaluation: a restarted interval's parts were replaced, not added) and wall_seconds minus that."""
+    parts = sorted(kind_dir(study_dir, "evals").glob(f"{trial_id}--s*.parquet"))
+    if not parts:
+        return {"eval_seconds": None, "train_seconds": wall_seconds}
+    evals = sum(float(pq.read_table(p, columns=["eval_seconds"]).column(0).to_pandas().sum()) for p in parts)
+    return {"eval_seconds": evals, "train_seconds": None if wall_seconds is None else float(wall_seconds) - evals}
 
 
 def latest_per_trial(df: pd.DataFrame, order: str = "step") -> pd.DataFrame:

@@ -252,8 +252,8 @@ def test_figures_are_attached_to_the_mlflow_parent_run(study_dir, figures_run):
 
 def test_a_run_stopped_in_its_first_epoch_still_gets_its_other_figures(study_dir, tmp_path):
     """No epoch has ended yet, so there is no `epochs` table at all: Fig. 26a is skipped, every
-    figure of what exists is drawn. Drawn by `python -m analysis DIR` (the entry point without
-    the CLI or MLflow) on a copy holding one completed trial per width (two capacities: the study
+    figure of what exists is drawn. Drawn by `studyctl figures DIR --no-mlflow` (in a subprocess,
+    as a user runs it) on a copy holding one completed trial per width (two capacities: the study
     overlays still have curves to draw; a third of the drawing time of all five trials)."""
     import shutil
     import subprocess
@@ -272,7 +272,8 @@ def test_a_run_stopped_in_its_first_epoch_still_gets_its_other_figures(study_dir
     d = tmp_path / "early"
     shutil.copytree(study_dir, d, ignore=ignore)
     shutil.rmtree(d / "epochs")
-    r = subprocess.run([sys.executable, "-m", "analysis", str(d)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "figures", str(d), "--no-mlflow"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "figures (PNG + PDF)" in r.stdout and "index.html" in r.stdout
     assert set(load_study(d).trials["trial_id"]) == keep

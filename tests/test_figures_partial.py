@@ -144,5 +144,7 @@ def test_early_sample_grids_name_their_ema_initial_share(study_dir):
 
     study = load_study(study_dir)
     fig = F.fig28_samples_by_epoch(study, study.trial_ids()[0])
-    titles = [ax.get_title() for ax in fig.axes]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert titles == ["epoch 0.5\nEMA weights: 43% initial", "epoch 1.0\nEMA weights: 19% initial"]
+    bar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")     # the value -> grey mapping
+    assert "−1 black" in bar.get_xlabel() and "clipped" in bar.get_xlabel()

@@ -84,11 +84,25 @@ def test_two_copies_of_one_model_agree_from_the_same_noise():
     cos, mse = same_noise_similarity(sampler.sample(net, z.shape, x_T=z).clamp(-1, 1),
                                      sampler.sample(copy, z.shape, x_T=z).clamp(-1, 1))
     assert np.allclose(cos, 1.0, atol=1e-6) and np.allclose(mse, 0.0, atol=1e-10)
-    # Known answer: a blank image against one with half its pixels lit -> MSE 2, cosine of [0,1] intensities 0.
+    # Known answers: complementary half-lit images are perfectly anti-correlated (MSE 4); a blank
+    # against a half-lit image shares no structure (cosine 0, MSE 2).
     blank, half = -torch.ones(1, 1, 2, 2), torch.tensor([[[[1.0, -1.0], [1.0, -1.0]]]])
     cos, mse = same_noise_similarity(half, torch.tensor([[[[-1.0, 1.0], [-1.0, 1.0]]]]))
-    assert cos[0] == pytest.approx(0.0) and mse[0] == pytest.approx(4.0)
-    assert same_noise_similarity(blank, half)[1][0] == pytest.approx(2.0)
+    assert cos[0] == pytest.approx(-1.0) and mse[0] == pytest.approx(4.0)
+    assert same_noise_similarity(blank, half) == (pytest.approx([0.0]), pytest.approx([2.0]))
+
+
+def test_identical_samples_score_one_blanks_included():
+    """Two models that both draw a blank agree: cosine 1 (the cosine of raw [0, 1] intensities gave
+    0 there: two zero vectors). Any identical pair scores 1; a brightness offset does not change it."""
+    blank = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)                 # all background, as uint8
+    cos, mse = same_noise_similarity(blank, blank.clone())
+    assert np.allclose(cos, 1.0) and np.allclose(mse, 0.0)
+    assert same_noise_similarity(-torch.ones(1, 1, 4, 4), -torch.ones(1, 1, 4, 4))[0][0] == pytest.approx(1.0)
+    digit = torch.rand((2, 1, 28, 28), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert np.allclose(same_noise_similarity(digit, digit.clone())[0], 1.0)
+    assert np.allclose(same_noise_similarity(digit, 0.5 * digit - 0.2)[0], 1.0)   # offset and scale: still 1
+    assert np.allclose(same_noise_similarity(blank[:2], digit)[0], 0.0)
 
 
 def test_mean_interval_covers_the_mean():

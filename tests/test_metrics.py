@@ -18,7 +18,7 @@ from diffusion_core.data import mnist_splits, to_unit_range
 from diffusion_core.metrics import (METRIC_KEYS, ClassifierWeightsError, InceptionUnavailableError, PROVENANCE_PATH,
                                     ReferenceStats, WEIGHTS_PATH, evaluate_samples, feature_statistics,
                                     fid_from_features, frechet_distance, inception_fid_cifar10, inception_score,
-                                    load_classifier, memorization, precision_recall, reference_statistics)
+                                    knn_radii, load_classifier, memorization, precision_recall, reference_statistics)
 from diffusion_core.metrics.classifier import train_classifier
 from diffusion_core.metrics.fid import sqrtm_psd
 from diffusion_core.unet import count_parameters
@@ -314,3 +314,52 @@ def test_inception_fid_cifar10_fails_fast_offline(tmp_path):
     with pytest.raises(InceptionUnavailableError, match="inception-2015-12-05.pt"):
         inception_fid_cifar10(torch.zeros(4, 3, 32, 32, dtype=torch.uint8), weights_dir=tmp_path)
     assert time.perf_counter() - t < 10
+
+
+# ------------------------------------------------------------------------ intervals (metrics/intervals.py)
+def test_half_sample_intervals_match_the_noise_of_independent_draws(features_of_test_set, halves):
+    """Reference: test-set half a. 'Samples': 1,000 real images of half b. Each metric's interval
+    must contain its value and say the sd that 5 independent 1,000-image draws of half b show (within
+    the noise of 5 draws), and precision's (a mean of 0/1 indicators) must have the binomial width
+    1.96 sqrt(p (1 - p) / n)."""
+    from diffusion_core.metrics.fid import fid_from_features
+    from diffusion_core.metrics.intervals import INTERVAL_KEYS, half_sample_intervals
+
+    fa, _, _, _, _, b_idx = halves
+    feats, probs = features_of_test_set
+    mu, sigma = feature_statistics(fa)
+    radii = knn_radii(fa, 3)
+    draws = [b_idx[i * 1000:(i + 1) * 1000] for i in range(len(b_idx) // 1000)]    # 5 disjoint draws
+    observed = []
+    for d in draws:
+        f = feats[d]
+        pr = precision_recall(fa, f, real_radii=radii)
+        observed.append({"fid": fid_from_features(fa, f).total, "precision": pr["precision"],
+                         "recall": pr["recall"], "inception_score": inception_score(probs[d])["inception_score"]})
+    first = draws[0]
+    iv = half_sample_intervals(feats[first], probs[first], mu, sigma, fa, radii, observed[0], n_boot=50, seed=0)
+    assert set(iv) == set(INTERVAL_KEYS)
+    for m in ("fid", "inception_score", "precision", "recall"):
+        lo, hi = iv[f"{m}_lo"], iv[f"{m}_hi"]
+        assert lo < observed[0][m] < hi, (m, lo, observed[0][m], hi)
+        # The interval's sd against the sd over the 5 independent draws (log scale for FID)
+        log = m == "fid"
+        implied = (np.log(hi / lo) if log else hi - lo) / (2 * 1.96)
+        spread = np.std([np.log(o[m]) if log else o[m] for o in observed], ddof=1)
+        assert 0.5 < implied / spread < 2.5, (m, implied, spread)   # measured 1.0-1.5 (sd of 5 draws: +-35%)
+    p = observed[0]["precision"]
+    assert (iv["precision_hi"] - iv["precision_lo"]) / 2 == pytest.approx(1.96 * np.sqrt(p * (1 - p) / 1000), rel=0.35)
+    assert iv["fid_lo"] > 0                                    # on the log scale: never below 0
+
+
+def test_evaluate_samples_records_intervals_only_when_asked(clf, splits, halves):
+    fa, _, _, _, _, b_idx = halves
+    mu, sigma = feature_statistics(fa)
+    ref = ReferenceStats(fa.astype(np.float32), mu, sigma, "mnist", "test-half-a", clf.sha256)
+    samples = splits.test.images[torch.from_numpy(b_idx[:300])]
+    off = evaluate_samples(samples, ref, clf, splits=3)
+    on = evaluate_samples(samples, ref, clf, splits=3, interval_halves=20, interval_seed=1)
+    assert all(np.isnan(off[k]) for k in METRIC_KEYS if k.endswith(("_lo", "_hi")))
+    assert all(on[f"{m}_lo"] < on[m] < on[f"{m}_hi"] for m in ("fid", "inception_score", "precision", "recall"))
+    assert {k: on[k] for k in METRIC_KEYS if not k.endswith(("_lo", "_hi"))} == pytest.approx(
+        {k: off[k] for k in METRIC_KEYS if not k.endswith(("_lo", "_hi"))}, nan_ok=True)

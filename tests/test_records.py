@@ -144,3 +144,21 @@ def test_dependencies_point_one_way():
             if rel not in ALLOWED and (bad := _imported_packages(f) & forbidden):
                 broken.append(f"{rel} imports {', '.join(sorted(bad))}")
     assert not broken, "imports against the layering:\n" + "\n".join(broken)
+
+
+def test_time_split_sums_each_evaluation_once(tmp_path):
+    """A trial's eval_seconds is the sum over its evaluations; a restarted interval's part is replaced,
+    not added (RecordWriter drops the parts after the checkpoint and writes them again)."""
+    from records.parquet import RecordWriter, time_split
+
+    w = RecordWriter(tmp_path, "s", "t000-x", {}, {})
+    for step, secs in ((2, 1.5), (4, 2.0), (6, 4.0)):
+        w.write_part("evals", [{"step": step, "epoch": step / 2, "eval_seconds": secs}], step)
+    w.drop_parts_after(4)                                               # restart from step 4 ...
+    w.write_part("evals", [{"step": 6, "epoch": 3.0, "eval_seconds": 3.0}], 6)   # ... step 6 evaluated again
+    RecordWriter(tmp_path, "s", "t001-y", {}, {}).write_part("evals", [{"step": 2, "eval_seconds": 99.0}], 2)
+    assert time_split(tmp_path, "t000-x", 10.0) == {"eval_seconds": 6.5, "train_seconds": 3.5}
+    assert time_split(tmp_path, "t002-z", 10.0) == {"eval_seconds": None, "train_seconds": 10.0}
+    w.write_trial(status="COMPLETED", wall_seconds=10.0, **time_split(tmp_path, "t000-x", 10.0))
+    row = pd.read_parquet(tmp_path / "trials").iloc[0]
+    assert (row["eval_seconds"], row["train_seconds"]) == (6.5, 3.5)

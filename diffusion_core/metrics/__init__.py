@@ -7,7 +7,9 @@
 
 `samples` are (N, 1, 28, 28) images, float in [-1, 1] or uint8. Keys: fid,
 fid_mean_term, fid_cov_term, inception_score, inception_score_std, h_y, h_y_given_x,
-precision, recall, memorized_fraction, plus extras (nn_distance_*, inception_score_arith,
+precision, recall, memorized_fraction, their 95% intervals fid_lo / fid_hi,
+inception_score_lo / _hi, precision_lo / _hi, recall_lo / _hi (half-sampling, metrics/intervals.py; NaN
+with interval_halves=0), plus extras (nn_distance_*, inception_score_arith,
 n_samples, n_reference).
 
 `inception_fid_cifar10()` is the Inception-V3 FID of clean-fid for CIFAR-10; it needs
@@ -30,13 +32,15 @@ from .classifier import (ClassifierWeightsError, MnistResNet, load_classifier, s
 from .fid import (FrechetDistance, ReferenceStats, feature_statistics, fid_from_features, frechet_distance,
                   real_vs_real_fid, reference_statistics, resolve_cache_dir)
 from .inception_score import inception_score
+from .intervals import INTERVAL_KEYS, half_sample_intervals
 from .memorization import MemorizationResult, as_unit_images, memorization, nearest_two
 from .precision_recall import knn_radii, precision_recall
 
 # The keys of evaluate_samples that the `evals` table records (every call returns all of
 # them; the conditional two are NaN for samples without class labels).
 METRIC_KEYS = ("fid", "fid_mean_term", "fid_cov_term", "inception_score", "inception_score_std", "h_y",
-               "h_y_given_x", "precision", "recall", "memorized_fraction", "conditional_accuracy", "fid_class_mean")
+               "h_y_given_x", "precision", "recall", "memorized_fraction", "conditional_accuracy", "fid_class_mean",
+               *INTERVAL_KEYS)
 
 
 @contextmanager
@@ -51,7 +55,8 @@ def evaluate_samples(samples, reference: ReferenceStats | str, classifier: Mnist
                      splits: int = 5, k: int = 3, data_root: str | os.PathLike | None = None,
                      cache_dir: str | os.PathLike | None = None, memorization_ratio: float = 3.0,
                      memorization_device: str | torch.device | None = None, batch_size: int = 500,
-                     timings: dict | None = None, labels: torch.Tensor | None = None) -> dict:
+                     timings: dict | None = None, labels: torch.Tensor | None = None, interval_halves: int = 0,
+                     interval_seed: int = 0) -> dict:
     """All sample metrics as one flat dict of floats.
 
     reference: a ReferenceStats (from `reference_statistics`) or a split name ("val",
@@ -65,6 +70,8 @@ def evaluate_samples(samples, reference: ReferenceStats | str, classifier: Mnist
     conditional_accuracy (the classifier agrees with the asked-for label) and fid_class_mean
     (per-class FID against the reference images the classifier puts in that class, averaged
     over classes); NaN without labels.
+    interval_halves: random halves of the samples for the 95% intervals of FID, IS, precision and
+    recall (metrics/intervals.py, seeded by interval_seed); 0 leaves the interval keys NaN.
     """
     if isinstance(reference, str):
         reference = reference_statistics(classifier, reference, data_root=data_root, cache_dir=cache_dir)
@@ -86,6 +93,12 @@ def evaluate_samples(samples, reference: ReferenceStats | str, classifier: Mnist
            "inception_score": iscore["inception_score"], "inception_score_std": iscore["inception_score_std"],
            "h_y": iscore["h_y"], "h_y_given_x": iscore["h_y_given_x"],
            "precision": pr["precision"], "recall": pr["recall"], "memorized_fraction": float("nan")}
+    out.update(dict.fromkeys(INTERVAL_KEYS, float("nan")))
+    if interval_halves:
+        with _stage(timings, "intervals"):
+            out.update(half_sample_intervals(feats, probs, reference.mu, reference.sigma, reference.features,
+                                             reference.knn_radii(k), out, splits=splits, k=k,
+                                             n_boot=interval_halves, seed=interval_seed))
     if train_images is not None:
         with _stage(timings, "memorization"):
             mem_device = memorization_device if memorization_device is not None else classifier.device
@@ -190,7 +203,7 @@ def inception_fid_cifar10(samples, *, mode: str = "clean", split: str = "train",
 
 
 __all__ = [
-    "METRIC_KEYS", "evaluate_samples", "inception_fid_cifar10", "InceptionUnavailableError",
+    "INTERVAL_KEYS", "METRIC_KEYS", "half_sample_intervals", "evaluate_samples", "inception_fid_cifar10", "InceptionUnavailableError",
     "MnistResNet", "load_classifier", "train_classifier", "ClassifierWeightsError", "sha256_file",
     "WEIGHTS_PATH", "PROVENANCE_PATH",
     "FrechetDistance", "ReferenceStats", "feature_statistics", "frechet_distance", "fid_from_features",

@@ -61,15 +61,16 @@ def sqrtm_psd(a: np.ndarray) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
 
-def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2), via eigh with clipping."""
-    r = sqrtm_psd(sigma1)
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray, sigma1_root: np.ndarray | None = None) -> float:
+    """Tr((S1 S2)^1/2) = Tr((S1^1/2 S2 S1^1/2)^1/2), via eigh with clipping (sigma1_root: S1^1/2, if
+    already computed -- the reference side of many distances)."""
+    r = sqrtm_psd(sigma1) if sigma1_root is None else sigma1_root
     m = r @ _as_numpy64(sigma2) @ r
     w = np.linalg.eigvalsh((m + m.T) / 2)
     return float(np.sqrt(np.clip(w, 0.0, None)).sum())
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> FrechetDistance:
+def frechet_distance(mu1, sigma1, mu2, sigma2, sigma1_root: np.ndarray | None = None) -> FrechetDistance:
     """(total, mean term, covariance term); mean_term + cov_term == total.
 
     The covariance term is >= 0 in exact arithmetic; round-off can leave it at -1e-12
@@ -81,7 +82,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> FrechetDistance:
         raise ValueError(f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
     diff = mu1 - mu2
     mean_term = float(diff @ diff)
-    cov_term = float(np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2))
+    cov_term = float(np.trace(s1) + np.trace(s2) - 2.0 * trace_sqrt_product(s1, s2, sigma1_root))
     cov_term = max(cov_term, 0.0)
     return FrechetDistance(mean_term + cov_term, mean_term, cov_term)
 
