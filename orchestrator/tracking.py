@@ -210,6 +210,24 @@ def log_image(uri: str, run_id: str, png: str | os.PathLike, key: str, step: int
 
 
 @_needs_store()
+def log_sample_grid(uri: str, run_id: str, png: str | os.PathLike, step: int, total_steps: int,
+                    image: bool = True) -> None:
+    """An evaluation's sample grid, three ways: the PNG under the run's artifacts (samples/), an
+    image per step for the charts (image=False: a replayed step's image is already there), and
+    the run's description, which the run page shows first, holding the latest grid."""
+    name = Path(png).name
+    log_artifact(uri, run_id, png, "samples")
+    if image:
+        log_image(uri, run_id, png, "sample_grid", step)
+    # A relative link to the server's artifact endpoint: the UI renders the description's markdown.
+    note = (f"![sample grid at step {step}](get-artifact?path=samples/{name}&run_uuid={run_id})\n\n"
+            f"The sample grid at step {step} of {total_steps} (EMA weights, the evaluation's fixed noise). "
+            f"Every evaluation's grid: the `sample_grid` chart (Model metrics, with a step slider) and "
+            f"Artifacts > samples.")
+    set_tags(uri, run_id, {"mlflow.note.content": note})
+
+
+@_needs_store()
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = client(uri)
     for k, v in tags.items():

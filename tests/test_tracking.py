@@ -79,3 +79,23 @@ def test_plan_label_names_the_swept_values(data_root):
                                       f"seed={t.training.seed}")
     one = build_plan(StudySpec.model_validate(tiny_study(data_root)))
     assert one.label(one.trials[0].trial_id) == one.trials[0].trial_id  # nothing swept: the id
+
+
+def test_the_run_description_shows_the_latest_sample_grid(store, tmp_path):
+    """The run page opens on its description: it links the latest grid, which the artifact store holds."""
+    from PIL import Image
+
+    uri, exp, parent = store
+    run = tracking.ensure_child_run(uri, exp, parent, "s", "t000-abc", {})
+    for step in (10, 20):
+        png = tmp_path / f"step_{step:09d}.png"
+        Image.new("L", (32, 32), color=step).save(png)
+        tracking.log_sample_grid(uri, run, png, step, 20, image=step == 10)
+    c = tracking.client(uri)
+    note = c.get_run(run).data.tags["mlflow.note.content"]
+    assert note.startswith(f"![sample grid at step 20](get-artifact?path=samples/step_000000020.png&run_uuid={run})")
+    assert "step 20 of 20" in note
+    assert sorted(a.path for a in c.list_artifacts(run, "samples")) == [
+        "samples/step_000000010.png", "samples/step_000000020.png"]
+    images = [a.path for a in c.list_artifacts(run, "images")]
+    assert len(images) == 2 and all("sample_grid+step+10+" in p for p in images)  # the image and its thumbnail
