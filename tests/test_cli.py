@@ -178,7 +178,7 @@ def test_ui_prints_the_experiment_in_model_training_view(tmp_path, data_root, mo
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = runner.invoke(app, ["ui", str(study), "--port", str(port)])
-    assert r.exit_code == 0 and execs and execs[0][-1] == str(port), r.output
+    assert r.exit_code == 0 and execs and execs[0][execs[0].index("--port") + 1] == str(port), r.output
     assert (f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
             f"&compareRunsMode=CHART&searchFilter=tags.%60studyctl.role%60+%3D+%27trial%27"
             f"&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true") in r.output
