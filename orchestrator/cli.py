@@ -339,8 +339,11 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
         typer.echo(f"error: port {port} on {host} is already in use ({busy}); another server (perhaps another "
                    f"study's UI) answers there. Stop it, or pick a free port: --port {_free_port(host)}", err=True)
         raise typer.Exit(1)
+    # One server process: one person browses a study, and MLflow's default of 4 workers, each
+    # importing MLflow, took minutes to start on a loaded 2-core machine.
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--default-artifact-root", (d / "mlartifacts").as_uri(), "--host", host, "--port", str(port)]
+           "--default-artifact-root", (d / "mlartifacts").as_uri(), "--host", host, "--port", str(port),
+           "--workers", "1"]
     from .tracking import experiment_url, study_experiment_id
 
     exp_id = study_experiment_id(d) if (d / "mlflow.db").exists() or not uri.startswith("sqlite:") else None

@@ -87,7 +87,7 @@ def begin_trial(study: StudyRun, trial: Trial) -> TrialTask:
     out, tid, uri = study.out, trial.trial_id, study.mlflow_uri
     params = {"trial_id": tid, "study": study.plan.spec.name, **study.plan.params[tid]}
     run_id = tracking.ensure_child_run(uri, study.experiment_id, study.parent_run_id, study.plan.spec.name, tid,
-                                       params)
+                                       params, run_name=study.plan.label(tid))
     wall_before = float(read_summary(out, tid).get("wall_seconds") or 0.0)
     writer = study.writer(trial)
     writer.write_trial(status="RUNNING", mlflow_run_id=run_id, wall_seconds=wall_before, updated_at=time.time())

@@ -86,6 +86,18 @@ class Plan:
         """Rows for `studyctl validate`: trial id + the swept fields."""
         return [{"trial_id": t.trial_id, **{k: t.get(k) for k in self.swept}} for t in self.trials]
 
+    def label(self, trial_id: str) -> str:
+        """A trial as people tell it apart: its index and swept values, e.g. "t003 base_width=16
+        schedule=cosine seed=1" (MLflow run names; chart legends cut the end). A field is named by
+        its last part unless two swept fields share it (training.seed, evaluation.seed)."""
+        t = self.trial(trial_id)
+        short = [k.split(".")[1] for k in self.swept]
+        names = [s if short.count(s) == 1 else k for k, s in zip(self.swept, short)]
+        values = [json.dumps(list(v), separators=(",", ":")) if isinstance(v, tuple) else v
+                  for v in (t.get(k) for k in self.swept)]
+        return " ".join([trial_id.split("-")[0]] + [f"{n}={v}" for n, v in zip(names, values)]) if self.swept \
+            else trial_id
+
     def notes(self) -> list[str]:
         """Settings that are valid but have no effect in some trials (printed by `validate`)."""
         notes = []

@@ -57,6 +57,8 @@ def fit_trainer(study: StudyRun, loop: Callable[[dict], None], loop_config: dict
     from ray.tune.integration.ray_train import TuneReportCallback
 
     r = study.plan.spec.resources
+    # Set in this driver process: Ray Train hands it to the controller it starts (a user's value wins).
+    os.environ.setdefault(WORKER_GROUP_START_TIMEOUT_ENV, str(WORKER_GROUP_START_TIMEOUT_S))
     use_gpu = r.gpus_per_worker > 0
     per_worker = {"CPU": r.cpus_per_worker}
     if use_gpu:
@@ -110,6 +112,14 @@ def init_ray(address: str | None) -> None:
 
 
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+# How long a trial's worker group may wait for its resources (its placement group). Ray Train's
+# default, 60 s, is short on a loaded machine, where the resources a finished trial frees, or the
+# CPUs other processes hold, can take longer: the controller then tears the group down and starts
+# it again. A stuck start still ends: `concurrency` refuses a cluster too small for one trial, and
+# Ray refuses a request no node could hold, so only a busy cluster waits this long.
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_GROUP_START_TIMEOUT_S = 900.0
 
 
 PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"

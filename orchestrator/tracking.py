@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,15 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 900  # MLflow accepts up to 1,000 metrics per log_batch
+# MLflow's chart view puts metrics in sections named by the key's prefix before "/" (the chart's
+# title is the rest), the sections sorted by name and the un-prefixed metrics last ("Model
+# metrics"). So the numbers that compare trials open the view ("compare/"), then the evaluation's
+# other numbers, the real-data references at the same sample count and Residual(t) one chart per
+# t; the losses along training, the timings and the sample grid stay un-prefixed. Only MLflow's
+# keys change: the Parquet columns keep the plain names.
+COMPARE_KEYS = ("val_loss", "fid", "inception_score", "precision", "recall", "conditional_accuracy")
+EVAL_KEYS = ("fid_mean_term", "fid_cov_term", "inception_score_std", "h_y", "h_y_given_x", "memorized_fraction",
+             "fid_class_mean")
 # Tell the MLflow 3 UI an experiment is model training (runs table, charts), not GenAI traces.
 # The 3.x UI also keeps a global GenAI / model-training switch (default GenAI) that overrides
 # the tag: `experiment_url` asks for model training in the URL (workflowType=machine_learning).
@@ -107,15 +117,18 @@ def ensure_parent_run(uri: str, exp_id: str, study: str, study_dir: str | os.Pat
 
 @_needs_store()
 def ensure_child_run(uri: str, exp_id: str, parent_id: str, study: str, trial_id: str,
-                     params: dict[str, Any]) -> str:
-    """The trial's child run: found by tags if an earlier launch created it (resume), else created."""
+                     params: dict[str, Any], run_name: str | None = None) -> str:
+    """The trial's child run: found by tags if an earlier launch created it (resume), else created.
+    run_name (default: the trial id) is what the UI's tables and chart legends show: the trial's
+    swept values (Plan.label); a resumed run gets it too."""
     c = client(uri)
+    run_name = run_name or trial_id
     run = _find(c, exp_id, f"tags.`studyctl.parent` = '{parent_id}' and tags.`studyctl.trial_id` = '{trial_id}'")
     if run is not None:
-        if run.info.status != "RUNNING":
-            _retry(c.update_run, run.info.run_id, status="RUNNING")
+        if run.info.status != "RUNNING" or run.info.run_name != run_name:
+            _retry(c.update_run, run.info.run_id, status="RUNNING", name=run_name)
         return run.info.run_id
-    run = _retry(c.create_run, exp_id, run_name=trial_id,
+    run = _retry(c.create_run, exp_id, run_name=run_name,
                  tags={"mlflow.parentRunId": parent_id, "studyctl.parent": parent_id, "studyctl.study": study,
                        "studyctl.trial_id": trial_id, "studyctl.role": "trial"})
     log_params(uri, run.info.run_id, params)
@@ -132,24 +145,43 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         _retry(c.log_batch, run_id, params=items[lo:lo + 90])
 
 
+def mlflow_key(name: str) -> str:
+    """The MLflow key of a recorded metric: val_loss -> compare/val_loss, residual_ema_t0001 ->
+    residual_ema/t0001, real_fid -> real_data/fid, loss -> loss (see COMPARE_KEYS)."""
+    if name in COMPARE_KEYS:
+        return f"compare/{name}"
+    if name in EVAL_KEYS:
+        return f"eval/{name}"
+    if name.startswith("real_"):
+        return f"real_data/{name[len('real_'):]}"
+    if name.startswith("residual_"):
+        weights, t = name[len("residual_"):].split("_", 1)
+        return f"residual_{weights}/{t}"
+    return name
+
+
 @_needs_store()
 def log_metrics(uri: str, run_id: str, metrics: list[tuple[str, float, int]]) -> None:
-    """[(key, value, step)] in batches; non-finite values are logged as MLflow stores them."""
-    if not metrics:
-        return
+    """[(name, value, step)] in batches, under their MLflow keys (mlflow_key). A NaN (or None) is a metric that does not apply — an
+    unconditional model's conditional_accuracy / fid_class_mean — and is not logged: MLflow would
+    draw it as an empty chart. The Parquet records keep it (NaN). A diverged loss never gets here
+    (train() raises first); an infinite value is logged as is."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, int(s)) for k, v, s in metrics]
+    items = [Metric(mlflow_key(k), float(v), now, int(s)) for k, v, s in metrics
+             if v is not None and not math.isnan(v)]
+    if not items:
+        return
     c = client(uri)
     for lo in range(0, len(items), MAX_BATCH):
         _retry(c.log_batch, run_id, metrics=items[lo:lo + MAX_BATCH])
 
 
 @_needs_store(-1)
-def last_step(uri: str, run_id: str, key: str) -> int:
-    """The largest step logged for `key` in the run (-1 if none)."""
-    hist = client(uri).get_metric_history(run_id, key)
+def last_step(uri: str, run_id: str, name: str) -> int:
+    """The largest step logged for the metric `name` in the run (-1 if none)."""
+    hist = client(uri).get_metric_history(run_id, mlflow_key(name))
     return max((m.step for m in hist), default=-1)
 
 
@@ -178,6 +210,24 @@ def log_image(uri: str, run_id: str, png: str | os.PathLike, key: str, step: int
 
 
 @_needs_store()
+def log_sample_grid(uri: str, run_id: str, png: str | os.PathLike, step: int, total_steps: int,
+                    image: bool = True) -> None:
+    """An evaluation's sample grid, three ways: the PNG under the run's artifacts (samples/), an
+    image per step for the charts (image=False: a replayed step's image is already there), and
+    the run's description, which the run page shows first, holding the latest grid."""
+    name = Path(png).name
+    log_artifact(uri, run_id, png, "samples")
+    if image:
+        log_image(uri, run_id, png, "sample_grid", step)
+    # A relative link to the server's artifact endpoint: the UI renders the description's markdown.
+    note = (f"![sample grid at step {step}](get-artifact?path=samples/{name}&run_uuid={run_id})\n\n"
+            f"The sample grid at step {step} of {total_steps} (EMA weights, the evaluation's fixed noise). "
+            f"Every evaluation's grid: the `sample_grid` chart (Model metrics, with a step slider) and "
+            f"Artifacts > samples.")
+    set_tags(uri, run_id, {"mlflow.note.content": note})
+
+
+@_needs_store()
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     c = client(uri)
     for k, v in tags.items():
@@ -203,12 +253,16 @@ def study_store(study_dir: str | os.PathLike) -> tuple[dict, str | None] | None:
 
 
 def experiment_url(base: str, experiment_id: str) -> str:
-    """The MLflow UI page of an experiment's runs as model training, trials listed flat: the UI
-    nests child runs (collapsed) under their parent only when sorted by start time."""
+    """The MLflow UI page that compares a study's trials: its experiment as model training (the
+    3.x UI otherwise opens on GenAI traces), in the chart view, the trials only (the study's
+    parent run holds no metrics and would sit in every legend; clearing the filter shows it),
+    listed flat in trial order (the UI folds child runs under their parent only when sorted by
+    start time). The chart view draws the first 10 runs of the list; its eye icons pick others."""
     from urllib.parse import urlencode
 
-    query = urlencode({"workflowType": "machine_learning", "orderByKey": "tags.`mlflow.runName`",
-                       "orderByAsc": "true"})
+    query = urlencode({"workflowType": "machine_learning", "compareRunsMode": "CHART",
+                       "searchFilter": "tags.`studyctl.role` = 'trial'",
+                       "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"})
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 

@@ -200,9 +200,8 @@ class TrialHooks:
                       schedule=self.trial.diffusion.schedule_config, evaluation=self.eval_cfg)
         # Records of this interval, before the checkpoint (see the module docstring).
         self.flush(step)
-        tracking.log_artifact(self.uri, self.run_id, png, "samples")
-        if step > self.mlflow_through:  # a replayed interval's image is already there (see on_start)
-            tracking.log_image(self.uri, self.run_id, png, "sample_grid", step)  # the run page's image chart
+        # a replayed interval's image is already there (see on_start)
+        tracking.log_sample_grid(self.uri, self.run_id, png, step, ctx.total_steps, image=step > self.mlflow_through)
         self.write_summary(ctx, status="RUNNING")
 
     def flush(self, step: int) -> None:

@@ -152,7 +152,8 @@ def test_ui_serves_the_study_store(tmp_path, data_root):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "orchestrator.cli", "ui", str(study), "--port", str(port)]
-    with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log"):
+    # One MLflow worker process; its start (importing MLflow) took over 90 s on a loaded 2-core machine.
+    with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log", timeout=300):
         assert (study / "mlflow.db").exists()  # the study's own store
 
 
@@ -175,7 +176,8 @@ def test_ui_on_a_busy_port_fails_naming_the_port(tmp_path, data_root):
 
 def test_ui_prints_the_experiment_in_model_training_view(tmp_path, data_root, monkeypatch):
     """MLflow 3's UI opens in GenAI mode whatever the experiment tag says: the printed address
-    asks for model training and a flat, name-sorted runs table (trials not collapsed)."""
+    asks for model training, the chart view, the trials only (not the parent run) and a flat,
+    name-sorted list (trials not collapsed); the server runs one worker process."""
     import os
     import socket
 
@@ -193,9 +195,11 @@ def test_ui_prints_the_experiment_in_model_training_view(tmp_path, data_root, mo
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = runner.invoke(app, ["ui", str(study), "--port", str(port)])
-    assert r.exit_code == 0 and execs and execs[0][-1] == str(port), r.output
+    assert r.exit_code == 0 and execs and execs[0][execs[0].index("--port") + 1] == str(port), r.output
     assert (f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+            f"&compareRunsMode=CHART&searchFilter=tags.%60studyctl.role%60+%3D+%27trial%27"
             f"&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true") in r.output
+    assert execs[0][execs[0].index("--workers") + 1] == "1"
 
 
 def test_the_sweep_is_expanded_once_per_command(tmp_path, data_root, monkeypatch):

@@ -92,7 +92,7 @@ def test_real_mlflow_server_holds_the_runs(launched, mlflow_server):
     children = [x for x in runs if x.data.tags.get("studyctl.role") == "trial"]
     assert len(runs) == 2 and len(children) == 1
     child = children[0]
-    assert child.info.status == "FINISHED" and "val_loss" in child.data.metrics
+    assert child.info.status == "FINISHED" and "compare/val_loss" in child.data.metrics
     assert len(c.get_metric_history(child.info.run_id, "loss")) > 5
     arts = [a.path for a in c.list_artifacts(child.info.run_id, "samples")]
     assert arts and all(a.endswith(".png") for a in arts)  # uploaded through the server's artifact proxy

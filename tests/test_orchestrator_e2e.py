@@ -137,7 +137,7 @@ def test_mlflow_parent_and_children(launched):
         assert x.data.params["model.base_width"] == str(trials.loc[tid, "model.base_width"])
         if trials.loc[tid, "status"] == "COMPLETED":
             assert x.info.status == "FINISHED"
-            for k in ("loss", "train_loss", "val_loss", "eval_seconds"):
+            for k in ("loss", "train_loss", "compare/val_loss", "eval_seconds"):
                 assert k in x.data.metrics, k
             hist = c.get_metric_history(x.info.run_id, "loss")
             assert len(hist) == len({m.step for m in hist})  # no duplicated steps
