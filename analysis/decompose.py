@@ -79,9 +79,10 @@ def _heldout_config(data: DataConfig) -> DataConfig:
                                on_device=False)
 
 
-def heldout_points(data: DataConfig, n_points: int, eval_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_0, eps): the first n validation images and eps from the evaluation seed (as the Evaluator)."""
-    val = load_splits(_heldout_config(data)).val
+def heldout_points(data: DataConfig, n_points: int, eval_seed: int, val=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, eps): the first n validation images and eps from the evaluation seed (as the Evaluator);
+    `val`: the validation split when the caller has it already."""
+    val = load_splits(_heldout_config(data)).val if val is None else val
     x0 = val.batch(torch.arange(min(n_points, len(val))))
     return x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(eval_seed))
 
@@ -95,13 +96,14 @@ class StudyData:
         self._train: dict[DataConfig, object] = {}
         self._train64: dict[DataConfig, torch.Tensor] = {}
         self._points: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._heldout: dict[DataConfig, object] = {}
         self._truth: dict[DataConfig, object] = {}
 
     def train(self, data: DataConfig):
         """The training set (an ImageSet) of a trial's DataConfig."""
         key = training_key(data)
         if key not in self._train:
-            self._train[key] = load_splits(key).train
+            self._train[key] = self.heldout_splits(data).train if data.subset_size is None else load_splits(key).train
         return self._train[key]
 
     def train64(self, data: DataConfig) -> torch.Tensor:
@@ -111,10 +113,17 @@ class StudyData:
             self._train64[key] = self.train(key).batch(dtype=torch.float64)
         return self._train64[key]
 
+    def heldout_splits(self, data: DataConfig):
+        """The validation and test splits (a Splits; its train is the whole training split)."""
+        key = _heldout_config(data)
+        if key not in self._heldout:
+            self._heldout[key] = load_splits(key, with_test=data.dataset == "molrg")
+        return self._heldout[key]
+
     def points(self, data: DataConfig, n_points: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (_heldout_config(data), n_points, seed)
         if key not in self._points:
-            self._points[key] = heldout_points(data, n_points, seed)
+            self._points[key] = heldout_points(data, n_points, seed, self.heldout_splits(data).val)
         return self._points[key]
 
     @staticmethod
@@ -205,6 +214,10 @@ def decompose(study_dir: str | os.PathLike, *, n_points: int = 256, t_grid: int 
     if not designs:
         raise ValueError("no group of >= 2 completed trials differing only in "
                          f"{', '.join(ENSEMBLE_FIELDS)}; sweep seeds (sweep.seeds) to get ensembles")
+    dataset = _dataset(study)
+    given = [n for n, v in (("quality_steps", quality_steps), ("quality_samples", quality_samples)) if v is not None]
+    if given and dataset != "molrg":
+        raise ValueError(f"option {given[0]!r} applies to molrg studies only (this study's data set is {dataset!r})")
     data = StudyData(study.dir)
     refs = ReferenceValues(data.train64, data.truth) if references else None
     rows, mem_rows, ref_rows = [], [], []
@@ -251,7 +264,13 @@ def decompose(study_dir: str | os.PathLike, *, n_points: int = 256, t_grid: int 
     _write(study.dir, "distance_to_memorization", pd.DataFrame(mem_rows))
     if refs is not None:
         _write(study.dir, "reference_distances", pd.DataFrame(ref_rows))
-    _sample_quality(study, data, quality_steps, quality_samples, eval_seed, device, progress)
+    if dataset == "molrg":
+        from .sample_quality import sample_quality
+
+        done = [t for ids in group_trials(study).values() for t in ids]
+        _write(study.dir, "sample_quality", sample_quality(study, done, data, steps=quality_steps or "final",
+                                                           n_samples=quality_samples, eval_seed=eval_seed,
+                                                           device=device, progress=progress))
     return table
 
 
@@ -319,22 +338,14 @@ def _memorization_setup(study, design, x0, eps, ts, schedule, data: StudyData) -
     return out
 
 
-def _sample_quality(study, data: StudyData, quality_steps, quality_samples, eval_seed, device, progress) -> None:
-    """The sample_quality table of a molrg study; an explicit option on another data set is an error."""
-    done = [t for ids in group_trials(study).values() for t in ids]
-    firsts = [load_snapshot(next(iter(snapshot_files(study.dir, t).values()))) for t in done[:1]
-              if snapshot_files(study.dir, t)]
-    if not firsts or firsts[0].data.dataset != "molrg":
-        given = [n for n, v in (("quality_steps", quality_steps), ("quality_samples", quality_samples)) if v is not None]
-        if given:
-            raise ValueError(f"option {given[0]!r} applies to molrg studies only (this study's data set is "
-                             f"{firsts[0].data.dataset if firsts else 'unknown'!r})")
-        return
-    from .sample_quality import sample_quality
-
-    table = sample_quality(study, done, data, steps=quality_steps or "final", n_samples=quality_samples,
-                           eval_seed=eval_seed, device=device, progress=progress)
-    _write(study.dir, "sample_quality", table)
+def _dataset(study) -> str | None:
+    """The data set of the study's completed trials (from a snapshot: the core config), None without any."""
+    for ids in group_trials(study).values():
+        for tid in ids:
+            files = snapshot_files(study.dir, tid)
+            if files:
+                return load_snapshot(next(iter(files.values()))).data.dataset
+    return None
 
 
 def _write(study_dir: Path, kind: str, table: pd.DataFrame) -> None:

@@ -59,7 +59,7 @@ def coverage_kl(components: np.ndarray, weights: np.ndarray) -> float:
 def quality_measures(x: torch.Tensor, truth, classifier, reference_features: torch.Tensor,
                      n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """Every measure of the module docstring for samples x (n, 1, 28, 28), float."""
-    from diffusion_core.metrics import fid_from_features, frechet_distance
+    from diffusion_core.metrics import fid_from_features
 
     x = x.float().cpu()
     out = {"n_samples": len(x), **_interval("log_density", truth.log_prob(x), n_boot, seed),
@@ -73,14 +73,39 @@ def quality_measures(x: torch.Tensor, truth, classifier, reference_features: tor
     q = np.bincount(comp, minlength=len(weights)) / len(comp)
     out.update({f"coverage_c{k}": float(q[k]) for k in range(len(weights))})
     out.update({f"weight_c{k}": float(weights[k]) for k in range(len(weights))})
-    flat = x.flatten(1).double().numpy()
-    fd = frechet_distance(flat.mean(0), np.cov(flat, rowvar=False), truth.mean().numpy(), truth.covariance().numpy())
+    fd = pixel_frechet(x.flatten(1).double().numpy(), *_moments(truth))
     out.update({"pixel_fd": fd.total, "pixel_fd_mean_term": fd.mean_term, "pixel_fd_cov_term": fd.cov_term})
     out["fraction_outside_unit"] = float((x.abs() > 1).float().mean())
     fid = fid_from_features(classifier.features(x.clamp(-1, 1)), reference_features)
     out.update({"fid": fid.total, "fid_mean_term": fid.mean_term, "fid_cov_term": fid.cov_term,
                 "n_reference": len(reference_features)})
     return out
+
+
+def _moments(truth) -> tuple[np.ndarray, np.ndarray]:
+    """The mixture's exact mean and covariance as numpy float64 (computed once per mixture)."""
+    if not hasattr(truth, "_moments_np"):
+        truth._moments_np = (truth.mean().numpy(), truth.covariance().numpy())
+    return truth._moments_np
+
+
+def pixel_frechet(x: np.ndarray, mu: np.ndarray, sigma: np.ndarray):
+    """frechet_distance(mean(x), cov(x), mu, sigma) for samples x (n, d), through the n x n problem when
+    n <= d: with cov(x) = A A^T, A = (x - mean) / sqrt(n - 1) (d x n), the nonzero eigenvalues of
+    cov(x)^1/2 sigma cov(x)^1/2 are those of A^T sigma A, so Tr((cov(x) sigma)^1/2) = sum sqrt(eig(A^T sigma A)):
+    exact, O(d^2 n) instead of two d x d eigendecompositions."""
+    from diffusion_core.metrics import FrechetDistance, frechet_distance
+
+    n, d = x.shape
+    m = x.mean(0)
+    if n > d:
+        return frechet_distance(m, np.cov(x, rowvar=False), mu, sigma)
+    a = (x - m).T / np.sqrt(n - 1)
+    small = a.T @ sigma @ a
+    tr_sqrt = float(np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0.0, None)).sum())
+    mean_term = float((m - mu) @ (m - mu))
+    cov_term = max(float((a * a).sum() + np.trace(sigma) - 2.0 * tr_sqrt), 0.0)
+    return FrechetDistance(mean_term + cov_term, mean_term, cov_term)
 
 
 def starting_noise(snap, n: int, seed: int) -> torch.Tensor:
@@ -106,13 +131,12 @@ def draw(snap, n: int, seed: int, device, batch: int = 256) -> tuple[torch.Tenso
 
 
 def sample_quality(study, trial_ids: list[str], data, *, steps: str = "final", n_samples: int | None = None,
-                   n_reference: int = DEFAULT_REFERENCE, eval_seed: int | None = None, device="cpu",
+                   n_reference: int | None = None, eval_seed: int | None = None, device="cpu",
                    progress: bool = True, n_boot: int = 1000) -> pd.DataFrame:
     """The sample_quality table (module docstring) of the given trials; `data`: decompose.StudyData."""
-    from diffusion_core.data import load_splits
     from diffusion_core.metrics import load_classifier
 
-    n = int(n_samples or DEFAULT_SAMPLES)
+    n, n_reference = int(n_samples or DEFAULT_SAMPLES), int(n_reference or DEFAULT_REFERENCE)
     if n < 2:
         raise ValueError(f"option 'quality_samples': bad value {n}: allowed: >= 2 (a covariance needs 2 samples)")
     classifier = load_classifier(device)
@@ -127,7 +151,7 @@ def sample_quality(study, trial_ids: list[str], data, *, steps: str = "final", n
             truth = data.truth(snap.data)
             key = (data.heldout_key(snap.data), seed)
             if key not in floors:
-                splits = load_splits(data.heldout_key(snap.data), with_test=True)
+                splits = data.heldout_splits(snap.data)
                 ref = classifier.features(splits.val.batch(torch.arange(min(n_reference, len(splits.val))))
                                           .clamp(-1, 1))
                 held = splits.test.batch(torch.arange(min(n, len(splits.test))))
