@@ -1,7 +1,9 @@
-"""Datasets: MNIST (the thesis's), CIFAR-10, and a Gaussian toy with a known optimal denoiser.
+"""Datasets: MNIST (the thesis's), CIFAR-10, and `molrg`, a mixture of low-rank Gaussians fitted to
+MNIST whose optimal denoiser is exact (molrg.py).
 
 Images are held as one uint8 tensor (N, C, H, W) — MNIST's 60,000 training images are
 47 MB that way — and scaled to [-1, 1] per batch, on whatever device the tensor lives.
+`molrg` draws are held as float32 and used as they are: Gaussian data is not bounded to [-1, 1].
 Keeping the whole set resident (on the GPU, when there is one) replaces a DataLoader:
 an epoch is a seeded permutation of indices, sharded by rank for DDP exactly as
 torch's DistributedSampler does (pad to a multiple of world size, take every
@@ -19,15 +21,19 @@ import numpy as np
 import torch
 
 DATA_ROOT_ENV = "STUDYCTL_DATA_ROOT"
-Dataset = Literal["mnist", "cifar10"]
+Dataset = Literal["mnist", "cifar10", "molrg"]
+MolrgBasis = Literal["mnist", "random"]
 SubsetMode = Literal["disjoint", "bootstrap"]
 DATASETS, SUBSET_MODES = get_args(Dataset), get_args(SubsetMode)
 MNIST_TRAIN, MNIST_VAL = 48_000, 12_000  # thesis 2.5.3: 80/20 split of the 60k training images
 CIFAR10_TRAIN, CIFAR10_VAL = 40_000, 10_000  # the 50k training images, same 80/20 split
+MOLRG_TEST = 10_000  # the molrg held-out test draws (as MNIST's test set)
 # The one place the split sizes and native image sizes live (study validation reads them here).
-SPLIT_SIZES = {"mnist": (MNIST_TRAIN, MNIST_VAL), "cifar10": (CIFAR10_TRAIN, CIFAR10_VAL)}
-NATIVE_IMAGE_SIZE = {"mnist": 28, "cifar10": 32}
-IMAGE_CHANNELS = {"mnist": 1, "cifar10": 3}
+# molrg mirrors MNIST: 48,000 training and 12,000 validation draws of 1x28x28.
+SPLIT_SIZES = {"mnist": (MNIST_TRAIN, MNIST_VAL), "cifar10": (CIFAR10_TRAIN, CIFAR10_VAL),
+               "molrg": (MNIST_TRAIN, MNIST_VAL)}
+NATIVE_IMAGE_SIZE = {"mnist": 28, "cifar10": 32, "molrg": 28}
+IMAGE_CHANNELS = {"mnist": 1, "cifar10": 3, "molrg": 1}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -64,9 +70,9 @@ class ImageSet:
         return ImageSet(self.images[idx], self.labels[idx], name or self.name)
 
     def batch(self, indices: torch.Tensor | slice | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Images scaled to [-1, 1] (thesis 2.5.3)."""
+        """uint8 images scaled to [-1, 1] (thesis 2.5.3); float images (molrg draws) as they are."""
         x = self.images if indices is None else self.images[indices]
-        return to_unit_range(x, dtype)
+        return x.to(dtype) if x.is_floating_point() else to_unit_range(x, dtype)
 
 
 def to_unit_range(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -75,7 +81,7 @@ def to_unit_range(images_uint8: torch.Tensor, dtype: torch.dtype = torch.float32
 
 
 def from_unit_range(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 [0, 255] (clamped), for grids and metrics."""
+    """[-1, 1] -> uint8 [0, 255] (clamped: -1 and below black, 1 and above white), for grids and metrics."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
@@ -218,15 +224,80 @@ class DataConfig:
     image_size: int | None = None     # None: native (28 MNIST, 32 CIFAR); larger zero-pads
     val_size: int | None = None       # None: the whole validation split; else its first N
     on_device: bool = True            # keep the whole set as one tensor on the training device
+    # dataset molrg only (molrg.py): the mixture's rank r, isotropic floor sigma_0^2, bases (mnist: each digit's
+    # top-r principal directions and mean; random: Wang et al.'s random subspaces, zero means) and components.
+    molrg_rank: int = 16
+    molrg_floor: float = 1e-3
+    molrg_basis: MolrgBasis = "mnist"
+    molrg_components: int = 10
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; allowed: {', '.join(DATASETS)}")
+        if self.dataset != "molrg":
+            for f, default in MOLRG_DEFAULTS.items():
+                if getattr(self, f) != default:
+                    raise ValueError(f"DataConfig.{f}={getattr(self, f)!r} applies only to dataset 'molrg' (this is "
+                                     f"{self.dataset!r}); allowed: remove it, or data.dataset: molrg")
+            return
+        if self.molrg_basis not in get_args(MolrgBasis):
+            raise ValueError(f"DataConfig.molrg_basis={self.molrg_basis!r}; allowed: {', '.join(get_args(MolrgBasis))}")
+        if not 1 <= self.molrg_rank <= 783:
+            raise ValueError(f"DataConfig.molrg_rank={self.molrg_rank!r}; allowed: 1..783 (below d = 784 pixels)")
+        if not self.molrg_floor > 0:
+            raise ValueError(f"DataConfig.molrg_floor={self.molrg_floor!r}; allowed: > 0 (the isotropic variance "
+                             f"sigma_0^2 that makes each component's covariance invertible)")
+        most = 10 if self.molrg_basis == "mnist" else 100
+        if not 1 <= self.molrg_components <= most:
+            raise ValueError(f"DataConfig.molrg_components={self.molrg_components!r}; allowed: 1..{most} "
+                             f"({'one per digit' if most == 10 else 'random subspaces'})")
+        if self.image_size not in (None, 28):
+            raise ValueError(f"DataConfig.image_size={self.image_size!r}; molrg draws are 28x28: allowed: null or 28")
+
+
+MOLRG_DEFAULTS = {f: getattr(DataConfig, f) for f in ("molrg_rank", "molrg_floor", "molrg_basis", "molrg_components")}
+
+
+def molrg_of(cfg: DataConfig):
+    """The mixture a molrg DataConfig names (molrg.MoLRG). Fitted to the seeded 48,000-image MNIST training
+    split (basis mnist; needs MNIST under the data root) or drawn from split_seed (basis random); cached as an
+    .npz in $STUDYCTL_CACHE_DIR/molrg/ so every trial of a study uses the same parameters bit for bit."""
+    from .metrics.fid import resolve_cache_dir
+    from .molrg import MoLRG, fit_mnist, molrg_key, random_bases
+
+    key = molrg_key(cfg.molrg_rank, cfg.molrg_floor, cfg.molrg_basis, cfg.molrg_components, cfg.split_seed)
+    path = resolve_cache_dir() / "molrg" / f"{key}.npz"
+    if path.exists():
+        return MoLRG.load(path)
+    if cfg.molrg_basis == "random":
+        m = random_bases(cfg.molrg_rank, cfg.molrg_floor, cfg.molrg_components, cfg.split_seed)
+    else:
+        train = mnist_splits(cfg.root, split_seed=cfg.split_seed).train
+        m = fit_mnist(train.batch(dtype=torch.float64), train.labels, cfg.molrg_rank, cfg.molrg_floor,
+                      cfg.molrg_components)
+    m.save(path)
+    return m
+
+
+def molrg_splits(cfg: DataConfig, with_test: bool = False) -> Splits:
+    """48,000 training and 12,000 validation draws of the mixture (and 10,000 test draws), each split from its
+    own seeded stream: independent of each other, deterministic from (the mixture, split_seed)."""
+    m = molrg_of(cfg)
+
+    def draw(n: int, stream: int, name: str) -> ImageSet:
+        x, comp = m.sample(n, torch.Generator().manual_seed(cfg.split_seed * 1_000_003 + stream))
+        return ImageSet(x, comp, name)
+
+    n_train, n_val = SPLIT_SIZES["molrg"]
+    return Splits(draw(n_train, 1, "molrg-train"), draw(n_val, 2, "molrg-val"),
+                  draw(MOLRG_TEST, 3, "molrg-test") if with_test else None)
 
 
 def load_splits(cfg: DataConfig, with_test: bool = False) -> Splits:
     """Train (possibly a subset) and validation splits for a DataConfig."""
-    if cfg.dataset == "mnist":
+    if cfg.dataset == "molrg":
+        splits = molrg_splits(cfg, with_test)
+    elif cfg.dataset == "mnist":
         splits = mnist_splits(cfg.root, split_seed=cfg.split_seed, image_size=cfg.image_size, with_test=with_test)
     else:
         splits = cifar10_splits(cfg.root, split_seed=cfg.split_seed, with_test=with_test)

@@ -237,6 +237,20 @@ def _doomed_value(spec: StudySpec, data: DataConfig, model: UNetConfig, diffusio
     if data.image_size is not None and data.image_size < native:
         return (f"field 'data.image_size': bad value {data.image_size}: {data.dataset} images are {native}x{native} "
                 f"and are zero-padded, never shrunk; allowed: null or >= {native}")
+    if data.dataset == "molrg" and evaluation.clip_x0 is not None:
+        return (f"field 'evaluation.clip_x0': bad value {evaluation.clip_x0}: molrg data is Gaussian, not bounded to "
+                f"[-1, 1] (about a third of its pixels lie outside), so clipping x0 changes what is sampled; "
+                f"allowed: null on data.dataset molrg")
+    if data.dataset == "molrg" and evaluation.metrics:
+        return ("field 'evaluation.metrics': bad value true: the classifier metrics (FID, IS, precision/recall) "
+                "compare samples with MNIST, not with the molrg mixture; allowed: false on data.dataset molrg "
+                "(`studyctl decompose` measures molrg samples exactly: log-density, coverage, pixel-space "
+                "Frechet distance to the mixture)")
+    if data.dataset == "molrg" and (evaluation.keep_samples or spec.analysis.generalization):
+        field = "evaluation.keep_samples" if evaluation.keep_samples else "analysis.generalization"
+        return (f"field '{field}': bad value true: kept samples and `studyctl generalization` work on uint8 images "
+                f"in [-1, 1], which would clip molrg's unbounded draws; allowed: false on data.dataset molrg "
+                f"(`studyctl decompose` places each model between the memorizing f*_D and the true f*)")
     if model.attention:
         channels = model.base_width * model.channel_mult[-1]
         if channels % model.attention_heads:

@@ -64,7 +64,8 @@ SECTIONS = tuple(SECTION_CLASSES)
 # the dataclass declares `X | None` stays nullable. Fields not listed keep the dataclass type.
 BOUNDS: dict[type, dict[str, Any]] = {
     DataConfig: {"subset_size": PositiveInt, "subset_index": NonNegativeInt, "image_size": PositiveInt,
-                 "val_size": PositiveInt},
+                 "val_size": PositiveInt, "molrg_rank": PositiveInt, "molrg_floor": PositiveFloat,
+                 "molrg_components": PositiveInt},
     UNetConfig: {"in_channels": PositiveInt, "image_size": PositiveInt, "base_width": PositiveInt,
                  "channel_mult": Annotated[tuple[PositiveInt, ...], Field(min_length=1)],
                  "blocks_per_level": PositiveInt, "bottleneck_blocks": NonNegativeInt, "dropout": UnitInterval,
@@ -315,11 +316,13 @@ def check_study(spec: StudySpec, source: str = "<study>") -> None:
     from diffusion_core.data import resolve_data_root
 
     root = resolve_data_root(spec.data.root)
-    if spec.data.dataset == "mnist":
-        needed = root / "MNIST" / "raw"
-    else:
+    if spec.data.dataset == "mnist" or (spec.data.dataset == "molrg" and spec.data.molrg_basis == "mnist"):
+        needed = root / "MNIST" / "raw"       # molrg with basis mnist is fitted to MNIST
+    elif spec.data.dataset == "cifar10":
         needed = root / "cifar-10-batches-py"
-    if not needed.exists():
+    else:
+        needed = None                         # molrg with random bases: drawn, nothing to read
+    if needed is not None and not needed.exists():
         raise StudyError(f"{source}: field 'data.root': bad value {spec.data.root!r} (resolved to {root}): "
                          f"{needed} does not exist. Set data.root to the folder that contains "
                          f"{needed.relative_to(root)}, or export STUDYCTL_DATA_ROOT.")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Callable
 import yaml
 
 from records.atomic import write_text
+from records.ground_truth import save_molrg
 from records.layout import STUDY_FILE, study_file
 from records.parquet import read_table
 
@@ -73,6 +75,11 @@ def prepare(plan: Plan, out: Path, echo: Callable[[str], None] = print) -> Study
                                          "swept": ",".join(plan.swept) or "-"})
     study = StudyRun(plan, out, uri, exp_id, parent)
     warm_metric_cache(plan, echo)
+    # molrg: fit (or read from the cache) each mixture once, before trials start side by side, and keep
+    # it with the records so analysis rebuilds the exact distribution from the study folder alone.
+    for data in {dataclasses.replace(t.data, subset_size=None, subset_index=0, val_size=None) for t in plan.trials
+                 if t.data.dataset == "molrg"}:
+        save_molrg(out, data)
     known = statuses(out)
     for t in plan.trials:
         if t.trial_id not in known:

@@ -4,6 +4,7 @@
     trials/ train_steps/ epochs/ residuals/ evals/   Parquet records of the trials (parquet.py)
     decomposition/ distance_to_memorization/    Parquet tables of `studyctl decompose`
     reference_distances/ sample_quality/        (the last on molrg studies only)
+    ground_truth/molrg-*.npz                    the exact distribution of a molrg study (ground_truth.py)
     trial_files/<trial_id>/
         summary.json                            live status of the trial (step, wall time)
         workers/rank<r>.json                    host and pid of each DDP worker
@@ -85,3 +86,8 @@ def snapshot_files(study_dir: str | os.PathLike, trial_id: str) -> dict[int, Pat
     folder = trial_files(study_dir, trial_id) / "ema"
     files = folder.glob("step_*.pt") if folder.is_dir() else []
     return dict(sorted((int(p.stem.split("_")[-1]), p) for p in files))
+
+
+def ground_truth_file(study_dir: str | os.PathLike, key: str) -> Path:
+    """The parameters of one molrg mixture the study's trials draw from (diffusion_core.molrg.molrg_key)."""
+    return Path(study_dir) / "ground_truth" / f"{key}.npz"
