@@ -237,7 +237,7 @@ def decompose(study_dir: str | os.PathLike, *, n_points: int = 256, t_grid: int 
                 nets = {t: m.net(w, device) for t, m in members.items()}
                 for t in ts:
                     preds = _predict([nets[i] for i in design.trial_ids], x0, eps, t, schedule, device)
-                    est = _ensemble_estimates(design, eps, preds, n_boot, seed, optimal and optimal[t])
+                    est = _ensemble_estimates(design, eps, preds, n_boot, seed, optimal[t] if optimal else None)
                     rows.append({**common, "t": t, "log_snr": _log_snr(schedule, t), "step": step, "weights": w,
                                  **est, "design": design.kind,
                                  "k_models": len(design.trial_ids), "j_subsets": len(design.units)
