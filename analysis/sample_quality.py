@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_core.data import SPLIT_SIZES
 from diffusion_core.intervals import bootstrap_se, combined_interval
 from diffusion_core.samplers import DDIMSampler
 from diffusion_core.schedules import NoiseSchedule
@@ -112,7 +113,8 @@ def starting_noise(snap, n: int, seed: int) -> torch.Tensor:
     """n starting points x_T from the evaluation seed's stream, after the residual's eps (as the Evaluator)."""
     g = torch.Generator().manual_seed(seed)
     shape = (snap.model.in_channels, snap.model.image_size, snap.model.image_size)
-    torch.randn((snap.evaluation.residual_images, *shape), generator=g)
+    n_val = snap.data.val_size or SPLIT_SIZES[snap.data.dataset][1]
+    torch.randn((min(snap.evaluation.residual_images, n_val), *shape), generator=g)   # the residual's eps
     return torch.randn((n, *shape), generator=g)
 
 

@@ -180,3 +180,18 @@ def test_heldout_points_keep_the_molrg_fields():
     a = DataConfig(**MOLRG, subset_size=64)
     b = dataclasses.replace(a, molrg_rank=5)
     assert not torch.equal(heldout_points(a, 4, 0)[0], heldout_points(b, 4, 0)[0])
+
+
+def test_quality_samples_start_from_the_evaluators_noise():
+    """The sample-quality draws start from the Evaluator's fixed x_T (same seed, same stream position)."""
+    from types import SimpleNamespace
+
+    from diffusion_core.data import ImageSet
+    from diffusion_core.evaluation import Evaluator
+
+    cfg = EvalConfig(seed=3, residual_images=24, n_samples=20, grid_images=16)
+    val = ImageSet(torch.zeros(40, 1, 28, 28), torch.zeros(40, dtype=torch.long))
+    ev = Evaluator(NoiseSchedule.from_config(ScheduleConfig()), val, cfg)
+    snap = SimpleNamespace(model=UNetConfig(), evaluation=cfg, data=DataConfig(**MOLRG, val_size=40))
+    assert torch.equal(SQ.starting_noise(snap, 20, 3), ev.x_T)
+    assert not torch.equal(SQ.starting_noise(snap, 20, 4), ev.x_T)
