@@ -59,7 +59,9 @@ CAPTIONS = {
 
 
 def _label(key: dict) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in key.items()) or "all"
+    def fmt(v):
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+    return ", ".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in key.items()) or "all"
 
 
 def _others(df: pd.DataFrame, study: Study, skip: tuple[str, ...]) -> list[str]:
