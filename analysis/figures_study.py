@@ -14,7 +14,7 @@ from . import figures_axes
 from .figures import STYLE, _real_data_line
 from .figures_generalization import generalization_figures
 from .groups import (REPLICATE_FIELD, SCHEDULE_FIELDS, at_common_last_step, describe, group_fields,  # noqa: F401
-                     fmt_value, groups, log_snr, n_label, short, summarize)
+                     fmt_value, groups, log_snr, n_label, range_text, short, summarize)
 from .tables import Study
 
 def _panels(n: int, width: float = 4.6, height: float = 3.5):
@@ -37,8 +37,13 @@ def _figure_legend(fig, axes, loc: str = "outside lower center") -> None:
     fig.legend(list(seen.values()), list(seen), loc=loc, frameon=False, ncol=min(3, len(seen)))
 
 
+def _cut_note(y: str, cut: bool) -> str:
+    """What a figure says when a band was cut to the quantity's range (groups.summarize)."""
+    return f" (cut to the possible values {range_text(y)})" if cut else ""
+
+
 def _mean_line(ax, s: pd.DataFrame, x: str, label: str, style: str = "o-", color=None):
-    """Mean over seeds with its 95% t-interval band (where n >= 2)."""
+    """Mean over seeds with its 95% t-interval band (where n >= 2), cut to the quantity's range."""
     line, = ax.plot(s[x], s["mean"], style, color=color, label=label)
     band = s["n"] >= 2
     if band.any():
@@ -62,10 +67,12 @@ def _overlay(study: Study, df: pd.DataFrame, col: str, x: str, y: str, xlabel: s
     if not panels:
         return None
     fig, axes = _panels(len(panels))
+    cut = False
     for ax, (ctx, g) in zip(axes, panels):
         counts = []
         for value, gv in groups(g, [col]):
             s = summarize(gv, x, y)
+            cut |= bool(s["cut"].any())
             counts.append(s["n"])
             _mean_line(ax, s, x, f"{short(col)} = {fmt_value(value[col])}")
         if real_data:
@@ -80,7 +87,7 @@ def _overlay(study: Study, df: pd.DataFrame, col: str, x: str, y: str, xlabel: s
         if invert_x:
             ax.invert_xaxis()
     _figure_legend(fig, axes)
-    fig.suptitle(f"{title}: mean over seeds ± 95% t-interval", fontsize=10)
+    fig.suptitle(f"{title}: mean over seeds ± 95% t-interval{_cut_note(y, cut)}", fontsize=10)
     return fig
 
 
@@ -147,8 +154,10 @@ def fig_fid_bias_variance_vs_capacity(study: Study):
         return None
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.0, 3.8), layout="constrained")
+        cut = False
         for i, (ctx, g) in enumerate(curves):
             s = summarize(g, col, "fid")
+            cut |= bool(s["cut"].any())
             _mean_line(ax, s, col, f"{describe(ctx)}: step {int(g['step'].max())}, {n_label(s['n'])} seeds",
                        color=f"C{i}")
         _real_floor_in(ax, fe, "real_fid")
@@ -161,7 +170,8 @@ def fig_fid_bias_variance_vs_capacity(study: Study):
             draw_on_capacity_axis(twin, study, col)
         _figure_legend(fig, [ax] + ([twin] if len(study.decomposition) and col in study.decomposition else []),
                        loc="outside lower center")
-        ax.set_title("Final FID (mean over seeds ± 95% t-interval), bias² + noise and variance vs capacity")
+        ax.set_title(f"Final FID, bias² + noise and variance vs capacity\n"
+                     f"FID: mean over seeds ± 95% t-interval{_cut_note('fid', cut)}", fontsize=9)
     return fig
 
 
@@ -176,9 +186,11 @@ def fig_pr_memorization_vs_size(study: Study):
     if not curves:
         return None
     fig, axes = _panels(3, width=3.6, height=3.3)
+    cut = False
     for ax, metric in zip(axes, needed):
         for i, (ctx, g) in enumerate(curves):
             s = summarize(g, col, metric)
+            cut |= bool(s["cut"].any())
             _mean_line(ax, s, col, f"{describe(ctx)}: {n_label(s['n'])} seeds", color=f"C{i}")
         real = f"real_{metric}"
         if real in fe and fe[real].notna().any():
@@ -194,7 +206,8 @@ def fig_pr_memorization_vs_size(study: Study):
         ax.set_ylim(-0.02, 1.02)
     _figure_legend(fig, axes, loc="outside lower center")
     fig.suptitle("Precision, recall, memorized fraction of samples vs training-set size (equal optimizer steps)\n"
-                 "mean over seeds ± 95% t-interval, at the last evaluation every trial of a curve reached",
+                 f"mean over seeds ± 95% t-interval{_cut_note('precision', cut)},\nat the last evaluation every "
+                 f"trial of a curve reached",
                  fontsize=9)
     return fig
 

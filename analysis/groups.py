@@ -6,7 +6,10 @@ that differ in anything but their seed are never pooled (a width-32 point must n
 schedules, training-set sizes or subsets). Within a group the seeds are replicates:
 each point is their mean with a two-sided 95% Student-t interval,
 mean +- t_{0.975, n-1} s / sqrt(n), s the sample standard deviation over the n seeds
-(no interval when n = 1); the legend states n.
+(no interval when n = 1); the legend states n. The interval is symmetric, so with few seeds
+(n = 2: t = 12.7) it can reach values the quantity cannot take (an FID of -1,000): `summarize`
+cuts it to the quantity's range (QUANTITY_RANGE), which keeps its 95% coverage (the true value
+lies in the range) and says where it cut.
 
 Per-timestep curves of different schedules are compared at equal noise level, not equal t:
 their x axis is the log signal-to-noise ratio lambda_t = log(alpha_bar_t / (1 - alpha_bar_t))
@@ -23,6 +26,28 @@ import pandas as pd
 
 REPLICATE_FIELD = "training.seed"
 SCHEDULE_FIELDS = ("diffusion.schedule", "diffusion.T", "diffusion.beta_start", "diffusion.beta_end")
+
+
+# The values each plotted quantity can take (a column of the evals / epochs / residuals tables).
+# FID and its terms are squared distances; IS over C = 10 classes lies in [1, C], its entropies in
+# [0, ln C]; fractions in [0, 1]; losses and residuals are mean squared errors.
+_NONNEGATIVE = (0.0, math.inf)
+_FRACTION = (0.0, 1.0)
+QUANTITY_RANGE: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(("fid", "fid_mean_term", "fid_cov_term", "fid_class_mean", "real_fid"), _NONNEGATIVE),
+    **dict.fromkeys(("inception_score", "inception_score_arith", "real_inception_score"), (1.0, 10.0)),
+    **dict.fromkeys(("h_y", "h_y_given_x"), (0.0, math.log(10))),
+    **dict.fromkeys(("precision", "recall", "memorized_fraction", "conditional_accuracy", "real_precision",
+                     "real_recall", "real_memorized_fraction"), _FRACTION),
+    **dict.fromkeys(("loss", "train_loss", "train_loss_eval", "val_loss", "val_loss_raw", "residual"), _NONNEGATIVE),
+    "same_noise_cosine": (-1.0, 1.0),
+}
+
+
+def range_text(y: str) -> str:
+    """'[0, inf)' for a quantity of QUANTITY_RANGE."""
+    lo, hi = QUANTITY_RANGE[y]
+    return f"[{lo:g}, {'∞)' if hi == math.inf else f'{hi:.3g}]'}"
 
 
 def group_fields(swept: list[str], plotted: str) -> list[str]:
@@ -46,9 +71,14 @@ def t_interval(values) -> tuple[float, float, float, int]:
 
 
 def summarize(df: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """Per x value: mean, low, high, n of y over the rows (the seeds of one group)."""
+    """Per x value: mean, low, high, n of y over the rows (the seeds of one group), and `cut`: whether
+    the t-interval left y's range (QUANTITY_RANGE) and [low, high] is its part inside the range."""
     rows = [(xv, *t_interval(g[y].to_numpy())) for xv, g in df.dropna(subset=[y]).groupby(x)]
-    return pd.DataFrame(rows, columns=[x, "mean", "low", "high", "n"]).sort_values(x).reset_index(drop=True)
+    s = pd.DataFrame(rows, columns=[x, "mean", "low", "high", "n"]).sort_values(x).reset_index(drop=True)
+    lo, hi = QUANTITY_RANGE.get(y, (-math.inf, math.inf))
+    s["cut"] = (s["low"] < lo) | (s["high"] > hi)
+    s["low"], s["high"] = s["low"].clip(lower=lo), s["high"].clip(upper=hi)
+    return s
 
 
 def _sort_key(value):

@@ -58,8 +58,10 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.{field_name}={value!r} is invalid; allowed: {allowed}")
         if self.in_channels < 1:
             bad("in_channels", self.in_channels, "an integer >= 1")
-        if not isinstance(self.base_width, int) or self.base_width < 1:
-            bad("base_width", self.base_width, "an integer >= 1 (thesis: 32)")
+        if not isinstance(self.base_width, int) or self.base_width < 2:
+            # Width 1 puts one channel in each GroupNorm group, which erases the time embedding (above).
+            bad("base_width", self.base_width, "an integer >= 2 (one channel per GroupNorm group would erase "
+                "the time embedding; thesis: 32)")
         if len(self.channel_mult) < 1 or any((not isinstance(m, int)) or m < 1 for m in self.channel_mult):
             bad("channel_mult", self.channel_mult, "a non-empty tuple of integers >= 1 (thesis: (1, 2, 4))")
         if self.blocks_per_level < 1:

@@ -12,6 +12,19 @@ import typer
 
 from records.layout import STUDY_FILE, read_study_file, study_file
 
+from . import packaged_study_names
+
+
+def _flag_without_type(display_type_rich):
+    """typer 0.29 prints a type after every option in --help, `<bool>` after a flag too (`--local <bool>`),
+    as if it took a value: a flag shows none."""
+    def display(self, ctx):
+        return None if self.is_flag else display_type_rich(self, ctx)
+    return display
+
+
+typer.core.TyperOption.display_type_rich = _flag_without_type(typer.core.TyperOption.display_type_rich)
+
 app = typer.Typer(
     name="studyctl",
     help="Systematic bias-variance studies of diffusion models (DDPMs) on Ray.\n\n"
@@ -48,6 +61,7 @@ def version() -> None:
 EXIT_BAD_STUDY = 2
 
 
+STUDY_ARG_HELP = f"Study YAML: a path, or a packaged study's name ({', '.join(packaged_study_names())})."
 SET_HELP = ("Override a study field, FIELD=VALUE in YAML syntax (repeatable), e.g. "
             "--set evaluation.n_samples=10000 --set training.precision=bf16.")
 
@@ -98,8 +112,7 @@ def _print_table(plan) -> None:
 
 
 @app.command()
-def validate(file: str = typer.Argument(..., help="Study YAML: a path, or a packaged study's name "
-                                                  "(quickstart, bias_variance, thesis)."),
+def validate(file: str = typer.Argument(..., help=STUDY_ARG_HELP),
              overrides: list[str] = typer.Option(None, "--set", help=SET_HELP)) -> None:
     """Check a study file and print the expanded trial table and count.
 
@@ -119,12 +132,12 @@ def validate(file: str = typer.Argument(..., help="Study YAML: a path, or a pack
 
 
 @app.command()
-def launch(file: str = typer.Argument(..., help="Study YAML: a path, or a packaged study's name."),
+def launch(file: str = typer.Argument(..., help=STUDY_ARG_HELP),
            address: str = typer.Option(None, "--address", help="Join this Ray cluster (e.g. ray://head:10001 or "
                                        "head:6379); default: the study's ray_address, else a local Ray "
                                        "sized to this machine."),
            output: str = typer.Option(None, "--output", "-o", help="Study folder for records, checkpoints and "
-                                      "the MLflow store (default: the study's output, else runs/<name>)."),
+                                      "the MLflow store (default: the study's output, else `runs/<name>`)."),
            dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; start nothing."),
            local: bool = typer.Option(False, "--local", help="No Ray: run the trials one after another in this "
                                       "process (first GPU if the study asks for GPUs, else CPU), with a "
@@ -167,33 +180,102 @@ def _run_sweep(plan, out: Path, address: str | None, local: bool = False) -> Non
     except KeyboardInterrupt:  # before the trials started (the sweep handles its own interrupts)
         typer.echo(f"interrupted — `studyctl resume {out}{' --local' if local else ''}` continues", err=True)
         raise typer.Exit(130)
-    typer.echo(f"wall time {time.time() - t0:.0f} s")
+    trials_s = time.time() - t0
     if code == 130:  # interrupted: the message is printed; no analysis of a half-run sweep
+        typer.echo(f"wall time {trials_s:.0f} s")
         raise typer.Exit(code)
-    _after_sweep(plan.spec, out)
+    try:
+        _after_sweep(plan.spec, out)
+    finally:
+        total = time.time() - t0
+        typer.echo(f"wall time {total:.0f} s (trials {trials_s:.0f} s, analysis {total - trials_s:.0f} s)")
     raise typer.Exit(code)
 
 
-def _after_sweep(spec, out: Path) -> None:
-    """The study file's `analysis` section: figures (default) and the decomposition (opt-in)."""
-    if spec.analysis.decompose:
-        from analysis.decompose import decompose as run_decompose
+# The study file's `analysis` steps: what each does, the files that say it is done (what it writes:
+# analysis/decompose.py, analysis/generalization.py, analysis/report.py) and the errors that skip it
+# (a study without seed groups or subset pairs) instead of stopping the launch.
+ANALYSIS_STEPS = {
+    "decompose": ("bias² + noise and variance of every group of seeds, at every snapshot",
+                  ("decomposition/decomposition.parquet", "distance_to_memorization/distance_to_memorization.parquet"),
+                  (FileNotFoundError, ValueError)),
+    "generalization": ("same-noise similarity and memorization of every pair of disjoint subsets",
+                       ("generalization/generalization.parquet",), (FileNotFoundError, ValueError)),
+    "figures": ("every figure and the report", ("figures/index.html",), (FileNotFoundError,)),
+}
+# What the decomposition and generalization read: the trials' records and files. The figures read
+# everything in the study folder but these (MLflow's store changes at every launch).
+ANALYSIS_INPUTS = ("trials", "train_steps", "epochs", "residuals", "evals", "trial_files", "ground_truth")
+NOT_FIGURE_INPUTS = ("figures", "mlflow.db", "mlartifacts", "ray", STUDY_FILE)
 
-        try:
-            table = run_decompose(out, n_points=spec.analysis.decompose_points)
-            typer.echo(f"decomposition: {table['group_id'].nunique()} group(s) -> {out / 'decomposition'}")
-        except (FileNotFoundError, ValueError) as e:
-            typer.echo(f"decomposition skipped: {e}", err=True)
-    if spec.analysis.generalization:
-        try:
-            _run_generalization(out)
-        except (FileNotFoundError, ValueError) as e:
-            typer.echo(f"generalization skipped: {e}", err=True)
-    if spec.analysis.figures or spec.analysis.decompose or spec.analysis.generalization:
-        try:
-            _write_figures(out)
-        except FileNotFoundError as e:
-            typer.echo(f"figures skipped: {e}", err=True)
+
+def _after_sweep(spec, out: Path) -> None:
+    """The study file's `analysis` section: the decomposition and generalization (opt-in), then the
+    figures (default). Each step says what it does and how long it took; a step whose output is newer
+    than everything it reads is skipped (a relaunch of a finished study redoes nothing); Ctrl-C (or
+    SIGTERM) stops the analysis with a message and exit status 130."""
+    from .sweep import sigterm_as_interrupt
+
+    a = spec.analysis
+    steps = [name for name, on in (("decompose", a.decompose), ("generalization", a.generalization)) if on]
+    steps += ["figures"] if a.figures or steps else []
+    if not steps:
+        return
+    typer.echo(f"analysis (the study file's `analysis` section): {', '.join(steps)}. The trials are finished and "
+               f"recorded; Ctrl-C stops the analysis")
+    step = steps[0]
+    try:
+        with sigterm_as_interrupt():
+            for i, step in enumerate(steps, 1):
+                _analysis_step(spec, out, step, f"analysis {i}/{len(steps)}: {step}")
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted during the analysis ({step}); the trials' records are complete: "
+                   f"`studyctl {step} {out}` runs it again", err=True)
+        raise typer.Exit(130)
+
+
+def _analysis_step(spec, out: Path, step: str, where: str) -> None:
+    what, outputs, skippable = ANALYSIS_STEPS[step]
+    inputs = ANALYSIS_INPUTS if step != "figures" else \
+        tuple(p.name for p in out.iterdir() if p.name not in NOT_FIGURE_INPUTS)
+    if _up_to_date(out, outputs, inputs):
+        typer.echo(f"{where}: up to date (written after the last change to what it reads); "
+                   f"`studyctl {step} {out}` redoes it")
+        return
+    typer.echo(f"{where}: {what} ...")
+    t0 = time.time()
+    try:
+        _ANALYSIS_RUN[step](spec, out)
+    except skippable as e:
+        typer.echo(f"{where} skipped: {e}", err=True)
+        return
+    typer.echo(f"{where}: done in {time.time() - t0:.0f} s")
+
+
+def _decompose_step(spec, out: Path) -> None:
+    from analysis.decompose import decompose as run_decompose
+
+    table = run_decompose(out, n_points=spec.analysis.decompose_points)
+    typer.echo(f"decomposition: {table['group_id'].nunique()} group(s) -> {out / 'decomposition'}")
+
+
+_ANALYSIS_RUN = {"decompose": _decompose_step,
+                 "generalization": lambda spec, out: _run_generalization(out),
+                 "figures": lambda spec, out: _write_figures(out)}
+
+
+def _up_to_date(out: Path, outputs: tuple[str, ...], inputs: tuple[str, ...]) -> bool:
+    """Every output exists and was written after the newest file under the inputs (make's rule)."""
+    def newest(path: Path) -> int:
+        if path.is_file():
+            return path.stat().st_mtime_ns
+        return max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0)
+
+    files = [out / f for f in outputs]
+    if not all(f.is_file() for f in files):
+        return False
+    return min(f.stat().st_mtime_ns for f in files) >= max((newest(out / p) for p in inputs if (out / p).exists()),
+                                                           default=0)
 
 
 def _study_dir(directory: str) -> Path:

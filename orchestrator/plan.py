@@ -264,12 +264,15 @@ def _doomed_value(spec: StudySpec, data: DataConfig, model: UNetConfig, diffusio
         return f"field 'evaluation.steps': bad value {evaluation.steps}: allowed 1..diffusion.T={diffusion.T}"
     if isinstance(evaluation.t_grid, int) and not 2 <= evaluation.t_grid <= diffusion.T:
         return (f"field 'evaluation.t_grid': bad value {evaluation.t_grid}: the number of residual timesteps; "
-                f"allowed: 2..diffusion.T={diffusion.T}, or an explicit list of timesteps")
+                f"allowed: 2..diffusion.T={diffusion.T}, or a list of distinct timesteps in 1..{diffusion.T}")
     if isinstance(evaluation.t_grid, tuple):
         grid = evaluation.t_grid
-        if not grid or max(grid) > diffusion.T or len(set(grid)) != len(grid):
+        if not grid or min(grid) < 1 or max(grid) > diffusion.T or len(set(grid)) != len(grid):
             return (f"field 'evaluation.t_grid': bad value {list(evaluation.t_grid)}: allowed: distinct timesteps in "
-                    f"1..diffusion.T={diffusion.T}")
+                    f"1..diffusion.T={diffusion.T} (or a count n in 2..{diffusion.T})")
+    too_many = _evaluation_memory(data, evaluation, spec.resources.stack)
+    if too_many:
+        return too_many
     val = data.val_size or n_val
     if evaluation.residual_images > val:
         return (f"field 'evaluation.residual_images': bad value {evaluation.residual_images}: more than the {val} "
@@ -279,3 +282,29 @@ def _doomed_value(spec: StudySpec, data: DataConfig, model: UNetConfig, diffusio
         return (f"field 'evaluation.is_splits': bad value {evaluation.is_splits}: each IS split needs >= 2 of the "
                 f"{evaluation.n_samples} samples; allowed: 1..{max(1, evaluation.n_samples // 2)}")
     return None
+
+
+# What the evaluations of one process may hold in memory. Each trial keeps max(n_samples, grid_images)
+# images' worth of fixed starting noise x_T in float32 for the whole trial (Evaluator.__init__), and at
+# each evaluation the samples in uint8 plus their float32 copy for the classifier: 4 + 1 + 4 bytes per
+# pixel value (the metrics' features and distance chunks are small beside them). A stacked group
+# (resources.stack: K) holds up to K trials' evaluators in one process.
+EVAL_MEMORY_LIMIT_GIB = 8
+EVAL_BYTES_PER_VALUE = 4 + 1 + 4
+
+
+def _evaluation_memory(data: DataConfig, evaluation: EvalConfig, stack: int = 1) -> str | None:
+    """The error for a sample count whose evaluation arrays exceed EVAL_MEMORY_LIMIT_GIB (None if they fit)."""
+    side = data.image_size or NATIVE_IMAGE_SIZE[data.dataset]
+    shape = f"{IMAGE_CHANNELS[data.dataset]}x{side}x{side}"
+    per_sample = EVAL_BYTES_PER_VALUE * IMAGE_CHANNELS[data.dataset] * side * side
+    allowed = EVAL_MEMORY_LIMIT_GIB * 2 ** 30 // (per_sample * stack)
+    field = "n_samples" if evaluation.n_samples >= evaluation.grid_images else "grid_images"
+    n = getattr(evaluation, field)
+    if n <= allowed:
+        return None
+    per_process = f", x {stack} trials of a stacked group (resources.stack)" if stack > 1 else ""
+    return (f"field 'evaluation.{field}': bad value {n}: an evaluation would hold {n:,} images of {shape} (their "
+            f"starting noise in float32 for the whole trial, then the uint8 samples and a float32 copy for the "
+            f"classifier: {per_sample:,} bytes each{per_process}) = {n * per_sample * stack / 2 ** 30:,.1f} GiB; "
+            f"allowed: 1..{allowed} (within {EVAL_MEMORY_LIMIT_GIB} GiB per process)")

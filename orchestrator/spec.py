@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import pydantic.dataclasses
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFloat, Strict, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PlainValidator, PositiveFloat, Strict,
+                      ValidationError)
 
 from diffusion_core.data import DataConfig
 from diffusion_core.evaluation import EvalConfig
@@ -48,6 +49,21 @@ NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 StrictBool = Annotated[bool, Strict()]
 UnitInterval = Annotated[float, Field(ge=0.0, lt=1.0)]   # [0, 1): Adam's betas, dropout, EMA decay
 OpenUnitInterval = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+def _timestep_grid(value):
+    """evaluation.t_grid: a count of timesteps or a non-empty list of them (one message for both
+    forms, where a Union would report each form's failure under pydantic's internal type names).
+    The ranges depend on diffusion.T, possibly swept: plan.py checks them per trial."""
+    if type(value) is int:
+        return value
+    if isinstance(value, (list, tuple)) and value and all(type(t) is int for t in value):
+        return tuple(value)
+    raise ValueError(f"bad value {value!r}: allowed: a count n in 2..diffusion.T (n residual timesteps spread "
+                     f"over 1..T) or a list of distinct timesteps in 1..diffusion.T")
+
+
+TimestepGrid = Annotated[Union[int, tuple[int, ...]], PlainValidator(_timestep_grid)]
 
 
 class StudyError(ValueError):
@@ -81,7 +97,7 @@ BOUNDS: dict[type, dict[str, Any]] = {
                   "label_dropout": UnitInterval},
     EvalConfig: {"n_samples": PositiveInt, "grid_images": PositiveInt, "steps": PositiveInt, "eta": NonNegativeFloat,
                  "clip_x0": PositiveFloat,
-                 "is_splits": PositiveInt, "t_grid": Union[PositiveInt, tuple[PositiveInt, ...]],
+                 "is_splits": PositiveInt, "t_grid": TimestepGrid,
                  "residual_images": PositiveInt, "batch_size": PositiveInt, "guidance_scale": NonNegativeFloat,
                  "progressive_t": tuple[NonNegativeInt, ...], "progressive_rows": PositiveInt},
 }

@@ -17,6 +17,8 @@ from records.parquet import latest_per_trial, read_table
 
 FINISHED = ("COMPLETED", "FAILED", "STOPPED")
 SECTION_COLUMNS = ("data.", "model.", "diffusion.", "training.", "evaluation.")
+STATUS_COLUMNS = ("status", "progress", "step", "total_steps", "loss", "val_loss", "fid", "inception_score",
+                  "wall_seconds", "error")
 
 
 def statuses(out: Path) -> dict[str, str]:
@@ -67,9 +69,23 @@ def status_table(out: Path):
         for k in ("fid", "inception_score"):
             if k in last and last[k].notna().any():
                 df[k] = df["trial_id"].map(last[k])
-    keep = [c for c in ("trial_id", "status", "progress", "step", "total_steps", "loss", "val_loss", "fid",
-                        "inception_score", "wall_seconds", "error") if c in df]
+    swept = swept_values(trials)
+    df = df.merge(swept, left_on="trial_id", right_index=True, how="left")
+    keep = ["trial_id", *swept.columns] + [c for c in STATUS_COLUMNS if c in df]
     return df[keep].sort_values("trial_id").reset_index(drop=True)
+
+
+def swept_values(trials):
+    """The config fields that differ between the trials (what the sweep varied), indexed by trial id;
+    each column named by its field's last part (base_width, schedule, seed) unless two sections share it."""
+    import pandas as pd
+
+    cols = [c for c in trials.columns if c.startswith(SECTION_COLUMNS)
+            and trials[c].astype(str).nunique(dropna=False) > 1]
+    short = [c.split(".", 1)[1] for c in cols]
+    names = {c: (s if short.count(s) == 1 and s not in STATUS_COLUMNS else c) for c, s in zip(cols, short)}
+    out = trials.set_index("trial_id")[cols].rename(columns=names)
+    return out.astype(object).where(pd.notna(out), "-")
 
 
 def _stale(out: Path, trial_id: str) -> bool:

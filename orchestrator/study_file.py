@@ -8,9 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from . import PACKAGED_STUDIES, packaged_study_names
 from .spec import StudyError, StudySpec, parse_study
-
-PACKAGED_STUDIES = Path(__file__).parent / "studies"
 
 
 def resolve_study_path(file: str | os.PathLike) -> Path:
@@ -22,7 +21,7 @@ def resolve_study_path(file: str | os.PathLike) -> Path:
     packaged = PACKAGED_STUDIES / name
     if len(p.parts) <= 2 and packaged.exists():  # a bare name, or studies/<name>
         return packaged
-    known = ", ".join(sorted(f.stem for f in PACKAGED_STUDIES.glob("*.yaml")))
+    known = ", ".join(packaged_study_names())
     raise StudyError(f"study file {str(file)!r} not found in {Path.cwd()} nor among the packaged studies "
                      f"({known}). Give a path to a YAML file or one of those names.")
 

@@ -62,8 +62,7 @@ def prepare(plan: Plan, out: Path, echo: Callable[[str], None] = print) -> Study
     snap = {**spec.to_file(), "output": str(out)}
     snap_file = study_file(out)
     if snap_file.exists():
-        old = yaml.safe_load(snap_file.read_text())
-        if old != snap:
+        if not _same_study(yaml.safe_load(snap_file.read_text()), snap, str(snap_file)):
             raise SetupError(f"{out} already holds a different study (its {STUDY_FILE} differs from this one). "
                              f"Use `studyctl resume {out}` to finish it, or pass --output with a new folder.")
     else:
@@ -85,6 +84,19 @@ def prepare(plan: Plan, out: Path, echo: Callable[[str], None] = print) -> Study
         if t.trial_id not in known:
             study.writer(t).write_trial(status="PENDING", updated_at=time.time())
     return study
+
+
+def _same_study(old, snap: dict, source: str) -> bool:
+    """Whether a study folder's snapshot is this study: equal, or equal once read with today's schema
+    (a field added since the folder was written takes its default, which is what the study ran with)."""
+    if old == snap:
+        return True
+    from .spec import StudyError, parse_study
+
+    try:
+        return isinstance(old, dict) and {**parse_study(old, source).to_file(), "output": old.get("output")} == snap
+    except StudyError:    # a key removed since: the folder holds a study this version cannot read
+        return False
 
 
 def launch(plan: Plan, out: Path, *, address: str | None = None, local: bool = False,
@@ -134,7 +146,7 @@ def _launch_prepared(study: StudyRun, address: str | None, device: str | None, e
          f"{len(todo)} to run")
     echo(f"records: {out}    MLflow: {study.mlflow_uri or 'off (tracking.enabled: false)'}")
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             if todo and device is not None:
                 from .local_runner import run_local
 
@@ -167,7 +179,7 @@ def _launch_prepared(study: StudyRun, address: str | None, device: str | None, e
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def sigterm_as_interrupt():
     """SIGTERM (a scheduler's or `kill`'s stop) takes the Ctrl-C path: records and MLflow runs
     are closed as interrupted instead of being left RUNNING."""
     if threading.current_thread() is not threading.main_thread():

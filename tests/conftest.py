@@ -1,4 +1,4 @@
-"""Shared fixtures: real MNIST from ../shared/data, two CPU threads, session-scoped splits."""
+"""Shared fixtures: real MNIST (found as `studyctl` finds it), two CPU threads, session-scoped splits."""
 from __future__ import annotations
 
 import os
@@ -11,19 +11,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Real MNIST in torchvision's layout (<root>/MNIST/raw). An explicit environment wins.
-_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-os.environ.setdefault("STUDYCTL_DATA_ROOT", str(_SHARED_DATA if _SHARED_DATA.exists() else "/work/shared/data"))
+# Real MNIST in torchvision's layout (<root>/MNIST/raw), by the one rule of the CLI and the core
+# (diffusion_core.data.resolve_data_root): $STUDYCTL_DATA_ROOT, else ./data. Pinned as an absolute path,
+# so tests that change folder and the processes they start (Ray workers, `studyctl`) read the same one.
+from diffusion_core.data import DATA_ROOT_ENV, resolve_data_root  # noqa: E402
+
+os.environ[DATA_ROOT_ENV] = str(resolve_data_root().resolve())
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    root = Path(os.environ["STUDYCTL_DATA_ROOT"])
+    root = Path(os.environ[DATA_ROOT_ENV])
     if not (root / "MNIST" / "raw").exists():
         pytest.fail(f"real MNIST is required but {root / 'MNIST' / 'raw'} does not exist; "
-                    f"set STUDYCTL_DATA_ROOT to the folder that contains MNIST/raw")
+                    f"export {DATA_ROOT_ENV} as the folder that contains MNIST/raw (default: ./data)")
     return root
 
 

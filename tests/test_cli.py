@@ -29,6 +29,23 @@ def test_help_explains_every_command():
         assert cmd in r.output
     r = runner.invoke(app, ["launch", "--help"])
     assert r.exit_code == 0 and "--address" in r.output and "--dry-run" in r.output and "--output" in r.output
+    assert "runs/<name>" in r.output       # not eaten as markup
+
+
+@pytest.mark.parametrize("command", ["validate", "launch", "resume", "figures", "generalization"])
+def test_help_shows_no_value_after_a_flag(command):
+    r = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    assert "<bool>" not in r.output, r.output
+
+
+def test_validate_help_lists_every_packaged_study():
+    from orchestrator.study_file import PACKAGED_STUDIES
+
+    r = runner.invoke(app, ["validate", "--help"], env={"COLUMNS": "400"})
+    names = sorted(f.stem for f in PACKAGED_STUDIES.glob("*.yaml"))
+    assert len(names) >= 7
+    assert f"({', '.join(names)})" in " ".join(r.output.split()), r.output
 
 
 def test_version_prints_the_installed_versions():
@@ -201,3 +218,69 @@ def test_the_sweep_is_expanded_once_per_command(tmp_path, data_root, monkeypatch
     assert r.exit_code == 0, r.output
     assert len(expansions) == 1 and len(trained) == 42
     assert trained[0].diffusion.reverse_variance == "beta_tilde"   # typed configs reached the worker
+
+
+def test_launch_analysis_says_what_runs_skips_what_is_done_and_stops_on_ctrl_c(tmp_path, data_root, monkeypatch):
+    """After the trials: each analysis step is named and timed, inside the wall time; a relaunch of the
+    finished study redoes nothing that is newer than its records; Ctrl-C stops it with a message and
+    exit 130. (Training and the analysis are stubbed: this checks the launch's handling of them.)"""
+    import os
+    import types
+
+    import pandas as pd
+
+    import analysis.decompose
+    import analysis.report
+    from orchestrator import sweep, worker
+
+    monkeypatch.setattr(worker, "local_worker", lambda task, device, progress: None)
+    monkeypatch.setattr(sweep, "warm_metric_cache", lambda plan, echo: None)
+    calls = []
+
+    def decompose(out, n_points, **kw):
+        calls.append("decompose")
+        for kind in ("decomposition", "distance_to_memorization"):
+            (out / kind).mkdir(exist_ok=True)
+            pd.DataFrame({"group_id": ["g"]}).to_parquet(out / kind / f"{kind}.parquet")
+        return pd.DataFrame({"group_id": ["g"]})
+
+    def make_figures(d):
+        calls.append("figures")
+        (d / "figures").mkdir(exist_ok=True)
+        (d / "figures" / "index.html").write_text("report")
+        return types.SimpleNamespace(written=[]), d / "figures" / "index.html", []
+
+    monkeypatch.setattr(analysis.decompose, "decompose", decompose)
+    monkeypatch.setattr(analysis.report, "make_figures", make_figures)
+    f, out = tmp_path / "s.yaml", tmp_path / "out"
+    f.write_text(yaml.safe_dump(_tiny(data_root, analysis={"decompose": True})))
+    launch = ["launch", str(f), "--local", "--no-tracking", "--output", str(out)]
+
+    r = runner.invoke(app, launch)
+    assert r.exit_code == 0, r.output
+    assert calls == ["decompose", "figures"]
+    assert "analysis 1/2: decompose: bias² + noise and variance" in r.output and "analysis 2/2: figures" in r.output
+    assert "analysis 1/2: decompose: done in" in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("wall time ") and "(trials " in last and ", analysis " in last, r.output
+
+    r = runner.invoke(app, launch)                       # finished: nothing to train, nothing to redo
+    assert r.exit_code == 0 and calls == ["decompose", "figures"], r.output
+    assert "analysis 1/2: decompose: up to date" in r.output and "analysis 2/2: figures: up to date" in r.output
+
+    old = (out / "trials").stat().st_mtime - 60          # records newer than the decomposition: redo it
+    for kind in ("decomposition", "distance_to_memorization"):
+        os.utime(out / kind / f"{kind}.parquet", (old, old))
+    r = runner.invoke(app, launch)
+    assert r.exit_code == 0 and calls == ["decompose", "figures"] * 2, r.output
+
+    def interrupted(out, n_points, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(analysis.decompose, "decompose", interrupted)
+    os.utime(out / "decomposition" / "decomposition.parquet", (old, old))
+    r = runner.invoke(app, launch)
+    assert r.exit_code == 130, r.output
+    assert f"interrupted during the analysis (decompose); the trials' records are complete: `studyctl decompose " \
+           f"{out}` runs it again" in " ".join(r.output.split()), r.output
+    assert "wall time" in r.output and calls == ["decompose", "figures"] * 2

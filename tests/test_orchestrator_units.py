@@ -113,3 +113,58 @@ def test_evaluation_records_the_metrics(tiny_eval, data_root):
     assert set(REAL_DATA_KEYS) <= set(r.metrics) and r.metrics["real_n_samples"] == 16
     assert 0 < r.metrics["real_fid"] < r.metrics["fid"] and r.metrics["real_inception_score"] > 1
     assert r.metrics["real_memorized_fraction"] == 0.0    # test images are not in the (validation) "training" set
+
+
+def test_status_shows_each_trials_swept_values(tmp_path, data_root):
+    """`studyctl status` names each trial by what the sweep gave it, not by its hash alone."""
+    from typer.testing import CliRunner
+
+    from orchestrator import sweep
+    from orchestrator.cli import app
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_study
+
+    try:
+        from .orchestrator_helpers import tiny_study
+    except ImportError:
+        from orchestrator_helpers import tiny_study
+    study = tiny_study(data_root, name="named", tracking={"enabled": False}, evaluation={"metrics": False},
+                       sweep={"grid": {"model.base_width": [8, 16], "diffusion.schedule": ["linear", "cosine"]},
+                              "seeds": [0, 3]})
+    plan = build_plan(parse_study(study))
+    sweep.prepare(plan, tmp_path / "out", echo=lambda _: None)
+    out = CliRunner().invoke(app, ["status", str(tmp_path / "out")], env={"COLUMNS": "200"}).output
+    header, *lines = out.strip().splitlines()
+    assert header.split()[:4] == ["trial_id", "base_width", "schedule", "seed"], out
+    assert "model.channel_mult" not in header and "lr" not in header.split()   # not swept: not shown
+    for t in plan.trials:
+        line = next(x for x in lines if x.startswith(t.trial_id)).split()
+        assert line[1:5] == [str(t.model.base_width), t.diffusion.schedule, str(t.training.seed), "PENDING"], out
+
+
+def test_a_study_folder_from_before_a_new_field_is_still_its_study(tmp_path, data_root):
+    """A field added to the schema after a folder was written takes its default: relaunching or resuming
+    that folder is the same study, while a changed value is still refused."""
+    import yaml
+
+    from orchestrator import sweep
+    from orchestrator.driver import SetupError
+    from orchestrator.plan import build_plan
+    from orchestrator.spec import parse_study
+    from records.layout import study_file
+
+    try:
+        from .orchestrator_helpers import tiny_study
+    except ImportError:
+        from orchestrator_helpers import tiny_study
+    study = tiny_study(data_root, name="older", tracking={"enabled": False}, evaluation={"metrics": False})
+    plan, out = build_plan(parse_study(study)), tmp_path / "out"
+    sweep.prepare(plan, out, echo=lambda _: None)
+    written = yaml.safe_load(study_file(out).read_text())
+    del written["evaluation"]["progressive_rows"]      # as if the folder predated this field
+    study_file(out).write_text(yaml.safe_dump(written, sort_keys=False))
+    sweep.prepare(plan, out, echo=lambda _: None)       # the same study
+    written["evaluation"]["n_samples"] += 1
+    study_file(out).write_text(yaml.safe_dump(written, sort_keys=False))
+    with pytest.raises(SetupError, match="already holds a different study"):
+        sweep.prepare(plan, out, echo=lambda _: None)

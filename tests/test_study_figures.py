@@ -186,3 +186,37 @@ def test_figures_of_the_synthetic_study_are_written(synthetic, overlays, tmp_pat
         F.save(figs[name], tmp_path / name)
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert pd.read_parquet(study.dir / "evals")["ema_init_share"].notna().all()
+
+
+def test_bands_stay_inside_the_quantitys_range(tmp_path, data_root):
+    """Two seeds whose FIDs are 10 and 200: the t-interval (t_{0.975,1} = 12.7) reaches FID -1,101.
+    The band drawn is its part inside [0, inf), and the figure says it was cut."""
+    import matplotlib.pyplot as plt
+
+    from analysis.groups import summarize
+    from orchestrator.spec import parse_study
+
+    try:
+        from .orchestrator_helpers import tiny_study
+    except ImportError:
+        from orchestrator_helpers import tiny_study
+    p = build_plan(parse_study(tiny_study(data_root, name="two_seeds",
+                                          sweep={"grid": {"model.base_width": [8, 16]}, "seeds": [0, 1]})))
+    fids = {(8, 0): 10.0, (8, 1): 200.0, (16, 0): 50.0, (16, 1): 51.0}
+    for trial in p.trials:
+        w = StudyRun(p, tmp_path, None, None, None).writer(trial)
+        w.write_trial(status="COMPLETED", step=20, total_steps=20)
+        w.write_part("evals", [{"step": 20, "epoch": 1.0, "fid": fids[trial.model.base_width, trial.training.seed],
+                                "precision": 0.5, "recall": 0.5, "memorized_fraction": 0.0}], 20)
+    study = load_study(tmp_path)
+    half = 12.706204736174704 * float(np.std([10.0, 200.0], ddof=1)) / math.sqrt(2)
+    s = summarize(study.evals, "model.base_width", "fid")
+    assert s["low"].tolist() == [0.0, pytest.approx(50.5 - 12.706204736174704 * 0.5)]   # not cut at width 16
+    assert s["high"].tolist() == pytest.approx([105.0 + half, 50.5 + 12.706204736174704 * 0.5])
+    assert s["cut"].tolist() == [True, False] and 105.0 - half < -1000
+    fig = S.fig_fid_bias_variance_vs_capacity(study)
+    ax = fig.axes[0]
+    band = ax.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == 0.0 and band[:, 1].max() == pytest.approx(105.0 + half)
+    assert "(cut to the possible values [0, ∞))" in ax.get_title()
+    plt.close("all")

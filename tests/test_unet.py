@@ -105,8 +105,9 @@ def test_image_size_that_cannot_be_halved():
 
 
 @pytest.mark.parametrize("field, value, allowed", [
-    ("base_width", -8, ">= 1"),
-    ("base_width", 0, ">= 1"),
+    ("base_width", -8, ">= 2"),
+    ("base_width", 0, ">= 2"),
+    ("base_width", 1, ">= 2"),   # one channel per GroupNorm group: blind to t
     ("blocks_per_level", 0, ">= 1"),
     ("dropout", 1.5, "[0, 1)"),
     ("channel_mult", (1, 0), ">= 1"),
@@ -119,7 +120,7 @@ def test_bad_config_message_names_value_and_range(field, value, allowed):
     assert f"{field}={value!r}" in msg and allowed in msg and "allowed" in msg
 
 
-@pytest.mark.parametrize("width,mult", [(8, (1, 2)), (16, (1, 2)), (8, (1, 2, 4)), (16, (1, 2, 4)), (32, (1, 2, 4))])
+@pytest.mark.parametrize("width,mult", [(2, (1, 2, 4)), (8, (1, 2)), (16, (1, 2)), (8, (1, 2, 4)), (16, (1, 2, 4)), (32, (1, 2, 4))])
 def test_every_packaged_width_sees_the_timestep(width, mult):
     """The time embedding is added before a GroupNorm: with one channel per group GroupNorm would
     subtract it again and the network would ignore t (it did, for width 8 x (1, 2) under GN(16))."""

@@ -61,6 +61,19 @@ DOOMED = [
      ["sweep.grid.model.base_width"]),
     ("an empty arm", {"sweep": {"arms": [{}]}}, ["sweep.arms.0"]),
     ("unknown key lists the section's keys", {"training/lrr": 1e-3}, ["training.lrr", "unknown key", "lr, adam_betas"]),
+    # Width 1: one channel per GroupNorm group erases the time embedding (unet.py); it trained, blind to t.
+    ("one channel wide", {"model/base_width": 1}, ["model.base_width", "=1", "allowed: an integer >= 2", "GroupNorm"]),
+    ("one channel wide, swept", {"sweep": {"grid": {"model.base_width": [8, 1]}}}, ["model.base_width", ">= 2"]),
+    # A billion samples: `launch` died allocating the starting noise (3.1 TB), naming no field.
+    ("a billion samples", {"evaluation/n_samples": 10 ** 9}, ["evaluation.n_samples", "1000000000",
+                                                             "allowed: 1..1217394", "GiB"]),
+    ("a grid beyond memory", {"evaluation/grid_images": 2 * 10 ** 6}, ["evaluation.grid_images", "1..1217394"]),
+    ("samples beyond memory in a stacked group", {"evaluation/n_samples": 400_000, "resources/stack": 4},
+     ["evaluation.n_samples", "400000", "resources.stack", "1..304348"]),
+    ("timestep 0 and beyond T", {"evaluation/t_grid": [0, 100, 2000]}, ["evaluation.t_grid", "[0, 100, 2000]",
+                                                                         "1..diffusion.T=200"]),
+    ("timesteps not integers", {"evaluation/t_grid": "abc"}, ["evaluation.t_grid", "'abc'",
+                                                              "a count n in 2..diffusion.T"]),
 ]
 TABLE = [(kind, over, words, None, None) for kind, over, words in BAD + DOOMED]
 
@@ -101,6 +114,7 @@ def test_validate_refuses_with_exit_2_naming_the_field(kind, over, words, text, 
     assert r.exit_code == 2, f"{kind}: exit {r.exit_code}\n{r.output}"
     for w in words:
         assert w in r.output, f"{kind}: {w!r} not in message:\n{r.output}"
+    assert "constrained-" not in r.output, f"{kind}: pydantic's internal type names leak:\n{r.output}"
 
 
 def test_the_table_tries_at_least_50_inputs():
