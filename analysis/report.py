@@ -13,6 +13,8 @@ from records.layout import study_file as study_file_of
 from records.parquet import latest_per_trial
 
 from .figures import CAPTIONS, TRIAL_FIGURES, save, styled
+from .figures_ground_truth import CAPTIONS as GROUND_TRUTH_CAPTIONS
+from .figures_ground_truth import ground_truth_figures
 from .figures_study import study_overlays
 from .tables import Study, final_evals, load_study
 
@@ -45,13 +47,21 @@ def write_figures(study: Study, out: Path | None = None) -> FigureSet:
     for name, fig in overlays.items():
         if fig is None:
             result.skipped[name] = "needs a swept field with >= 2 values and records for it"
+    with styled():
+        truth = ground_truth_figures(study)
+        for name, fig in truth.items():
+            if fig is not None:
+                result.written[name] = save(fig, out / name)
+    for name, fig in truth.items():
+        if fig is None:
+            result.skipped[name] = "needs `studyctl decompose` tables (bias2 and sample quality: a molrg study)"
     return result
 
 
 
 def _caption(name: str) -> str:
     base = name.split("/")[-1]
-    for key, text in CAPTIONS.items():
+    for key, text in {**CAPTIONS, **GROUND_TRUTH_CAPTIONS}.items():
         if base.startswith(key):
             return text
     return ""

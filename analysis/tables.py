@@ -26,6 +26,8 @@ class Study:
     evals: pd.DataFrame
     decomposition: pd.DataFrame
     distance_to_memorization: pd.DataFrame = field(default_factory=pd.DataFrame)
+    reference_distances: pd.DataFrame = field(default_factory=pd.DataFrame)
+    sample_quality: pd.DataFrame = field(default_factory=pd.DataFrame)
     swept: list[str] = field(default_factory=list)
 
     @property

@@ -19,11 +19,22 @@ f^_j the mean over seeds of subset j and f^ the mean over all:
     BN^     = ||eps - f^||^2 - V^_data / J - V^_opt / (J S)
     identity (exact)   mean_js ||eps - f_js||^2 = BN^ + V^_data + V^_opt.
 
-Noise and bias^2 are NOT split here: that needs the optimal denoiser f*, known only for a
-Gaussian (gaussian.GaussianToy) or for the empirical distribution of a finite set D
-(`empirical_optimal_eps`, exact). On the training points of D, `memorization_terms` gives
-each model's distance to that memorizing denoiser (Kadkhodaie et al. 2024; Gu et al. 2023),
-which is not bias^2 of the population problem. See docs/decomposition.md.
+Where the optimal denoiser f* = E[eps | x_t] is exact (a Gaussian, gaussian.GaussianToy; a
+mixture of low-rank Gaussians, molrg.MoLRG) pass its values as `optimal`: the same estimators
+then split bias^2 from noise, per point,
+
+    noise   = ||eps - f*||^2                       E: the noise
+    bias2   = ||f^ - f*||^2 - V^/K                 unbiased for ||E f - f*||^2
+              (two-level: - V^_data/J - V^_opt/(JS))
+    cross   = 2 <eps - f*, f* - f^>                E = 0: E[eps - f* | x_t] = 0, f^ a function of x_t
+    identity (exact for every sample)   r^ = noise + bias2 + variance + cross,
+                                        bias2_plus_noise = noise + bias2 + cross.
+
+Elsewhere f* is unknown and only bias2_plus_noise exists. The empirical distribution of a
+finite set D has an exact f*_D (`empirical_optimal_eps`); on the training points of D,
+`memorization_terms` gives each model's distance to that memorizing denoiser (Kadkhodaie et
+al. 2024; Gu et al. 2023), which is not bias^2 of the population problem. See
+docs/decomposition.md and docs/ground_truth.md.
 """
 from __future__ import annotations
 
@@ -38,12 +49,22 @@ from .schedules import NoiseSchedule
 
 @dataclass
 class EnsembleTerms:
-    """Per-point estimates (float64, shape (n,)); residual = bias2_plus_noise + variance exactly."""
+    """Per-point estimates (float64, shape (n,)); residual = bias2_plus_noise + variance exactly,
+    and where f* was given also residual = noise + bias2 + variance + cross exactly."""
     residual: torch.Tensor            # mean over models of ||eps - f_k||^2 / d
     bias2_plus_noise: torch.Tensor    # ||eps - f^||^2 / d - (variance terms) / (number of models)
     variance: torch.Tensor            # unbiased total variance over training randomness
     variance_data: torch.Tensor | None = None   # two-level only: Var_D(E_seed[f | D])
     variance_opt: torch.Tensor | None = None    # two-level only: E_D[Var_seed(f | D)]
+    noise: torch.Tensor | None = None           # f* given: ||eps - f*||^2 / d
+    bias2: torch.Tensor | None = None           # f* given: ||f^ - f*||^2 / d - (variance terms) / (models)
+    cross: torch.Tensor | None = None           # f* given: 2 <eps - f*, f* - f^> / d, mean 0
+
+    def identity_gap(self) -> torch.Tensor | None:
+        """Per point residual - (noise + bias2 + variance + cross): 0 up to round-off (None without f*)."""
+        if self.noise is None:
+            return None
+        return self.residual - (self.noise + self.bias2 + self.variance + self.cross)
 
 
 @dataclass
@@ -68,21 +89,47 @@ def _sq(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean(-1)   # per-dimension squared norm over the last axis
 
 
-def ensemble_terms(eps: torch.Tensor, predictions: torch.Tensor) -> EnsembleTerms:
-    """eps: (n, ...) true noise; predictions: (K, n, ...) from K iid models."""
+def _optimal(optimal: torch.Tensor | None, e: torch.Tensor) -> torch.Tensor | None:
+    if optimal is None:
+        return None
+    if optimal.shape[0] != e.shape[0] or optimal[0].numel() != e.shape[1]:
+        raise ValueError(f"optimal {tuple(optimal.shape)} must have eps's shape (n = {e.shape[0]} points of "
+                         f"{e.shape[1]} values)")
+    return optimal.double().flatten(1)
+
+
+def _with_truth(terms: EnsembleTerms, e: torch.Tensor, p_bar: torch.Tensor, o: torch.Tensor | None,
+                variance_over_models: torch.Tensor) -> EnsembleTerms:
+    """Fill noise / bias2 / cross from the exact f* values o (n, D); variance_over_models is the
+    variance part that E||f^ - f*||^2 carries beyond ||E f - f*||^2 (V/K, or V_data/J + V_opt/(JS))."""
+    if o is not None:
+        terms.noise = _sq(e - o)
+        terms.bias2 = _sq(p_bar - o) - variance_over_models
+        terms.cross = 2.0 * ((e - o) * (o - p_bar)).mean(-1)
+    return terms
+
+
+def ensemble_terms(eps: torch.Tensor, predictions: torch.Tensor,
+                   optimal: torch.Tensor | None = None) -> EnsembleTerms:
+    """eps: (n, ...) true noise; predictions: (K, n, ...) from K iid models; optimal: (n, ...) the exact
+    f*(x_t) at the same points, or None (then bias^2 and noise stay together)."""
     e, p = _flat(eps, predictions, 1)
+    o = _optimal(optimal, e)
     k = p.shape[0]
     if k < 2:
         raise ValueError(f"need K >= 2 models for a variance, got K={k}")
     p_bar = p.mean(0)
     residual = _sq(e[None] - p).mean(0)
     variance = _sq(p - p_bar[None]).sum(0) / (k - 1)
-    return EnsembleTerms(residual, _sq(e - p_bar) - variance / k, variance)
+    return _with_truth(EnsembleTerms(residual, _sq(e - p_bar) - variance / k, variance), e, p_bar, o, variance / k)
 
 
-def two_level_terms(eps: torch.Tensor, predictions: torch.Tensor) -> EnsembleTerms:
-    """eps: (n, ...); predictions: (J, S, n, ...): J training subsets, S seeds on each."""
+def two_level_terms(eps: torch.Tensor, predictions: torch.Tensor,
+                    optimal: torch.Tensor | None = None) -> EnsembleTerms:
+    """eps: (n, ...); predictions: (J, S, n, ...): J training subsets, S seeds on each; optimal as
+    ensemble_terms."""
     e, p = _flat(eps, predictions, 2)
+    o = _optimal(optimal, e)
     j, s = p.shape[:2]
     if j < 2 or s < 2:
         raise ValueError(f"need J >= 2 subsets and S >= 2 seeds per subset, got J={j}, S={s}")
@@ -91,8 +138,9 @@ def two_level_terms(eps: torch.Tensor, predictions: torch.Tensor) -> EnsembleTer
     residual = _sq(e[None, None] - p).mean((0, 1))
     v_opt = (_sq(p - p_j[:, None]).sum(1) / (s - 1)).mean(0)
     v_data = _sq(p_j - p_bar[None]).sum(0) / (j - 1) - v_opt / s
-    b2n = _sq(e - p_bar) - v_data / j - v_opt / (j * s)
-    return EnsembleTerms(residual, b2n, v_data + v_opt, v_data, v_opt)
+    over_models = v_data / j + v_opt / (j * s)
+    b2n = _sq(e - p_bar) - over_models
+    return _with_truth(EnsembleTerms(residual, b2n, v_data + v_opt, v_data, v_opt), e, p_bar, o, over_models)
 
 
 def memorization_terms(eps: torch.Tensor, predictions: torch.Tensor, optimal: torch.Tensor) -> MemorizationTerms:

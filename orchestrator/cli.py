@@ -422,6 +422,12 @@ def decompose(directory: str = typer.Argument(..., help="A study folder (written
                                                                       "evaluation.seed)."),
               steps: str = typer.Option("all", help="Snapshots to decompose: all (every evaluation step) or final."),
               device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+              references: bool = typer.Option(True, help="Also each trial's distance to the reference denoisers "
+                                                         "(memorizing, Gaussian-linear; on molrg the true f*)."),
+              quality_steps: str = typer.Option(None, "--quality-steps", help="molrg only: sample quality at the "
+                                                "final snapshot (default) or at all of them."),
+              quality_samples: int = typer.Option(None, "--quality-samples", help="molrg only: samples per trial "
+                                                  "for the sample quality (default 256)."),
               ) -> None:
     """Bias-variance decomposition over trials that differ only in seed or training subset.
 
@@ -429,8 +435,10 @@ def decompose(directory: str = typer.Argument(..., help="A study folder (written
     residual = bias2_plus_noise + variance (unbiased, exact identity; data / optimization
     variance where subsets are crossed with seeds) on held-out points, with 95% intervals,
     into DIR/decomposition/; the distance to the empirical optimal (memorizing) denoiser on
-    training points into DIR/distance_to_memorization/; then redraws the figures.
-    See docs/decomposition.md.
+    training points into DIR/distance_to_memorization/; each trial's distance to the reference
+    denoisers into DIR/reference_distances/. On molrg studies f* is exact: bias2, noise and the
+    cross term are split, and DIR/sample_quality/ holds exact sample-quality measures. Then
+    redraws the figures. See docs/decomposition.md and docs/ground_truth.md.
     """
     from analysis.decompose import decompose as run_decompose
 
@@ -443,7 +451,8 @@ def decompose(directory: str = typer.Argument(..., help="A study folder (written
         raise typer.Exit(EXIT_BAD_STUDY)
     try:
         table = run_decompose(directory, n_points=points, t_grid=grid, eval_seed=eval_seed, steps=steps,
-                              device=device)
+                              device=device, references=references, quality_steps=quality_steps,
+                              quality_samples=quality_samples)
     except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)

@@ -3,6 +3,7 @@
     study.yaml                                  the validated study, written by the launch
     trials/ train_steps/ epochs/ residuals/ evals/   Parquet records of the trials (parquet.py)
     decomposition/ distance_to_memorization/    Parquet tables of `studyctl decompose`
+    reference_distances/ sample_quality/        (the last on molrg studies only)
     ground_truth/molrg-*.npz                    the exact distribution of a molrg study (ground_truth.py)
     trial_files/<trial_id>/
         summary.json                            live status of the trial (step, wall time)
@@ -24,7 +25,8 @@ import yaml
 STUDY_FILE = "study.yaml"
 TRIAL_KINDS = ("trials", "train_steps", "epochs", "residuals", "evals")   # written by the trials
 INTERVAL_KINDS = TRIAL_KINDS[1:]          # one part file per trial and evaluation interval
-ANALYSIS_KINDS = ("decomposition", "distance_to_memorization")           # written by `studyctl decompose`
+# written by `studyctl decompose`
+ANALYSIS_KINDS = ("decomposition", "distance_to_memorization", "reference_distances", "sample_quality")
 KINDS = TRIAL_KINDS + ANALYSIS_KINDS
 
 
