@@ -144,7 +144,8 @@ def test_ui_serves_the_study_store(tmp_path, data_root):
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "orchestrator.cli", "ui", str(study), "--port", str(port)]
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-    with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log"):
+    # MLflow's UI starts several server processes: allow a loaded 2-core machine their start-up
+    with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log", timeout=240):
         with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=cli", timeout=30) as r:
             assert json.load(r)["experiment"]["experiment_id"] == exp_id
         with urllib.request.urlopen(f"{api}/runs/get?run_id={run_id}", timeout=30) as r:
