@@ -1,4 +1,5 @@
-"""Shared fixtures: real MNIST (found as `studyctl` finds it), two CPU threads, session-scoped splits."""
+"""Shared fixtures: real MNIST (found as `studyctl` finds it), two CPU threads, session-scoped splits,
+the shared study (--local) and the one Ray cluster of a test run."""
 from __future__ import annotations
 
 import os
@@ -39,10 +40,10 @@ def mnist_splits(data_root):
 
 @pytest.fixture(scope="session")
 def e2e_run(tmp_path_factory, data_root):
-    """One real study, run once per session (tests/e2e_scenario.py): `studyctl launch` on real MNIST,
-    a local Ray (2 CPUs), SQLite MLflow; a DDP worker killed, then the launcher killed, then
-    `studyctl resume`. Used by the orchestrator and the analysis tests. Returns what was observed
-    (a dict: study, out, a, b, resume, ...)."""
+    """One real study, run once per session (tests/e2e_scenario.py): `studyctl launch --local` on
+    real MNIST with a SQLite MLflow store, the launcher SIGKILLed mid-study, then `studyctl resume
+    --local`. Used by the orchestrator and the analysis tests. Returns what was observed (a dict:
+    study, out, a, b, resume, ...)."""
     import e2e_scenario
 
     return e2e_scenario.run(tmp_path_factory.mktemp("e2e"), data_root)
@@ -52,3 +53,36 @@ def e2e_run(tmp_path_factory, data_root):
 def e2e_study(e2e_run):
     """(study dict, output folder, CompletedProcess of the `resume` that finished the study)."""
     return e2e_run["study"], e2e_run["out"], e2e_run["resume"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The test run's one Ray cluster: two nodes of one CPU each (ray.cluster_utils), started once
+    and joined by every Ray test's `studyctl launch --address` (a local Ray per launch cost each
+    test its own start-up). One CPU a node: a trial's two DDP workers must use both nodes."""
+    from ray.cluster_utils import Cluster
+
+    from orchestrator.ray_runner import PREEMPTION_WATCHER_ENV
+
+    # Set before the nodes start, so their worker processes inherit it: one machine is never
+    # preempted (as orchestrator.ray_runner.init_ray does for a local Ray).
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules with a test on the Ray cluster run last, together: the cluster then starts
+    once for them and is not left idle on the shared CPU while the other tests run. Whole modules
+    move, in their order, so no module-scoped fixture is set up twice."""
+    def module(item):
+        return getattr(item, "module", None)
+
+    ray_modules = {module(item) for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: module(item) in ray_modules)  # stable: each part keeps its order

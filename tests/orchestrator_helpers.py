@@ -7,6 +7,7 @@ a test even when it fails or times out.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -109,6 +110,18 @@ def wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = No
             raise AssertionError(f"launcher exited ({proc.returncode}) before: {what}")
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout} s waiting for: {what}")
+
+
+def checkpoint_steps(out: Path, run: str) -> list[int]:
+    """The steps of the checkpoints Ray Train has registered for `run` (a trial id, or a stacked
+    group's name) in its snapshot, not ones still being uploaded."""
+    from records.layout import ray_train_dir
+
+    try:
+        snap = json.loads((ray_train_dir(out) / run / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return sorted(int(c["checkpoint_dir_name"].rsplit("_", 1)[1]) for c in snap["checkpoint_results"])
 
 
 def expected_steps(n_train: int, batch: int, world: int, epochs: int, first: int, every: int,

@@ -1,4 +1,4 @@
-"""Analysis on a real study (the session's e2e study: real MNIST, real Ray, real MLflow).
+"""Analysis on a real study (the session's e2e study: real MNIST, `launch --local`, real MLflow).
 
 Every named figure is written; the plotted values — read back from the matplotlib artists —
 equal the Parquet values; the failed trial is named; `decompose` writes the table whose

@@ -137,24 +137,36 @@ def test_status_resume_ui_refuse_a_folder_that_is_not_a_study(tmp_path):
 
 @pytest.mark.slow
 def test_ui_serves_the_study_store(tmp_path, data_root):
-    """`studyctl ui DIR` starts the MLflow UI on 127.0.0.1 against DIR/mlflow.db (then we stop it)."""
+    """`studyctl ui DIR` starts the MLflow UI on 127.0.0.1 against DIR/mlflow.db (then we stop it):
+    its REST API answers with the study's own experiment and run."""
     try:
         from .orchestrator_helpers import running_server
     except ImportError:
         from orchestrator_helpers import running_server
+    import json
     import socket
     import sys
+    import urllib.request
+
+    from orchestrator import tracking
 
     study = tmp_path / "study"
     study.mkdir()
     (study / "study.yaml").write_text(yaml.safe_dump(_tiny(data_root)))
+    uri = tracking.default_uri(study)
+    exp_id = tracking.ensure_experiment(uri, "cli", study)
+    run_id = tracking.ensure_parent_run(uri, exp_id, "cli", study)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "orchestrator.cli", "ui", str(study), "--port", str(port)]
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     # One MLflow worker process; its start (importing MLflow) took over 90 s on a loaded 2-core machine.
     with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log", timeout=300):
-        assert (study / "mlflow.db").exists()  # the study's own store
+        with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=cli", timeout=30) as r:
+            assert json.load(r)["experiment"]["experiment_id"] == exp_id
+        with urllib.request.urlopen(f"{api}/runs/get?run_id={run_id}", timeout=30) as r:
+            assert json.load(r)["run"]["info"]["experiment_id"] == exp_id
 
 
 def test_ui_on_a_busy_port_fails_naming_the_port(tmp_path, data_root):

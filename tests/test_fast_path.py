@@ -100,12 +100,37 @@ def test_fast_path_keeps_the_loss_curve(run, baseline, options, rtol):
         assert err > 0, "bf16 loss curve is bit-identical to fp32: autocast did not engage"
 
 
-def test_compile_keeps_the_loss_curve(run, baseline):
+def test_compile_reaches_torch_compile_and_keeps_the_loss_curve(run, baseline, monkeypatch):
+    """training.compile wraps the training forward in torch.compile with its compile_mode, and the
+    captured forward + backward (TorchDynamo + AOTAutograd, here with the `aot_eager` backend: the
+    same graphs inductor would get, run by eager kernels) keeps the fp32 loss curve. Inductor's
+    code generation itself is compiled in test_compiled_sampling_matches_eager (forward, ~12 s) and,
+    for training, by the opt-in test below (a cold compile of forward + backward takes a minute)."""
+    real = torch.compile
+    modes = []
+
+    def aot_eager(fn, mode=None, **kw):
+        modes.append(mode)
+        return real(fn, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    torch._dynamo.reset()
+    try:
+        losses, _ = run(compile=True, compile_mode="max-autotune-no-cudagraphs")
+    finally:
+        torch._dynamo.reset()
+    assert modes == ["max-autotune-no-cudagraphs"]  # once, with the configured mode: the option is not ignored
+    err = max_rel(losses, baseline)
+    assert err < FP32_RTOL, f"compile (aot_eager): per-step loss differs from fp32 by up to {err:.2e}"
+
+
+def test_compile_with_inductor_keeps_the_loss_curve(run, baseline):
     if os.environ.get("STUDYCTL_TEST_COMPILE") != "1":
-        pytest.skip("torch.compile works on this CPU (checked by hand: per-step loss within 2.2e-7 of fp32 over "
-                    "60 steps) but a cold inductor compile of forward + backward takes 55-80 s on this shared "
-                    "2-core CPU (~10 s with a warm inductor cache), over this file's 60 s budget; "
-                    "set STUDYCTL_TEST_COMPILE=1 to run it")
+        pytest.skip("a cold inductor compile of forward + backward takes 55-80 s on a shared 2-core CPU (~10 s "
+                    "with a warm inductor cache), a tenth of the suite's time; the graphs it compiles are checked "
+                    "by test_compile_reaches_torch_compile_and_keeps_the_loss_curve, inductor's kernels by "
+                    "test_compiled_sampling_matches_eager. Measured by hand: per-step loss within 2.2e-7 of fp32 "
+                    "over 60 steps. Set STUDYCTL_TEST_COMPILE=1 to run it")
     if not (shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")):
         pytest.skip("torch.compile on CPU needs a C++ compiler (inductor), none on PATH")
     losses, _ = run(compile=True)

@@ -20,7 +20,7 @@ from records.layout import summary_file
 
 
 @pytest.mark.slow
-def test_asha_stops_the_hopeless_trial(tmp_path, data_root):
+def test_asha_stops_the_hopeless_trial(tmp_path, data_root, ray_cluster):
     # One trial at a time (max_concurrent_trials 1), so the good trial (lr 1e-3) sets the rung
     # before the hopeless one (lr 1e-7: its validation loss stays at the untrained ~1.0) reaches it.
     study = tiny_study(data_root, name="asha",
@@ -31,7 +31,8 @@ def test_asha_stops_the_hopeless_trial(tmp_path, data_root):
                        resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1})
     study["analysis"] = {"figures": False}
     out = tmp_path / "out"
-    r = studyctl("launch", write_study(tmp_path / "asha.yaml", study), "--output", out, timeout=400)
+    r = studyctl("launch", write_study(tmp_path / "asha.yaml", study), "--output", out, "--address",
+                 ray_cluster.address, timeout=400)
     trials = pd.read_parquet(out / "trials").set_index("training.lr")
     assert r.returncode == 0, r.stdout[-4000:]
     assert trials.loc[1e-3, "status"] == "COMPLETED"

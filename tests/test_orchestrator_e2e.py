@@ -1,13 +1,14 @@
-"""End to end: `studyctl launch` on real MNIST, a real local Ray (2 CPUs), a real MLflow SQLite store.
+"""End to end: `studyctl launch --local` on real MNIST, a real MLflow SQLite store, real Parquet.
 
 One study, run once per session (conftest.e2e_run; the fault and analysis tests reuse it):
-four healthy trials (base width {8, 12} x seed {0, 1}, DDP, 2 workers each) and a fifth
-whose learning rate makes the loss overflow. On its way a DDP worker is killed, then the
-launcher, and `studyctl resume` finishes it (tests/e2e_scenario.py, test_orchestrator_faults.py).
-The healthy trials must leave complete records (every Parquet table with its columns and exact
-row counts, MLflow parent + child runs with metrics, checkpoints, EMA snapshots, sample grids);
-the diverged one must end FAILED with its reason while the others go on, and the command that
-finished the sweep (`resume`, which ends exactly as `launch` does) must exit 1 naming it.
+four healthy trials (base width {8, 12} x seed {0, 1}) and a fifth whose learning rate makes
+the loss overflow. On its way the launcher is killed and `studyctl resume --local` finishes it
+(tests/e2e_scenario.py, test_orchestrator_faults.py). The healthy trials must leave complete
+records (every Parquet table with its columns and exact row counts, MLflow parent + child runs
+with metrics, resume states, EMA snapshots, sample grids); the diverged one must end FAILED with
+its reason while the others go on, and the command that finished the sweep (`resume`, which ends
+exactly as `launch` does) must exit 1 naming it. The same records under Ray (DDP, Ray Train's
+checkpoints) are checked in tests/test_orchestrator_cluster.py.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from diffusion_core.residuals import default_t_grid
 from records.snapshots import load_snapshot
 
 try:  # tests/ may or may not be a package
+    from .e2e_scenario import WORLD
     from .orchestrator_helpers import NAN_LR, expected_steps, studyctl
 except ImportError:
+    from e2e_scenario import WORLD
     from orchestrator_helpers import NAN_LR, expected_steps, studyctl
 
 pytestmark = pytest.mark.slow
@@ -66,7 +69,7 @@ def test_parquet_tables_columns_and_row_counts(launched):
     trials = _trials(out)
     ok = trials.index[trials["status"] == "COMPLETED"]
     tr, ev = study["training"], study["evaluation"]
-    logged, ends, evals = expected_steps(study["data"]["subset_size"], tr["batch_size"], 2, tr["epochs"],
+    logged, ends, evals = expected_steps(study["data"]["subset_size"], tr["batch_size"], WORLD, tr["epochs"],
                                          tr["log_every_first"], tr["log_every"], tr["eval_every"], tr["eval_start"])
     n_t = len(default_t_grid(study["diffusion"]["T"], ev["t_grid"]))
     swept = ["model.base_width", "training.lr", "training.seed"]
@@ -101,18 +104,15 @@ def test_parquet_tables_columns_and_row_counts(launched):
     assert len(tables["evals"].query("trial_id == @bad")) == 0
 
 
-def test_checkpoints_and_ema_snapshots(launched):
+def test_resume_states_and_ema_snapshots(launched):
     import torch
 
     study, out, r = launched
     trials = _trials(out)
     for tid in trials.index[trials["status"] == "COMPLETED"]:
-        ckpts = sorted((out / "ray" / "train" / tid).glob("checkpoint_step_*"))
-        assert ckpts, f"no Ray checkpoints for {tid}"
-        last = ckpts[-1]
-        state = torch.load(last / "state.pt", weights_only=True)
+        state = torch.load(out / "trial_files" / tid / "resume.pt", weights_only=True)  # the last evaluation's
         assert {"model", "ema", "optimizer", "step", "generator", "cpu_rng"} <= set(state)
-        assert (last / "rng_rank0.pt").exists() and (last / "rng_rank1.pt").exists()  # merged from both ranks
+        assert not (out / "ray").exists()  # --local: no Ray checkpoints
         emas = sorted((out / "trial_files" / tid / "ema").glob("step_*.pt"))
         assert len(emas) == len(pd.read_parquet(out / "evals").query("trial_id == @tid"))
         snap = load_snapshot(emas[-1])    # the model rebuilt from the snapshot's own core configs

@@ -142,7 +142,7 @@ def test_asha_with_stacking_is_refused(data_root):
 
 
 # ------------------------------------------------------------------------------ end to end
-# One real Ray launch (local Ray, real MNIST, SQLite MLflow) of a 3-member group: seeds 0 and 1
+# One real Ray launch (the session's Ray cluster, real MNIST, SQLite MLflow) of a 3-member group: seeds 0 and 1
 # and a member whose learning rate diverges. Its worker is killed after the group's first
 # checkpoint (Ray Train restarts it from there), and its records are compared with the same
 # study launched --local (same stacked core, in this process).
@@ -161,7 +161,7 @@ def _e2e_study(data_root, name):
 
 
 @pytest.fixture(scope="module")
-def ray_group(tmp_path_factory, data_root):
+def ray_group(tmp_path_factory, data_root, ray_cluster):
     from orchestrator.plan import build_plan
     from orchestrator.ray_stacked import POINTER
     from orchestrator.spec import parse_study
@@ -172,7 +172,7 @@ def ray_group(tmp_path_factory, data_root):
     assert launch(local_plan, tmp / "local", local=True, echo=lambda _: None) == 1
     out = tmp / "ray"
     p = start("launch", write_study(tmp / "study.yaml", _e2e_study(data_root, "stacked")), "--output", out,
-              log=tmp / "launch.log")
+              "--address", ray_cluster.address, log=tmp / "launch.log")
     try:
         seed0 = local_plan.trials[0].trial_id
         wait_for(lambda: (out / "trial_files" / seed0 / POINTER).exists(), 240, "the group's first checkpoint",
