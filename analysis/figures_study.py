@@ -176,8 +176,8 @@ def fig_pr_memorization_vs_size(study: Study):
     col = "data.subset_size"
     needed = ("precision", "recall", "memorized_fraction")
     fe = _final_by_group(study, col)
-    if col not in study.swept or fe.empty or any(c not in fe for c in needed):
-        return None
+    if col not in study.swept or fe.empty or any(c not in fe or fe[c].isna().all() for c in needed):
+        return None   # (evaluation.metrics: false records no precision/recall: nothing to draw)
     fe = fe.dropna(subset=[col])  # trials that name a subset size
     curves = [(ctx, g) for ctx, g in groups(fe, group_fields(study.swept, col)) if g[col].nunique() >= 2]
     if not curves:
