@@ -85,6 +85,7 @@ SUPPORT: dict[str, dict[str, dict[str, Refusal]]] = {
     # The evaluation runs in the trial's hooks, the same Evaluator on every path.
     "evaluation": {
         "n_samples": {}, "grid_images": {}, "sampler": {}, "steps": {}, "eta": {}, "clip_x0": {}, "is_splits": {},
+        "interval_halves": {},
         "t_grid": {}, "residual_images": {}, "seed": {}, "metrics": {}, "batch_size": {}, "precision": {},
         "compile": {}, "guidance_scale": {}, "progressive_t": {}, "progressive_rows": {}, "keep_samples": {},
     },
