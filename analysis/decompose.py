@@ -45,12 +45,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_core.data import DataConfig, load_splits
+from diffusion_core.config import DataConfig
+from diffusion_core.data import load_splits
 from diffusion_core.decomposition import (empirical_optimal_eps, ensemble_terms, memorization_terms, summarize,
                                           two_level_terms)
 from diffusion_core.residuals import default_t_grid
 from diffusion_core.schedules import NoiseSchedule
-from records.layout import kind_dir, read_study_file, snapshot_files
+from records.layout import analysis_table, read_study_file, snapshot_files
 from records.parquet import write_atomic_frame
 from records.snapshots import Snapshot, load_snapshot
 
@@ -349,4 +350,4 @@ def _dataset(study) -> str | None:
 
 
 def _write(study_dir: Path, kind: str, table: pd.DataFrame) -> None:
-    write_atomic_frame(kind_dir(study_dir, kind) / f"{kind}.parquet", table)
+    write_atomic_frame(analysis_table(study_dir, kind), table)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
-from records.layout import samples_dir
+from records.layout import progressive_file
 
 from .style import subplots
 from .tables import Study, final_evals
@@ -56,7 +56,7 @@ def fig_variance_interpolation(study: Study, trial: str):
 
 
 def fig_progressive_generation(study: Study, trial: str):
-    path = samples_dir(study.dir, trial) / "progressive.npz"
+    path = progressive_file(study.dir, trial)
     if not path.exists():
         return None
     with np.load(path) as z:

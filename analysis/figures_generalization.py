@@ -15,6 +15,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from records.layout import generalization_dir  # noqa: E402
+
 from .figures import CAPTIONS, STYLE  # noqa: E402
 from .generalization import load_tables  # noqa: E402
 
@@ -88,7 +90,7 @@ def fig_samples_grid(table: pd.DataFrame, study_dir, max_samples: int = 8):
     picks = models.sort_values(["subset_size", "base_width", "seed"]).groupby("subset_size").head(1)
     blocks = []
     for r in picks.itertuples():
-        path = study_dir / "generalization" / r.samples_file
+        path = generalization_dir(study_dir) / r.samples_file
         if path.exists():
             z = np.load(path)
             blocks.append((r, [(lab, _strip(z[key][:max_samples])) for key, lab in

@@ -27,22 +27,23 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_core.data import DataConfig, ImageSet, load_splits, subset_indices
-from diffusion_core.evaluation import EvalConfig, Evaluator
+from diffusion_core.config import DataConfig, EvalConfig
+from diffusion_core.data import ImageSet, load_splits, subset_indices
+from diffusion_core.evaluation import Evaluator
 from diffusion_core.generalization import (distance_to_memorization, mean_interval, nearest_in_subsets,
                                            same_noise_similarity)
 from diffusion_core.samplers import DDIMSampler
 from diffusion_core.schedules import NoiseSchedule
 from records.atomic import atomic_write
-from records.layout import eval_samples_file, snapshot_files, train_indices_file
+from records.layout import (eval_samples_file, generalization_samples_file,
+                            generalization_samples_name, generalization_table, memorization_distance_table,
+                            snapshot_files, train_indices_file)
 from records.parquet import write_atomic_frame
 from records.snapshots import load_snapshot
 
 from .tables import load_study
 
 PAIR_FIELD = "data.subset_index"
-TABLE = "generalization.parquet"
-OPTIMUM_TABLE = "distance_to_memorization.parquet"
 OPTIMUM_T = (5, 20, 50, 100, 200, 400, 700)
 GRID_SAMPLES = 8          # same-noise samples kept per pair and step for the figure grid
 
@@ -178,7 +179,6 @@ def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None
     if not pairs:
         raise ValueError(f"no pair of COMPLETED trials differing only in {PAIR_FIELD}; sweep "
                          f"{PAIR_FIELD}: [0, 1] with subset_mode disjoint to get them")
-    out = study.dir / "generalization"
     rows, opt_rows, cache = [], [], {}
     for pair in tqdm(pairs, desc="pairs", disable=not progress):
         steps_a, steps_b = (snapshot_files(study.dir, pair[k]) for k in ("trial_a", "trial_b"))
@@ -222,26 +222,25 @@ def generalization(study_dir: str | os.PathLike, *, n_samples: int | None = None
                 nearest[m] = nearest_in_subsets(samples[m], own[m], other[m], device=device)
                 rows.append({**base, "member": m, "trial": pair[f"trial_{m}"], "step": step,
                              **_member_row(nearest[m], cos, mse), "samples_reused": reused[m],
-                             "samples_file": f"samples/{slug(pid)}_step_{step:09d}.npz"})
+                             "samples_file": generalization_samples_name(slug(pid), step)})
                 if len(own[m]) <= optimum_max_n:
                     opt_rows += _optimum_rows(nets[m], schedule, own[m], eps, base, m, step)
             k = min(GRID_SAMPLES, n)
             u8 = {m: train.images.cpu() for m, train in (("a", train_a), ("b", train_b))}
-            _save_npz(out / "samples" / f"{slug(pid)}_step_{step:09d}.npz",
+            _save_npz(generalization_samples_file(study.dir, slug(pid), step),
                       a=samples["a"][:k].numpy(), b=samples["b"][:k].numpy(),
                       nn_a=u8["a"][torch.as_tensor(nearest["a"].nn_own[:k])].numpy(),
                       nn_b=u8["b"][torch.as_tensor(nearest["b"].nn_own[:k])].numpy())
     table, opt_table = pd.DataFrame(rows), pd.DataFrame(opt_rows)
-    write_atomic_frame(out / TABLE, table)
+    write_atomic_frame(generalization_table(study.dir), table)
     if len(opt_table):
-        write_atomic_frame(out / OPTIMUM_TABLE, opt_table)
+        write_atomic_frame(memorization_distance_table(study.dir), opt_table)
     else:  # no subset small enough this time: an older table would describe other trials
-        (out / OPTIMUM_TABLE).unlink(missing_ok=True)
+        memorization_distance_table(study.dir).unlink(missing_ok=True)
     return table, opt_table
 
 
 def load_tables(study_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(generalization table, distance-to-memorization table); empty frames when absent."""
-    d = Path(study_dir) / "generalization"
     read = lambda p: pd.read_parquet(p) if p.exists() else pd.DataFrame()  # noqa: E731
-    return read(d / TABLE), read(d / OPTIMUM_TABLE)
+    return read(generalization_table(study_dir)), read(memorization_distance_table(study_dir))

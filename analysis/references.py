@@ -25,7 +25,7 @@ from itertools import combinations
 
 import torch
 
-from diffusion_core.data import SPLIT_SIZES, DataConfig
+from diffusion_core.config import DataConfig, SPLIT_SIZES
 from diffusion_core.decomposition import empirical_optimal_eps
 from diffusion_core.intervals import bootstrap_se, combined_interval
 from diffusion_core.schedules import NoiseSchedule

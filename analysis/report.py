@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from records.atomic import write_text
+from records.layout import figures_dir, report_file
 from records.layout import study_file as study_file_of
 from records.parquet import latest_per_trial
 
@@ -28,7 +29,7 @@ class FigureSet:
 
 
 def write_figures(study: Study, out: Path | None = None) -> FigureSet:
-    out = out or study.dir / "figures"
+    out = out or figures_dir(study.dir)
     result = FigureSet()
     for trial in study.trial_ids():
         for name, fn in TRIAL_FIGURES.items():
@@ -129,7 +130,7 @@ def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
     if study_file.exists():
         parts.append(f"<h2>Study file</h2><pre>{html.escape(study_file.read_text())}</pre>")
     parts.append("</body></html>")
-    path = out / "index.html"
+    path = report_file(out)
     write_text(path, "\n".join(parts))
     return path
 
@@ -137,7 +138,7 @@ def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
 def make_figures(study_dir: str | os.PathLike) -> tuple[FigureSet, Path, list]:
     """Write every figure and the report; returns (figures, report path, incomplete trials)."""
     study = load_study(study_dir)
-    out = study.dir / "figures"
+    out = figures_dir(study.dir)
     figs = write_figures(study, out)
     report = write_report(study, figs, out)
     return figs, report, missing_trials(study)

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_core.data import SPLIT_SIZES
+from diffusion_core.config import SPLIT_SIZES
 from diffusion_core.intervals import bootstrap_se, combined_interval
 from diffusion_core.samplers import DDIMSampler
 from diffusion_core.schedules import NoiseSchedule

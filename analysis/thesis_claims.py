@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from diffusion_core.config import EvalConfig, TrainConfig
 from diffusion_core.ema import init_share_crossing
-from diffusion_core.evaluation import EvalConfig
-from diffusion_core.train import TrainConfig
 from records.parquet import read_table
 
 BEGIN, END = "<!-- thesis-claims:begin -->", "<!-- thesis-claims:end -->"

@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from bench_stacked import synced_time as _now  # noqa: E402
 from bench_train_step import device_name  # noqa: E402
-from diffusion_core.evaluation import EvalConfig, Evaluator  # noqa: E402
+from diffusion_core.config import EvalConfig
+from diffusion_core.evaluation import Evaluator
 
 
 def main() -> None:

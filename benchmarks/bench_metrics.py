@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from diffusion_core.config import METRIC_KEYS
 from diffusion_core.data import mnist_splits  # noqa: E402
-from diffusion_core.metrics import (METRIC_KEYS, evaluate_samples, load_classifier, real_vs_real_fid,  # noqa: E402
-                                    reference_statistics)
+from diffusion_core.metrics import evaluate_samples, load_classifier, real_vs_real_fid, reference_statistics
 
 
 def main(argv=None) -> int:

@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from diffusion_core.data import DataConfig, molrg_of, molrg_splits  # noqa: E402
+from diffusion_core.config import DataConfig, UNetConfig
+from diffusion_core.data import molrg_of, molrg_splits
 from diffusion_core.decomposition import empirical_optimal_eps  # noqa: E402
 from diffusion_core.schedules import NoiseSchedule  # noqa: E402
-from diffusion_core.unet import UNet, UNetConfig  # noqa: E402
+from diffusion_core.unet import UNet
 
 
 def timed(fn, repeats: int) -> float:

@@ -55,8 +55,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from diffusion_core import TrainConfig, UNetConfig, mnist_splits, train
+    from diffusion_core.capabilities import Member
     from diffusion_core.data import Splits
-    from diffusion_core.stacked import Member, train_stacked
+    from diffusion_core.stacked import train_stacked
 
     device = torch.device(args.device)
     full = mnist_splits(args.data_root)

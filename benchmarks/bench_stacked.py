@@ -85,7 +85,8 @@ def run_sequential(args, splits, device, k: int) -> float:
 
 
 def run_stacked(args, splits, device, k: int, backend: str, channels_last: bool = False) -> float:
-    from diffusion_core.stacked import Member, train_stacked
+    from diffusion_core.capabilities import Member
+    from diffusion_core.stacked import train_stacked
 
     clock = Clock(args.warmup, device)
     members = []

@@ -64,7 +64,7 @@ def main() -> None:
                     help="the U-Net of issue 11's CPU target (width 8, (1, 2, 4), 2 blocks, dropout 0.1) "
                          "instead of the tiny test U-Net")
     a = ap.parse_args()
-    from diffusion_core.data import resolve_data_root
+    from diffusion_core.config import resolve_data_root
 
     root = str(resolve_data_root(a.data_root))
     times: dict[tuple[int, int], list[float]] = {lp: [] for lp in a.layouts}

@@ -58,8 +58,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from diffusion_core import NoiseSchedule, UNetConfig, mnist_splits
+    from diffusion_core.config import EvalConfig
     from diffusion_core.data import Splits
-    from diffusion_core.evaluation import EvalConfig, Evaluator
+    from diffusion_core.evaluation import Evaluator
     from diffusion_core.stacked_sampling import sample_members, stacked_eps_of_models
     from diffusion_core.train import build_model
 

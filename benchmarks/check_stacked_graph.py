@@ -39,9 +39,10 @@ def main() -> int:
     ap.add_argument("--rtol", type=float, default=1e-4)
     args = ap.parse_args()
     from diffusion_core import TrainConfig, UNetConfig, mnist_splits
+    from diffusion_core.capabilities import Member
+    from diffusion_core.config import DiffusionConfig
     from diffusion_core.data import Splits
-    from diffusion_core.stacked import Member, train_stacked
-    from diffusion_core.train import DiffusionConfig
+    from diffusion_core.stacked import train_stacked
 
     device = torch.device(args.device)
     graph_kw = dict(cuda_graph=True) if device.type == "cuda" else dict(cuda_graph=True, _graph_capture=False)

@@ -22,10 +22,13 @@ device is known, in train() and train_stacked.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
-from .data import DataConfig
+from .config import DataConfig, DiffusionConfig, EvalConfig, TrainConfig, UNetConfig
+
+if TYPE_CHECKING:
+    from .train import TrainHooks
 
 ENGINE_PATHS = ("alone", "ddp", "stacked")
 _PHRASE = {"alone": "in a run alone", "ddp": "under DDP (world size > 1)", "stacked": "when stacking"}
@@ -115,3 +118,42 @@ def check_path(path: str, configs: Any, who: str = "") -> None:
     found = refusals(path, configs)
     if found:
         raise ValueError(who + "; ".join(message for _, message in found))
+
+
+# ------------------------------------------------------------------------------ stacking
+# Which trials may share a stacked group (train_stacked, stacked.py): here, beside the refusals it
+# applies, so that a study's plan is checked without torch.
+@dataclass
+class Member:
+    training: TrainConfig
+    model: UNetConfig = field(default_factory=UNetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    hooks: TrainHooks | None = None
+    splits: object | None = None        # pre-loaded data.Splits (else loaded from `data`)
+    resume_state: dict | None = None    # a TrainState/MemberState.state_dict()
+    name: str = ""
+    # The member's evaluation config: its Evaluator (ctx.evaluator, as train(evaluation=...) builds it);
+    # members evaluating at one step then draw their samples in one batched pass (stacked_sampling.py),
+    # handed to on_eval as ctx.eval_samples. None: no evaluator, hooks sample alone.
+    evaluation: EvalConfig | None = None
+
+
+def stack_key(model: UNetConfig, training: TrainConfig) -> tuple:
+    """Members with equal keys can share a group."""
+    return repr(model), training.batch_size
+
+
+def check_stackable(members: list[Member]) -> None:
+    if not members:
+        raise ValueError("train_stacked needs at least one member")
+    key = stack_key(members[0].model, members[0].training)
+    for i, m in enumerate(members):
+        if stack_key(m.model, m.training) != key:
+            raise ValueError(f"member {i} ({m.name!r}): model and training.batch_size must equal member 0's "
+                             f"to stack ({m.model} / {m.training.batch_size} vs {members[0].model} / "
+                             f"{members[0].training.batch_size})")
+        check_path("stacked", m, who=f"member {i} ({m.name!r}): ")  # capabilities.SUPPORT, e.g. no compile
+        if m.training.cuda_graph != members[0].training.cuda_graph:  # one step function for the whole group
+            raise ValueError(f"member {i} ({m.name!r}): training.cuda_graph={m.training.cuda_graph!r} must equal "
+                             f"member 0's ({members[0].training.cuda_graph!r}) to stack")

@@ -14,38 +14,15 @@ from __future__ import annotations
 import os
 import pickle
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-DATA_ROOT_ENV = "STUDYCTL_DATA_ROOT"
-Dataset = Literal["mnist", "cifar10", "molrg"]
-MolrgBasis = Literal["mnist", "random"]
-SubsetMode = Literal["disjoint", "bootstrap"]
-DATASETS, SUBSET_MODES = get_args(Dataset), get_args(SubsetMode)
-MNIST_TRAIN, MNIST_VAL = 48_000, 12_000  # thesis 2.5.3: 80/20 split of the 60k training images
-CIFAR10_TRAIN, CIFAR10_VAL = 40_000, 10_000  # the 50k training images, same 80/20 split
-MOLRG_TEST = 10_000  # the molrg held-out test draws (as MNIST's test set)
-# The one place the split sizes and native image sizes live (study validation reads them here).
-# molrg mirrors MNIST: 48,000 training and 12,000 validation draws of 1x28x28.
-SPLIT_SIZES = {"mnist": (MNIST_TRAIN, MNIST_VAL), "cifar10": (CIFAR10_TRAIN, CIFAR10_VAL),
-               "molrg": (MNIST_TRAIN, MNIST_VAL)}
-NATIVE_IMAGE_SIZE = {"mnist": 28, "cifar10": 32, "molrg": 28}
-IMAGE_CHANNELS = {"mnist": 1, "cifar10": 3, "molrg": 1}
-
+from .config import (CIFAR10_VAL, DATA_ROOT_ENV, MNIST_TRAIN, MOLRG_TEST, SPLIT_SIZES, SUBSET_MODES, DataConfig,
+                     resolve_data_root)
 
 class DatasetNotFoundError(FileNotFoundError):
     pass
-
-
-def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
-    """The caller's root, else $STUDYCTL_DATA_ROOT, else ./data."""
-    if root is not None and str(root) != "":
-        return Path(root).expanduser()
-    env = os.environ.get(DATA_ROOT_ENV)
-    return Path(env).expanduser() if env else Path("data")
 
 
 @dataclass
@@ -210,52 +187,6 @@ def subset_indices(n_total: int, size: int, index: int = 0, mode: str = "disjoin
         return perm[index * size:(index + 1) * size].sort().values
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     return torch.randint(0, n_total, (size,), generator=g)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: Dataset = "mnist"
-    root: str | None = None           # None: $STUDYCTL_DATA_ROOT, else ./data
-    split_seed: int = 0               # the seeded 48,000 / 12,000 split (thesis 2.5.3)
-    subset_size: int | None = None    # None: the whole training split
-    subset_index: int = 0             # which subset (the variance study trains on several)
-    subset_mode: SubsetMode = "disjoint"
-    data_seed: int = 0                # drives subset selection, identical across trials
-    image_size: int | None = None     # None: native (28 MNIST, 32 CIFAR); larger zero-pads
-    val_size: int | None = None       # None: the whole validation split; else its first N
-    on_device: bool = True            # keep the whole set as one tensor on the training device
-    # dataset molrg only (molrg.py): the mixture's rank r, isotropic floor sigma_0^2, bases (mnist: each digit's
-    # top-r principal directions and mean; random: Wang et al.'s random subspaces, zero means) and components.
-    molrg_rank: int = 16
-    molrg_floor: float = 1e-3
-    molrg_basis: MolrgBasis = "mnist"
-    molrg_components: int = 10
-
-    def __post_init__(self):
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; allowed: {', '.join(DATASETS)}")
-        if self.dataset != "molrg":
-            for f, default in MOLRG_DEFAULTS.items():
-                if getattr(self, f) != default:
-                    raise ValueError(f"DataConfig.{f}={getattr(self, f)!r} applies only to dataset 'molrg' (this is "
-                                     f"{self.dataset!r}); allowed: remove it, or data.dataset: molrg")
-            return
-        if self.molrg_basis not in get_args(MolrgBasis):
-            raise ValueError(f"DataConfig.molrg_basis={self.molrg_basis!r}; allowed: {', '.join(get_args(MolrgBasis))}")
-        if not 1 <= self.molrg_rank <= 783:
-            raise ValueError(f"DataConfig.molrg_rank={self.molrg_rank!r}; allowed: 1..783 (below d = 784 pixels)")
-        if not self.molrg_floor > 0:
-            raise ValueError(f"DataConfig.molrg_floor={self.molrg_floor!r}; allowed: > 0 (the isotropic variance "
-                             f"sigma_0^2 that makes each component's covariance invertible)")
-        most = 10 if self.molrg_basis == "mnist" else 100
-        if not 1 <= self.molrg_components <= most:
-            raise ValueError(f"DataConfig.molrg_components={self.molrg_components!r}; allowed: 1..{most} "
-                             f"({'one per digit' if most == 10 else 'random subspaces'})")
-        if self.image_size not in (None, 28):
-            raise ValueError(f"DataConfig.image_size={self.image_size!r}; molrg draws are 28x28: allowed: null or 28")
-
-
-MOLRG_DEFAULTS = {f: getattr(DataConfig, f) for f in ("molrg_rank", "molrg_floor", "molrg_basis", "molrg_components")}
 
 
 def molrg_of(cfg: DataConfig):

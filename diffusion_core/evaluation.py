@@ -25,62 +25,15 @@ import torch
 import torch.nn as nn
 
 from . import metrics
+from .config import METRIC_KEYS, REAL_DATA_KEYS, REAL_METRICS, EvalConfig
 from .data import ImageSet, from_unit_range
 from .guidance import GuidedModel, balanced_labels
-from .metrics import METRIC_KEYS  # the metric columns of the `evals` table
 from .residuals import default_t_grid, residual_curve, variance_interpolation_curve
-from .samplers import Sampler, make_sampler
+from .samplers import make_sampler
 from .schedules import NoiseSchedule
-from .train import PRECISIONS, Precision
 
 log = logging.getLogger(__name__)
 
-# The same metrics of real data: n_samples held-out images (the MNIST test set, drawn with the
-# evaluation seed) in place of the samples. What a perfect generator would score at this sample
-# count -- the floor (FID) or ceiling (IS, precision, recall) every curve should be read against --
-# with the same intervals as the samples' metrics, and the real point of the entropy plane.
-REAL_METRICS = ("fid", "inception_score", "precision", "recall", "memorized_fraction", "h_y", "h_y_given_x",
-                *metrics.INTERVAL_KEYS)
-REAL_DATA_KEYS = (*(f"real_{k}" for k in REAL_METRICS), "real_n_samples")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    n_samples: int = 1000            # samples drawn for the metrics (the first grid_images form the grid)
-    grid_images: int = 64            # images in the saved sample grid (Fig. 28)
-    sampler: Sampler = "ddpm"        # ddpm (thesis)
-    steps: int | None = None         # DDIM steps (None: 50)
-    eta: float = 0.0                 # DDIM eta
-    clip_x0: float | None = None     # clip each step's x0 estimate to [-c, c] (None: the thesis's unclipped update)
-    is_splits: int = 5               # IS averaged over this many splits (thesis: 5)
-    interval_halves: int = 50        # random halves of the samples for the 95% intervals of FID, IS,
-                                     # precision, recall (metrics/intervals.py; 0: no interval columns)
-    t_grid: int | tuple[int, ...] = 40   # number of residual timesteps covering 1..T, or explicit t's
-    residual_images: int = 256       # fixed validation images for Residual(t)
-    seed: int = 0                    # the study's evaluation seed
-    metrics: bool = True             # compute the metrics record (needs diffusion_core.metrics)
-    batch_size: int = 256            # sampling / residual batch
-    # Sampling fast path (the residuals stay fp32 eager: they are the measurement).
-    precision: Precision = "fp32"    # bf16: autocast of the network inside the sampler
-    compile: bool = False            # torch.compile the network for sampling (CUDA graphs on a GPU)
-    guidance_scale: float = 1.0      # classifier-free guidance s (class-conditional models): 0 uncond., 1 cond.
-    progressive_t: tuple[int, ...] = ()  # progressive-generation frames (t values; 0 = the sample), last eval
-    progressive_rows: int = 8        # samples shown in the progressive-generation figure
-    keep_samples: bool = False       # save all n_samples samples of every evaluation (uint8 .npy, records.layout
-                                     # .eval_samples_file): `studyctl generalization` reads them, not sampling again
-
-    def __post_init__(self):
-        if self.guidance_scale < 0:
-            raise ValueError(f"EvalConfig.guidance_scale={self.guidance_scale!r} must be >= 0")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"EvalConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        if self.clip_x0 is not None and not self.clip_x0 > 0:
-            raise ValueError(f"EvalConfig.clip_x0={self.clip_x0!r} must be > 0 or None")
-        if not isinstance(self.interval_halves, int) or self.interval_halves < 0:
-            raise ValueError(f"EvalConfig.interval_halves={self.interval_halves!r} must be an integer >= 0 "
-                             f"(0: no intervals)")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"EvalConfig.batch_size={self.batch_size!r} must be an integer >= 1")
 
 
 @dataclass

@@ -11,15 +11,14 @@ numbers of the loss curves and of the residual curves share one scale.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, get_args
+from typing import Callable
 
 import torch
 
+from .config import LOSSES
 from .schedules import NoiseSchedule
 from .variance import HYBRID_LAMBDA, interpolation, vlb_terms
 
-Loss = Literal["simple", "elbo", "hybrid"]
-LOSSES = get_args(Loss)
 
 
 def per_example_mse(eps: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:

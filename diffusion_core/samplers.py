@@ -8,17 +8,16 @@ frames for progressive-generation figures.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, get_args
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .config import SAMPLERS
 from .schedules import NoiseSchedule
 from .variance import interpolation, learned_log_variance
 
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Sampler = Literal["ddpm", "ddim"]
-SAMPLERS = get_args(Sampler)
 
 
 def _split(out) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -14,14 +14,10 @@ Two of its misprints are *not* copied here: the ancestral step uses 1/sqrt(alpha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 
-Schedule = Literal["linear", "cosine", "quadratic", "sigmoid"]
-SCHEDULES = get_args(Schedule)
-
+from .config import SCHEDULES, ScheduleConfig
 
 def _check_T(T: int) -> None:
     if not isinstance(T, int) or isinstance(T, bool) or T < 2:
@@ -57,14 +53,6 @@ def make_betas(name: str, T: int, beta_start: float = 1e-4, beta_end: float = 0.
     alpha_bar = f / f[0]
     betas = 1.0 - alpha_bar[1:] / alpha_bar[:-1]
     return betas.clamp(max=max_beta)
-
-
-@dataclass(frozen=True)
-class ScheduleConfig:
-    name: Schedule = "linear"    # linear (thesis)
-    T: int = 1000                # number of diffusion steps (thesis: 1000)
-    beta_start: float = 1e-4     # linear/quadratic/sigmoid only (thesis: 1e-4)
-    beta_end: float = 0.02       # linear/quadratic/sigmoid only (thesis: 0.02)
 
 
 class NoiseSchedule:

@@ -33,41 +33,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from .capabilities import check_path
-from .data import DataConfig, epoch_batches, load_splits, steps_per_epoch
-from .evaluation import EvalConfig
+from .capabilities import Member, check_stackable
+from .config import LOSSES
+from .data import epoch_batches, load_splits, steps_per_epoch
 from .graph_step import GraphedStep
-from .losses import LOSSES
 from .schedules import NoiseSchedule
 from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
 from .stacked_sampling import StackedEps, sample_members
-from .train import (DiffusionConfig, DivergedError, EpochLosses, TrainConfig, TrainContext, TrainHooks, TrainResult, _host_to_device,
-                    EpochEvalDraws, build_model, draw_noise, evaluates_at, logs_at, noise_generator, pick_device,
-                    run_evaluator, validates_at)
-from .unet import UNet, UNetConfig, count_parameters
-
-@dataclass
-class Member:
-    training: TrainConfig
-    model: UNetConfig = field(default_factory=UNetConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    hooks: TrainHooks | None = None
-    splits: object | None = None        # pre-loaded data.Splits (else loaded from `data`)
-    resume_state: dict | None = None    # a TrainState/MemberState.state_dict()
-    name: str = ""
-    # The member's evaluation config: its Evaluator (ctx.evaluator, as train(evaluation=...) builds it);
-    # members evaluating at one step then draw their samples in one batched pass (stacked_sampling.py),
-    # handed to on_eval as ctx.eval_samples. None: no evaluator, hooks sample alone.
-    evaluation: EvalConfig | None = None
-
+from .train import (DivergedError, EpochEvalDraws, EpochLosses, TrainContext, TrainResult, _host_to_device,
+                    build_model, draw_noise, evaluates_at, logs_at, noise_generator, pick_device, run_evaluator,
+                    validates_at)
+from .unet import UNet, count_parameters
 
 @dataclass
 class MemberResult:
@@ -75,26 +58,6 @@ class MemberResult:
     status: str                          # FINISHED | FAILED
     error: str | None
     result: TrainResult
-
-
-def stack_key(model: UNetConfig, training: TrainConfig) -> tuple:
-    """Members with equal keys can share a group."""
-    return repr(model), training.batch_size
-
-
-def check_stackable(members: list[Member]) -> None:
-    if not members:
-        raise ValueError("train_stacked needs at least one member")
-    key = stack_key(members[0].model, members[0].training)
-    for i, m in enumerate(members):
-        if stack_key(m.model, m.training) != key:
-            raise ValueError(f"member {i} ({m.name!r}): model and training.batch_size must equal member 0's "
-                             f"to stack ({m.model} / {m.training.batch_size} vs {members[0].model} / "
-                             f"{members[0].training.batch_size})")
-        check_path("stacked", m, who=f"member {i} ({m.name!r}): ")  # capabilities.SUPPORT, e.g. no compile
-        if m.training.cuda_graph != members[0].training.cuda_graph:  # one step function for the whole group
-            raise ValueError(f"member {i} ({m.name!r}): training.cuda_graph={m.training.cuda_graph!r} must equal "
-                             f"member 0's ({members[0].training.cuda_graph!r}) to stack")
 
 
 def check_graphable(members: list[Member], device: torch.device, backend: str, capture: bool = True) -> None:

@@ -32,8 +32,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .config import EvalConfig
 from .data import from_unit_range
-from .evaluation import DrawnSamples, EvalConfig, Evaluator, _num_classes
+from .evaluation import DrawnSamples, Evaluator, _num_classes
 from .samplers import DDIMSampler, DDPMSampler
 from .stacked_model import StackedUNet
 

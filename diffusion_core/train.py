@@ -1,7 +1,7 @@
 """The training loop: one function, plain PyTorch, single process or DDP.
 
-(Over 400 lines on purpose: the loop is one function to read top to bottom, as in NVlabs/edm,
-and its configs — the dataclasses its signature takes — live beside it.)
+(Over 400 lines on purpose: the loop is one function to read top to bottom, as in NVlabs/edm.
+Its configs — the dataclasses its signature takes — live in config.py, without torch.)
 
 `train()` runs the thesis configuration by default (TrainConfig() + UNetConfig() +
 DiffusionConfig() + DataConfig()). It works in a notebook as is; under
@@ -16,121 +16,24 @@ validation t and eps come from `eval_seed`, identical for every trial (DESIGN.md
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from .capabilities import check_path
-from .data import DataConfig, ImageSet, epoch_batches, load_splits, steps_per_epoch
+from .config import GRAPHING_COMPILE_MODES, DataConfig, DiffusionConfig, TrainConfig, UNetConfig
+from .data import ImageSet, epoch_batches, load_splits, steps_per_epoch
 from .ema import EMA
 from .graph_step import GraphedStep
-from .losses import LOSSES, Loss, diffusion_loss, per_example_mse
-from .schedules import NoiseSchedule, Schedule, ScheduleConfig
-from .unet import UNet, UNetConfig, count_parameters
+from .losses import diffusion_loss, per_example_mse
+from .schedules import NoiseSchedule
+from .unet import UNet, count_parameters
 
-ReverseVariance = Literal["beta", "beta_tilde", "learned"]
-Precision = Literal["fp32", "bf16"]
-CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-# compile modes that replay their own CUDA graphs (cuda_graph cannot capture those a second time)
-GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
-REVERSE_VARIANCES, PRECISIONS, COMPILE_MODES = get_args(ReverseVariance), get_args(Precision), get_args(CompileMode)
-
-
-@dataclass(frozen=True)
-class DiffusionConfig:
-    # The noise schedule's fields, flat (a study file's `diffusion:` section is this class); the
-    # defaults are ScheduleConfig's, the thesis's: linear 1e-4..0.02, T=1000.
-    T: int = ScheduleConfig.T
-    schedule: Schedule = ScheduleConfig.name
-    beta_start: float = ScheduleConfig.beta_start
-    beta_end: float = ScheduleConfig.beta_end
-    reverse_variance: ReverseVariance = "beta"   # sigma_t^2 for sampling and the ELBO weight
-    loss: Loss = "simple"            # simple (eq. 72, thesis) | elbo (eq. 70) | hybrid (iDDPM, with learned)
-
-    def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; allowed: {', '.join(LOSSES)}")
-        if self.reverse_variance not in REVERSE_VARIANCES:
-            raise ValueError(f"unknown reverse_variance {self.reverse_variance!r}; "
-                             f"allowed: {', '.join(REVERSE_VARIANCES)}")
-        if (self.reverse_variance == "learned") != (self.loss == "hybrid"):
-            raise ValueError(f"reverse_variance={self.reverse_variance!r} with loss={self.loss!r}: a learned "
-                             f"variance is trained only by L_vlb; allowed: reverse_variance 'learned' together "
-                             f"with loss 'hybrid' (iDDPM), or 'beta' / 'beta_tilde' with 'simple' / 'elbo'")
-
-    @property
-    def schedule_config(self) -> ScheduleConfig:
-        return ScheduleConfig(name=self.schedule, T=self.T, beta_start=self.beta_start, beta_end=self.beta_end)
-
-    def model_config(self, model: UNetConfig) -> UNetConfig:
-        """The U-Net config this diffusion needs: a variance output exactly when the variance is learned."""
-        return dataclasses.replace(model, learn_sigma=self.reverse_variance == "learned")
-
-
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 25                 # thesis: 25 (3,000 updates each at batch 16)
-    batch_size: int = 16             # global batch; each of N DDP ranks takes batch_size / N
-    lr: float = 2e-4                 # Adam, constant (thesis Table 1)
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    ema_decay: float = 0.9999        # thesis: 0.9999
-    ema_warmup: bool = False         # decay min(ema_decay, (1+k)/(10+k)) at update k (diffusers); thesis: off
-    seed: int = 0                    # initialisation, data order, training noise
-    max_steps: int | None = None     # stop after this many optimizer steps (tests, short runs)
-    grad_clip: float | None = None   # None = no clipping (thesis)
-    log_every_first: int = 1000      # log every step's loss for the first N steps (Fig. 26b) ...
-    log_every: int = 100             # ... then every N steps
-    eval_every: int = 2000           # call hooks.on_eval every N steps ...
-    eval_start: int = 8000           # ... from this step on (and always at the last step)
-    # The epoch-end evaluation-mode losses (EpochLosses): validation loss of the EMA and raw weights
-    # (fixed t/eps) and the raw weights' loss on a fixed training batch. None: at every epoch end; N:
-    # only at the epoch ends that pass a multiple of N steps (and the last step) -- a 1,000-image set
-    # has 1,210 epochs in 75,000 steps, and 1,210 passes over a 12,000-image validation split would
-    # outweigh the training. N = eval_every: about once per evaluation.
-    val_every: int | None = None
-    train_eval_images: int = 512     # size of that fixed training batch (capped at the training set)
-    # Fast path (see BENCHMARKS.md); the defaults are the plain fp32 thesis loop.
-    precision: Precision = "fp32"    # bf16: autocast of the forward pass; loss and Adam in fp32
-    channels_last: bool = False      # NHWC memory layout for convolutions
-    compile: bool = False            # torch.compile the training forward ...
-    compile_mode: CompileMode = "default"   # ... reduce-overhead / max-autotune: with compile's own CUDA graphs
-    fused_adam: bool | None = None   # None: fused Adam on CUDA, the reference loop elsewhere
-    # No host in the loop (issue 11). device_noise draws (t, eps) from a seeded generator on the
-    # training device: on a GPU that is another random stream than the default CPU one (same on a CPU).
-    device_noise: bool = False
-    deferred_sync: bool = False      # fetch logged losses every log_every steps (and at epoch/eval/end), not each
-    # Replay forward+backward+Adam as one CUDA graph (graph_step.py; CUDA only). With compile (modes
-    # default / max-autotune-no-cudagraphs) the graph replays inductor's fused kernels: fewer, larger launches.
-    cuda_graph: bool = False
-    label_dropout: float = 0.1       # class-conditional models: P(label -> null label), classifier-free guidance
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "log_every", "eval_every", "train_eval_images"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"TrainConfig.{name}={v!r} must be an integer >= 1")
-        if self.lr <= 0 or not math.isfinite(self.lr):
-            raise ValueError(f"TrainConfig.lr={self.lr!r} must be a positive number")
-        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"TrainConfig.compile_mode={self.compile_mode!r}; allowed: {', '.join(COMPILE_MODES)}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        if self.cuda_graph and self.compile and self.compile_mode in GRAPHING_COMPILE_MODES:
-            raise ValueError(f"TrainConfig.cuda_graph=True with compile_mode={self.compile_mode!r}: that mode replays "
-                             f"compile's own CUDA graphs, which cannot be captured again; allowed with cuda_graph: "
-                             f"compile_mode=default or max-autotune-no-cudagraphs (or cuda_graph=False)")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"TrainConfig.label_dropout={self.label_dropout!r} must lie in [0, 1)")
 
 
 def validates_at(training: TrainConfig, step: int, epoch_steps: int, total_steps: int) -> bool:

@@ -25,70 +25,14 @@ the largest divisor of the channel count that is <= the asked-for count and <= c
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import UNetConfig
 
-@dataclass(frozen=True)
-class UNetConfig:
-    in_channels: int = 1                       # 1 for MNIST, 3 for CIFAR-10
-    image_size: int = 28                       # must halve len(channel_mult) - 1 times
-    base_width: int = 32                       # thesis: 32
-    channel_mult: tuple[int, ...] = (1, 2, 4)  # thesis: widths 32 * (1, 2, 4)
-    blocks_per_level: int = 2                  # thesis: 2 residual blocks per level
-    bottleneck_blocks: int = 2                 # residual blocks at the lowest resolution
-    dropout: float = 0.1                       # thesis: 0.1
-    attention: bool = False                    # self-attention in the bottleneck (lowest res)
-    attention_heads: int = 4
-    norm_groups: int = 16                      # thesis: GroupNorm(16) ...
-    final_norm_groups: int = 4                 # ... and GroupNorm(4) before the output conv
-    learn_sigma: bool = False                  # also output v: the learned reverse variance (iDDPM)
-    class_conditional: bool = False            # a label embedding added to the time embedding (CFG)
-    num_classes: int = 10                      # labels 0..num_classes-1; num_classes is the null label
 
-    def __post_init__(self):
-        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
-        self.validate()
-
-    def validate(self) -> None:
-        def bad(field_name, value, allowed):
-            raise ValueError(f"UNetConfig.{field_name}={value!r} is invalid; allowed: {allowed}")
-        if self.in_channels < 1:
-            bad("in_channels", self.in_channels, "an integer >= 1")
-        if not isinstance(self.base_width, int) or self.base_width < 2:
-            # Width 1 puts one channel in each GroupNorm group, which erases the time embedding (above).
-            bad("base_width", self.base_width, "an integer >= 2 (one channel per GroupNorm group would erase "
-                "the time embedding; thesis: 32)")
-        if len(self.channel_mult) < 1 or any((not isinstance(m, int)) or m < 1 for m in self.channel_mult):
-            bad("channel_mult", self.channel_mult, "a non-empty tuple of integers >= 1 (thesis: (1, 2, 4))")
-        if self.blocks_per_level < 1:
-            bad("blocks_per_level", self.blocks_per_level, "an integer >= 1 (thesis: 2)")
-        if self.bottleneck_blocks < 0:
-            bad("bottleneck_blocks", self.bottleneck_blocks, "an integer >= 0")
-        if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", self.dropout, "a float in [0, 1)")
-        if self.class_conditional and self.num_classes < 1:
-            bad("num_classes", self.num_classes, "an integer >= 1")
-        if self.norm_groups < 1 or self.final_norm_groups < 1:
-            bad("norm_groups", (self.norm_groups, self.final_norm_groups), "integers >= 1")
-        size = self.image_size
-        if size < 1:
-            bad("image_size", size, "a positive integer")
-        for level in range(len(self.channel_mult) - 1):
-            if size % 2:
-                raise ValueError(
-                    f"UNetConfig.image_size={self.image_size} cannot be halved {len(self.channel_mult) - 1} "
-                    f"times (odd size {size} at level {level}); allowed: sizes divisible by "
-                    f"2**{len(self.channel_mult) - 1}={2 ** (len(self.channel_mult) - 1)}, e.g. 28 or 32 "
-                    f"for 3 levels, or fewer levels in channel_mult")
-            size //= 2
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        return tuple(self.base_width * m for m in self.channel_mult)
 
 
 def _groups(groups: int, channels: int) -> int:

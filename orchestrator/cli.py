@@ -10,7 +10,9 @@ from pathlib import Path
 
 import typer
 
-from records.layout import STUDY_FILE, read_study_file, study_file
+from records.layout import (FIGURES, GROUND_TRUTH, MLFLOW_ARTIFACTS, MLFLOW_DB, RAY, STUDY_FILE, TRIAL_FILES, TRIAL_KINDS,
+                            analysis_table, figures_dir, generalization_dir, generalization_table, kind_dir,
+                            mlflow_artifacts, mlflow_db, read_study_file, report_file, study_file)
 
 from . import packaged_study_names
 
@@ -82,7 +84,7 @@ def _plan_or_exit(spec):
     """The study's plan (its sweep expanded and every trial validated: once per command); exit 2 if bad."""
     import dataclasses
 
-    from diffusion_core.data import resolve_data_root
+    from diffusion_core.config import resolve_data_root
 
     from .plan import build_plan
     from .spec import StudyError
@@ -197,16 +199,16 @@ def _run_sweep(plan, out: Path, address: str | None, local: bool = False) -> Non
 # (a study without seed groups or subset pairs) instead of stopping the launch.
 ANALYSIS_STEPS = {
     "decompose": ("bias² + noise and variance of every group of seeds, at every snapshot",
-                  ("decomposition/decomposition.parquet", "distance_to_memorization/distance_to_memorization.parquet"),
+                  lambda d: (analysis_table(d, "decomposition"), analysis_table(d, "distance_to_memorization")),
                   (FileNotFoundError, ValueError)),
     "generalization": ("same-noise similarity and memorization of every pair of disjoint subsets",
-                       ("generalization/generalization.parquet",), (FileNotFoundError, ValueError)),
-    "figures": ("every figure and the report", ("figures/index.html",), (FileNotFoundError,)),
+                       lambda d: (generalization_table(d),), (FileNotFoundError, ValueError)),
+    "figures": ("every figure and the report", lambda d: (report_file(figures_dir(d)),), (FileNotFoundError,)),
 }
 # What the decomposition and generalization read: the trials' records and files. The figures read
 # everything in the study folder but these (MLflow's store changes at every launch).
-ANALYSIS_INPUTS = ("trials", "train_steps", "epochs", "residuals", "evals", "trial_files", "ground_truth")
-NOT_FIGURE_INPUTS = ("figures", "mlflow.db", "mlartifacts", "ray", STUDY_FILE)
+ANALYSIS_INPUTS = (*TRIAL_KINDS, TRIAL_FILES, GROUND_TRUTH)
+NOT_FIGURE_INPUTS = (FIGURES, MLFLOW_DB, MLFLOW_ARTIFACTS, RAY, STUDY_FILE)
 
 
 def _after_sweep(spec, out: Path) -> None:
@@ -238,7 +240,7 @@ def _analysis_step(spec, out: Path, step: str, where: str) -> None:
     what, outputs, skippable = ANALYSIS_STEPS[step]
     inputs = ANALYSIS_INPUTS if step != "figures" else \
         tuple(p.name for p in out.iterdir() if p.name not in NOT_FIGURE_INPUTS)
-    if _up_to_date(out, outputs, inputs):
+    if _up_to_date(out, outputs(out), inputs):
         typer.echo(f"{where}: up to date (written after the last change to what it reads); "
                    f"`studyctl {step} {out}` redoes it")
         return
@@ -256,7 +258,7 @@ def _decompose_step(spec, out: Path) -> None:
     from analysis.decompose import decompose as run_decompose
 
     table = run_decompose(out, n_points=spec.analysis.decompose_points)
-    typer.echo(f"decomposition: {table['group_id'].nunique()} group(s) -> {out / 'decomposition'}")
+    typer.echo(f"decomposition: {table['group_id'].nunique()} group(s) -> {kind_dir(out, 'decomposition')}")
 
 
 _ANALYSIS_RUN = {"decompose": _decompose_step,
@@ -264,14 +266,14 @@ _ANALYSIS_RUN = {"decompose": _decompose_step,
                  "figures": lambda spec, out: _write_figures(out)}
 
 
-def _up_to_date(out: Path, outputs: tuple[str, ...], inputs: tuple[str, ...]) -> bool:
+def _up_to_date(out: Path, outputs: tuple[Path, ...], inputs: tuple[str, ...]) -> bool:
     """Every output exists and was written after the newest file under the inputs (make's rule)."""
     def newest(path: Path) -> int:
         if path.is_file():
             return path.stat().st_mtime_ns
         return max((f.stat().st_mtime_ns for f in path.rglob("*") if f.is_file()), default=0)
 
-    files = [out / f for f in outputs]
+    files = list(outputs)
     if not all(f.is_file() for f in files):
         return False
     return min(f.stat().st_mtime_ns for f in files) >= max((newest(out / p) for p in inputs if (out / p).exists()),
@@ -342,11 +344,11 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
     # One server process: one person browses a study, and MLflow's default of 4 workers, each
     # importing MLflow, took minutes to start on a loaded 2-core machine.
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--default-artifact-root", (d / "mlartifacts").as_uri(), "--host", host, "--port", str(port),
+           "--default-artifact-root", mlflow_artifacts(d).as_uri(), "--host", host, "--port", str(port),
            "--workers", "1"]
     from .tracking import experiment_url, study_experiment_id
 
-    exp_id = study_experiment_id(d) if (d / "mlflow.db").exists() or not uri.startswith("sqlite:") else None
+    exp_id = study_experiment_id(d) if mlflow_db(d).exists() or not uri.startswith("sqlite:") else None
     base = f"http://{host}:{port}"
     typer.echo(f"MLflow UI for {d} on {experiment_url(base, exp_id) if exp_id else base}  (Ctrl-C stops it)")
     sys.stdout.flush()
@@ -457,7 +459,7 @@ def decompose(directory: str = typer.Argument(..., help="A study folder (written
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
     typer.echo(f"decomposition: {table['group_id'].nunique()} group(s), {len(table)} rows -> "
-               f"{Path(directory) / 'decomposition'}")
+               f"{kind_dir(directory, 'decomposition')}")
     _write_figures(directory)
 
 
@@ -500,7 +502,7 @@ def _run_generalization(out: Path, **kw) -> None:
 
     table, _ = run_generalization(out, **kw)
     typer.echo(f"generalization: {table['pair_id'].nunique()} pair(s), {len(table)} rows -> "
-               f"{Path(out) / 'generalization'}")
+               f"{generalization_dir(out)}")
     from .tracking import find_parent_run, log_artifact, log_metrics
 
     found = find_parent_run(out)
@@ -510,7 +512,7 @@ def _run_generalization(out: Path, **kw) -> None:
     per_step = models.groupby(["pair_id", "step"])[["same_noise_cosine", "memorized_fraction"]].mean()
     log_metrics(found[0], found[1], [(f"generalization/{slug(pid)}/{col}", float(v), int(step))
                                      for (pid, step), r in per_step.iterrows() for col, v in r.items()])
-    log_artifact(found[0], found[1], Path(out) / "generalization", "generalization")
+    log_artifact(found[0], found[1], generalization_dir(out), "generalization")
 
 
 classifier_app = typer.Typer(help="The MNIST feature classifier behind FID, IS and precision/recall.",

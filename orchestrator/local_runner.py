@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from records.layout import trial_files
+from records.layout import resume_file
 
 from .driver import SetupError, StudyRun, TrialFailed, drive_group, drive_trial
 
@@ -94,7 +94,7 @@ def local_group(study: StudyRun, trial_ids: list[str], device: str, threads: int
     if len(trial_ids) > 1:
         from .stacked_worker import resume_steps, stacked_worker
 
-        if len(resume_steps(trial_files(study.out, t) for t in trial_ids)) > 1:
+        if len(resume_steps(resume_file(study.out, t) for t in trial_ids)) > 1:
             lines.append(f"trials {', '.join(trial_ids)} resume from different steps: each runs alone")
         else:
             errors = drive_group(study, [study.plan.trial(t) for t in trial_ids],

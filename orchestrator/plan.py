@@ -30,10 +30,8 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from diffusion_core.capabilities import refusals
-from diffusion_core.data import IMAGE_CHANNELS, NATIVE_IMAGE_SIZE, SPLIT_SIZES, DataConfig
-from diffusion_core.evaluation import EvalConfig
-from diffusion_core.train import DiffusionConfig, TrainConfig
-from diffusion_core.unet import UNetConfig
+from diffusion_core.config import (IMAGE_CHANNELS, NATIVE_IMAGE_SIZE, SPLIT_SIZES, DataConfig, DiffusionConfig,
+                                   EvalConfig, TrainConfig, UNetConfig)
 
 from records.parquet import param_types
 from .spec import DERIVED, SECTION_CLASSES, SECTION_TYPES, SECTIONS, StudyError, StudySpec, SweepSpec, _format_errors

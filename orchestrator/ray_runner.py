@@ -21,7 +21,7 @@ import os
 import time
 from typing import Callable
 
-from records.layout import ray_train_dir
+from records.layout import ray_train_dir, ray_tune_dir
 
 from .driver import SetupError, StudyRun, TrialFailed, drive_group, drive_trial, record_outcome
 from .ray_stacked import Unit, ray_stacked_worker, tune_units
@@ -171,7 +171,7 @@ def run_tune(study: StudyRun, todo: list[str], address: str | None, echo: Callab
                                         trial_name_creator=lambda t: t.config["trial_id"],
                                         trial_dirname_creator=lambda t: t.config["trial_id"]),
             run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      storage_path=str(study.out / "ray" / "tune"),
+                                      storage_path=str(ray_tune_dir(study.out)),
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1,
                                       callbacks=[outcome]))
         # Ctrl-C should stop the launch now, as under --local (launch records the interruption);

@@ -43,15 +43,13 @@ from diffusion_core.stacked import MemberState, train_stacked
 from diffusion_core.train import TrainContext
 
 from records.atomic import write_json
-from records.layout import ray_train_dir, trial_files, worker_file
+from records.layout import (checkpoint_name, group_manifest_file, group_member_state_file, ray_checkpoint_pointer,
+                            ray_train_dir, worker_file)
 
 from .plan import Plan, Trial
 from .stacked_worker import build_members, group_options
 from .status import read_summary
 from .worker import TrialHooks, TrialTask
-
-POINTER = "ray_checkpoint.json"
-
 
 @dataclass(frozen=True)
 class Unit:
@@ -71,7 +69,7 @@ def group_name(trials: list[Trial] | tuple[Trial, ...]) -> str:
 def read_pointer(out: Path, trial_id: str) -> dict | None:
     """The member's latest group checkpoint ({"run", "step", "state"}), if its state file is there."""
     try:
-        p = json.loads((trial_files(out, trial_id) / POINTER).read_text())
+        p = json.loads(ray_checkpoint_pointer(out, trial_id).read_text())
     except (OSError, ValueError):
         return None
     return p if (Path(out) / p["state"]).is_file() else None
@@ -122,20 +120,20 @@ class GroupCheckpoint:
             return
         for tid in states:  # a member that did not evaluate now: its rows so far, before the checkpoint
             self.hooks[tid].flush(step)
-        name = f"checkpoint_step_{step:09d}"
+        name = checkpoint_name(step)
         tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.run}-"))
         try:
             for tid, state in states.items():
-                torch.save(state.state_dict(), tmp / f"{tid}.pt")
-            (tmp / "group.json").write_text(json.dumps({"run": self.run, "step": step, "members": list(states)}))
+                torch.save(state.state_dict(), group_member_state_file(tmp, tid))
+            group_manifest_file(tmp).write_text(json.dumps({"run": self.run, "step": step, "members": list(states)}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
                              checkpoint_dir_name=name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         # after the report: the checkpoint is in storage (a pointer may lag it, never lead it)
         for tid in states:
-            state_file = (ray_train_dir(self.out) / self.run / name / f"{tid}.pt").relative_to(self.out)
-            write_json(trial_files(self.out, tid) / POINTER, {"run": self.run, "step": step, "state": str(state_file)})
+            state_file = group_member_state_file(ray_train_dir(self.out) / self.run / name, tid).relative_to(self.out)
+            write_json(ray_checkpoint_pointer(self.out, tid), {"run": self.run, "step": step, "state": str(state_file)})
 
 
 def training_ended(out: Path, trial_id: str) -> bool:
@@ -147,12 +145,12 @@ def training_ended(out: Path, trial_id: str) -> bool:
 def _load_group(d: Path, trial_ids: list[str], not_before: int) -> dict[str, dict] | None:
     """The members' states from one group checkpoint folder, if it holds them all and is not older."""
     try:
-        held = json.loads((d / "group.json").read_text())
+        held = json.loads(group_manifest_file(d).read_text())
     except (OSError, ValueError):
         return None
     if not set(trial_ids) <= set(held["members"]) or held["step"] < not_before:
         return None
-    return {tid: torch.load(d / f"{tid}.pt", weights_only=True, map_location="cpu") for tid in trial_ids}
+    return {tid: torch.load(group_member_state_file(d, tid), weights_only=True, map_location="cpu") for tid in trial_ids}
 
 
 def restore_states(out: Path, trial_ids: list[str], ckpt) -> dict[str, dict | None]:

@@ -9,11 +9,11 @@ not run 30 trials of the wrong thing.
     name: quickstart
     output: runs/quickstart          # default runs/<name> (relative to the working dir)
     ray_address: null                # null: start a local Ray sized to the machine
-    data:       diffusion_core.data.DataConfig            {dataset, root, subset_size, subset_index, ...}
-    model:      diffusion_core.unet.UNetConfig            {base_width, channel_mult, blocks_per_level, ...}
-    diffusion:  diffusion_core.train.DiffusionConfig      {T, schedule, beta_start, beta_end, reverse_variance, loss}
-    training:   diffusion_core.train.TrainConfig          {epochs, batch_size, lr, ..., eval_every, eval_start, ...}
-    evaluation: diffusion_core.evaluation.EvalConfig      {n_samples, sampler, steps, is_splits, t_grid, seed, ...}
+    data:       diffusion_core.config.DataConfig      {dataset, root, subset_size, subset_index, ...}
+    model:      diffusion_core.config.UNetConfig      {base_width, channel_mult, blocks_per_level, ...}
+    diffusion:  diffusion_core.config.DiffusionConfig {T, schedule, beta_start, beta_end, reverse_variance, loss}
+    training:   diffusion_core.config.TrainConfig     {epochs, batch_size, lr, ..., eval_every, eval_start, ...}
+    evaluation: diffusion_core.config.EvalConfig      {n_samples, sampler, steps, is_splits, t_grid, seed, ...}
     sweep:      {grid: {dotted.field: [values]}, arms: [{...}], seeds: [..], random: {..}, num_samples, asha}
     resources:  {workers_per_trial, cpus_per_worker, gpus_per_worker, max_concurrent_trials, max_failures, stack, ...}
     tracking:   {enabled, uri, experiment}
@@ -36,10 +36,7 @@ import pydantic.dataclasses
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PlainValidator, PositiveFloat, Strict,
                       ValidationError)
 
-from diffusion_core.data import DataConfig
-from diffusion_core.evaluation import EvalConfig
-from diffusion_core.train import DiffusionConfig, TrainConfig
-from diffusion_core.unet import UNetConfig
+from diffusion_core.config import DataConfig, DiffusionConfig, EvalConfig, TrainConfig, UNetConfig
 
 # Integers and booleans are strict (YAML `width: "8"` or `attention: 1` is a mistake worth
 # reporting); floats are lax because PyYAML reads `2e-4` (no dot) as a string.
@@ -329,7 +326,7 @@ def parse_study(raw: Any, source: str = "<study>") -> StudySpec:
 
 def check_study(spec: StudySpec, source: str = "<study>") -> None:
     """Whole-study checks: the data root and the resources (plan.build_plan checks every trial)."""
-    from diffusion_core.data import resolve_data_root
+    from diffusion_core.config import resolve_data_root
 
     root = resolve_data_root(spec.data.root)
     if spec.data.dataset == "mnist" or (spec.data.dataset == "molrg" and spec.data.molrg_basis == "mnist"):

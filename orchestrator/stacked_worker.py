@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import torch
 
+from diffusion_core.capabilities import Member
 from diffusion_core.data import load_splits
-from diffusion_core.stacked import Member, train_stacked
+from diffusion_core.stacked import train_stacked
 
 from .stacking import member
 from .worker import LocalTrialHooks, TrialHooks, TrialTask, restarts_so_far, write_local_worker_file
 
 
-def resume_steps(trial_files) -> set[int]:
-    """The steps of the members' resume files, one per trial_files/<id> folder (0: none yet)."""
-    return {LocalTrialHooks.load_resume_file(f)[1] for f in trial_files}
+def resume_steps(resume_files) -> set[int]:
+    """The steps of the members' resume files (layout.resume_file; 0: none yet)."""
+    return {LocalTrialHooks.load_resume_file(f)[1] for f in resume_files}
 
 
 def stacked_worker(tasks: list[TrialTask], device: str | torch.device) -> None:
@@ -32,7 +33,7 @@ def stacked_worker(tasks: list[TrialTask], device: str | torch.device) -> None:
     states = {}
     for task in tasks:
         write_local_worker_file(task, device)
-        states[task.trial.trial_id] = LocalTrialHooks.load_resume_file(task.files)[0]
+        states[task.trial.trial_id] = LocalTrialHooks.load_resume_file(task.resume_file)[0]
     members, _ = build_members(tasks, states, LocalTrialHooks)
     train_stacked(members, device=device, **group_options(tasks))
 

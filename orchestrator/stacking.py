@@ -1,7 +1,7 @@
 """Which trials of a plan train together as one stacked model (`resources.stack: K`, issue 11).
 
-diffusion_core.stacked.train_stacked trains K members in one process as one model; its
-`check_stackable` says which members may share it: the same U-Net and batch size, and nothing
+diffusion_core.stacked.train_stacked trains K members in one process as one model;
+diffusion_core.capabilities.check_stackable says which members may share it: the same U-Net and batch size, and nothing
 a group cannot honour (diffusion_core.capabilities.SUPPORT's "stacked" refusals, e.g. compile).
 On top of that, the members of one group here share what train_stacked takes once for all of
 them: the evaluation seed (the fixed validation draws) and Adam's betas and eps.
@@ -12,8 +12,7 @@ alone, exactly as with stack: 1.
 """
 from __future__ import annotations
 
-from diffusion_core.capabilities import refusals
-from diffusion_core.stacked import Member, check_stackable
+from diffusion_core.capabilities import Member, check_stackable, refusals
 
 from .plan import Plan, Trial
 

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from records.layout import mlflow_artifacts, mlflow_db
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 900  # MLflow accepts up to 1,000 metrics per log_batch
@@ -52,7 +54,7 @@ def _needs_store(off_value=None):
 
 
 def default_uri(study_dir: str | os.PathLike) -> str:
-    return f"sqlite:///{Path(study_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{mlflow_db(Path(study_dir).resolve())}"
 
 
 def tracking_uri(spec_uri: str | None, study_dir: str | os.PathLike) -> str:
@@ -87,7 +89,7 @@ def ensure_experiment(uri: str, name: str, study_dir: str | os.PathLike) -> str:
     artifact_location = None
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
         # A local store keeps artifacts beside it; a server decides its own location.
-        artifact_location = (Path(study_dir).resolve() / "mlartifacts").as_uri()
+        artifact_location = mlflow_artifacts(Path(study_dir).resolve()).as_uri()
     return _retry(c.create_experiment, name, artifact_location=artifact_location,
                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 

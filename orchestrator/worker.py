@@ -48,8 +48,9 @@ from diffusion_core.train import DivergedError, EpochLosses, TrainContext, fixed
 from diffusion_core.unet import count_parameters
 
 from records.atomic import atomic_write, write_json
-from records.layout import (eval_samples_file, samples_dir, snapshot_file, summary_file, train_indices_file,
-                            trial_files, worker_file)
+from records.layout import (checkpoint_config_file, checkpoint_name, checkpoint_rng_file, checkpoint_state_file,
+                            eval_samples_file, progressive_file, resume_file, sample_grid_file,
+                            snapshot_file, summary_file, train_indices_file, trial_files, worker_file)
 from records.parquet import RecordWriter
 from records.snapshots import save_snapshot
 
@@ -86,6 +87,10 @@ class TrialTask:
     @property
     def files(self) -> Path:
         return trial_files(self.writer.dir, self.trial.trial_id)
+
+    @property
+    def resume_file(self) -> Path:
+        return resume_file(self.writer.dir, self.trial.trial_id)
 
 
 class TrialHooks:
@@ -161,8 +166,7 @@ class TrialHooks:
                 self.rows["residuals"].append({"step": step, "epoch": epoch, "t": t, "residual": r,
                                                "weights": weights, "variance_interpolation": v_t})
                 self.metrics.append((f"residual_{weights}_t{t:04d}", r, step))
-        name = f"step_{step:09d}"
-        png = samples_dir(self.study_dir, self.trial_id) / f"{name}.png"
+        png = sample_grid_file(self.study_dir, self.trial_id, step)
         save_png(png, grid_image(res.grid))
         np.save(png.with_suffix(".npy"), res.grid.numpy())  # rebuild Fig. 28 without MLflow
         if self.eval_cfg.keep_samples:  # `studyctl generalization` reads them instead of sampling again
@@ -171,7 +175,7 @@ class TrialHooks:
         if step == ctx.total_steps:  # progressive generation of the final model (frames at evaluation.progressive_t)
             frames = self.evaluator.progressive(ctx.ema_model)
             if frames is not None:
-                with atomic_write(samples_dir(self.study_dir, self.trial_id) / "progressive.npz") as fh:
+                with atomic_write(progressive_file(self.study_dir, self.trial_id)) as fh:
                     np.savez(fh, t=np.asarray(frames[0]), frames=frames[1].numpy())
         n_img = self.eval_cfg.n_samples
         row = {"step": step, "epoch": epoch, "eval_seconds": res.seconds,
@@ -233,17 +237,17 @@ class TrialHooks:
             rng = {"generator": ctx.state.generator.get_state(), "cpu_rng": torch.get_rng_state()}
             if ctx.device.type == "cuda":
                 rng["cuda_rng"] = torch.cuda.get_rng_state(ctx.device)
-            torch.save(rng, tmp / f"rng_rank{self.rank}.pt")
+            torch.save(rng, checkpoint_rng_file(tmp, self.rank))
             if self.rank == 0:
-                torch.save(ctx.state.state_dict(), tmp / "state.pt")
-                (tmp / "config.json").write_text(json.dumps({"trial_id": self.trial_id, "config": self.trial.config(),
+                torch.save(ctx.state.state_dict(), checkpoint_state_file(tmp))
+                checkpoint_config_file(tmp).write_text(json.dumps({"trial_id": self.trial_id, "config": self.trial.config(),
                                                              "step": ctx.step}, indent=1))
                 metrics = {k: v for k, v in self.last_report.items() if v is not None}
                 metrics.update(step=ctx.step, trial_id=self.trial_id)
             else:
                 metrics = {"step": ctx.step}
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
-                             checkpoint_dir_name=f"checkpoint_step_{ctx.step:09d}")
+                             checkpoint_dir_name=checkpoint_name(ctx.step))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -252,15 +256,13 @@ class LocalTrialHooks(TrialHooks):
     """TrialHooks for a trial run in-process without Ray: the full resume state goes to one
     local file (replaced atomically at each evaluation, after that interval's records)."""
 
-    RESUME_FILE = "resume.pt"
-
     def on_eval_all_ranks(self, ctx: TrainContext) -> None:
-        with atomic_write(self.files / self.RESUME_FILE) as fh:
+        with atomic_write(self.task.resume_file) as fh:
             torch.save(ctx.state.state_dict(), fh)
 
-    @classmethod
-    def load_resume_file(cls, files: Path) -> tuple[dict | None, int]:
-        path = files / cls.RESUME_FILE
+    @staticmethod
+    def load_resume_file(path: Path) -> tuple[dict | None, int]:
+        """(resume state, step) of a trial's resume file (layout.resume_file); (None, 0) before its first."""
         if not path.exists():
             return None, 0
         state = torch.load(path, weights_only=True, map_location="cpu")
@@ -276,8 +278,8 @@ def restore_from_ray_checkpoint(rank: int) -> tuple[dict | None, int]:
         return None, 0
     with ckpt.as_directory() as d:
         d = Path(d)
-        state = torch.load(d / "state.pt", weights_only=True, map_location="cpu")
-        rng_file = d / f"rng_rank{rank}.pt"
+        state = torch.load(checkpoint_state_file(d), weights_only=True, map_location="cpu")
+        rng_file = checkpoint_rng_file(d, rank)
         if rng_file.exists():  # each rank continues its own training-noise stream
             rng = torch.load(rng_file, weights_only=True)
             state["generator"], state["cpu_rng"] = rng["generator"], rng["cpu_rng"]
@@ -305,7 +307,7 @@ def local_worker(task: TrialTask, device: str | torch.device, progress: bool = T
     """The same trial in this process, without Ray (`studyctl launch --local`): one worker,
     a progress bar, and the resume state in a local file instead of a Ray checkpoint."""
     write_local_worker_file(task, device)
-    resume_state, step = LocalTrialHooks.load_resume_file(task.files)
+    resume_state, step = LocalTrialHooks.load_resume_file(task.resume_file)
     run_trial_loop(task, 0, torch.device(device), resume_state, step, LocalTrialHooks, progress=progress)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from diffusion_core.data import DataConfig, molrg_of
+from diffusion_core.config import DataConfig
+from diffusion_core.data import molrg_of
 from diffusion_core.molrg import MoLRG, molrg_key
 
 from .layout import ground_truth_file

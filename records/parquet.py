@@ -19,7 +19,6 @@ kind (and per study for the swept columns), so part files of all trials unify.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,10 +26,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from diffusion_core.evaluation import METRIC_KEYS, REAL_DATA_KEYS
+from diffusion_core.config import METRIC_KEYS, REAL_DATA_KEYS
 
 from .atomic import TEMP_SUFFIX, atomic_write
-from .layout import INTERVAL_KINDS, kind_dir
+from .layout import INTERVAL_KINDS, has_parquet, kind_dir, trial_part_file, trial_part_temp_files, trial_parts
 
 _BASE = {
     "trials": [("study", pa.string()), ("trial_id", pa.string()), ("status", pa.string()), ("error", pa.string()),
@@ -120,29 +119,24 @@ class RecordWriter:
     def write_part(self, kind: str, rows: list[dict], step: int) -> Path | None:
         if not rows:
             return None
-        path = kind_dir(self.dir, kind) / f"{self.trial_id}--s{step:09d}.parquet"
+        path = trial_part_file(self.dir, kind, self.trial_id, step)
         write_atomic_table(path, self._table(kind, rows, self.params, self.types))
         return path
 
     def write_trial(self, **row) -> Path:
-        path = kind_dir(self.dir, "trials") / f"{self.trial_id}.parquet"
+        path = trial_part_file(self.dir, "trials", self.trial_id)
         write_atomic_table(path, self._table("trials", [row], self.trial_params, self.trial_types))
         return path
 
     def drop_parts_after(self, step: int) -> list[Path]:
         """Delete this trial's parts of intervals ending after `step` (and stray temp files)."""
         removed = []
-        pat = re.compile(rf"^{re.escape(self.trial_id)}--s(\d+)\.parquet$")
         for kind in INTERVAL_KINDS:
-            folder = kind_dir(self.dir, kind)
-            if not folder.is_dir():
-                continue
-            for f in folder.iterdir():
-                m = pat.match(f.name)
-                if (m and int(m.group(1)) > step) or (f.name.startswith(f".{self.trial_id}--s")
-                                                      and f.name.endswith(TEMP_SUFFIX)):
-                    f.unlink(missing_ok=True)
-                    removed.append(f)
+            later = [f for s, f in trial_parts(self.dir, kind, self.trial_id).items() if s > step]
+            temps = [f for f in trial_part_temp_files(self.dir, kind, self.trial_id) if f.name.endswith(TEMP_SUFFIX)]
+            for f in later + temps:
+                f.unlink(missing_ok=True)
+                removed.append(f)
         return removed
 
 
@@ -150,7 +144,7 @@ def read_table(study_dir: str | os.PathLike, kind: str) -> pd.DataFrame:
     """The kind's rows as a DataFrame (empty if nothing was written yet). Dot- and
     underscore-files (temp files, pyarrow's _metadata) are not parts."""
     folder = kind_dir(study_dir, kind)
-    if not folder.is_dir() or not any(not f.name.startswith((".", "_")) for f in folder.glob("*.parquet")):
+    if not has_parquet(folder):
         return pd.DataFrame()
     return pd.read_parquet(folder)
 
@@ -158,7 +152,7 @@ def read_table(study_dir: str | os.PathLike, kind: str) -> pd.DataFrame:
 def time_split(study_dir: str | os.PathLike, trial_id: str, wall_seconds: float | None) -> dict[str, float | None]:
     """{eval_seconds, train_seconds} of a trial: the sum of its evaluations' eval_seconds (one row per
     evaluation: a restarted interval's parts were replaced, not added) and wall_seconds minus that."""
-    parts = sorted(kind_dir(study_dir, "evals").glob(f"{trial_id}--s*.parquet"))
+    parts = list(trial_parts(study_dir, "evals", trial_id).values())
     if not parts:
         return {"eval_seconds": None, "train_seconds": wall_seconds}
     evals = sum(float(pq.read_table(p, columns=["eval_seconds"]).column(0).to_pandas().sum()) for p in parts)

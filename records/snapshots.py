@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 
-from diffusion_core.data import DataConfig
-from diffusion_core.evaluation import EvalConfig
-from diffusion_core.schedules import ScheduleConfig
-from diffusion_core.unet import UNet, UNetConfig
+from diffusion_core.config import DataConfig, EvalConfig, ScheduleConfig, UNetConfig
+from diffusion_core.unet import UNet
 
 from .atomic import atomic_write
 

@@ -22,8 +22,9 @@ import pandas as pd
 import pyarrow as pa
 
 from diffusion_core import metrics
-from diffusion_core.data import mnist_splits, resolve_data_root
-from diffusion_core.evaluation import EvalConfig, real_data_metrics
+from diffusion_core.config import EvalConfig, resolve_data_root
+from diffusion_core.data import mnist_splits
+from diffusion_core.evaluation import real_data_metrics
 from records.layout import kind_dir
 from records.parquet import time_split, write_atomic_table
 

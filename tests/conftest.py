@@ -15,7 +15,7 @@ import torch  # noqa: E402
 # Real MNIST in torchvision's layout (<root>/MNIST/raw), by the one rule of the CLI and the core
 # (diffusion_core.data.resolve_data_root): $STUDYCTL_DATA_ROOT, else ./data. Pinned as an absolute path,
 # so tests that change folder and the processes they start (Ray workers, `studyctl`) read the same one.
-from diffusion_core.data import DATA_ROOT_ENV, resolve_data_root  # noqa: E402
+from diffusion_core.config import DATA_ROOT_ENV, resolve_data_root
 
 os.environ[DATA_ROOT_ENV] = str(resolve_data_root().resolve())
 

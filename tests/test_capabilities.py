@@ -20,9 +20,8 @@ import sys
 import pytest
 
 from diffusion_core import DataConfig, DiffusionConfig, TrainConfig, UNetConfig, train
-from diffusion_core.capabilities import ENGINE_PATHS, SUPPORT, refusals
-from diffusion_core.evaluation import EvalConfig
-from diffusion_core.stacked import Member, check_stackable
+from diffusion_core.capabilities import ENGINE_PATHS, SUPPORT, Member, check_stackable, refusals
+from diffusion_core.config import EvalConfig
 from diffusion_core.train import TrialConfigs
 
 try:

@@ -300,3 +300,25 @@ def test_launch_analysis_says_what_runs_skips_what_is_done_and_stops_on_ctrl_c(t
     assert f"interrupted during the analysis (decompose); the trials' records are complete: `studyctl decompose " \
            f"{out}` runs it again" in " ".join(r.output.split()), r.output
     assert "wall time" in r.output and calls == ["decompose", "figures"] * 2
+
+
+@pytest.mark.parametrize("study", ["quickstart", "ground_truth_quick"])
+def test_validate_imports_no_torch_ray_or_mlflow(study, data_root):
+    """Checking a study file is a question about values: `validate` (here a stacked molrg study too) must
+    answer without importing torch, torchvision, Ray or MLflow (diffusion_core.config holds the configs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom typer.testing import CliRunner\nfrom orchestrator.cli import app\n"
+            f"r = CliRunner().invoke(app, ['validate', {study!r}])\n"
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'ray', 'mlflow') if m in sys.modules)\n"
+            "print(json.dumps({'exit': r.exit_code, 'output': r.output, 'heavy': heavy}))\n")
+    env = {**os.environ, "STUDYCTL_DATA_ROOT": str(data_root)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["exit"] == 0, result["output"]
+    assert "is valid" in result["output"]
+    assert result["heavy"] == [], f"validate imported {result['heavy']}"

@@ -144,7 +144,8 @@ def sampling(mnist_splits):
     """A tiny network (fixed init) and an evaluator factory: DDIM-10 on T = 200, 48 samples in
     batches of 32 (so the last batch has another shape)."""
     from diffusion_core import NoiseSchedule, ScheduleConfig, UNet
-    from diffusion_core.evaluation import EvalConfig, Evaluator
+    from diffusion_core.config import EvalConfig
+    from diffusion_core.evaluation import Evaluator
 
     torch.manual_seed(0)
     net = UNet(TINY).eval()
@@ -177,7 +178,7 @@ def test_compiled_sampling_matches_eager(sampling):
 
 
 def test_fast_path_options_are_validated():
-    from diffusion_core.evaluation import EvalConfig
+    from diffusion_core.config import EvalConfig
 
     with pytest.raises(ValueError, match="compile_mode='fast'.*reduce-overhead"):
         cfg(compile_mode="fast")

@@ -10,13 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from diffusion_core.data import DataConfig, load_splits, subset_indices
+from diffusion_core.config import DataConfig, ScheduleConfig, UNetConfig
+from diffusion_core.data import load_splits, subset_indices
 from diffusion_core.decomposition import empirical_optimal_eps
 from diffusion_core.generalization import (distance_to_memorization, mean_interval, nearest_in_subsets,
                                            same_noise_similarity)
 from diffusion_core.samplers import DDIMSampler
-from diffusion_core.schedules import NoiseSchedule, ScheduleConfig
-from diffusion_core.unet import UNet, UNetConfig
+from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.unet import UNet
 
 try:
     from .orchestrator_helpers import studyctl, tiny_study, write_study
@@ -183,7 +184,7 @@ def test_pairs_differ_only_in_the_subset_index():
 
 def test_kept_samples_are_read_only_when_they_are_what_the_analysis_would_draw(tmp_path):
     from analysis.generalization import kept_samples
-    from diffusion_core.evaluation import EvalConfig
+    from diffusion_core.config import EvalConfig
     from records.layout import eval_samples_file
 
     f = eval_samples_file(tmp_path, "t000", 10)

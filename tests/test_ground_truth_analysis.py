@@ -24,10 +24,9 @@ from analysis.figures_ground_truth import ground_truth_figures
 from analysis.references import x_t_at
 from analysis.sample_quality import coverage_kl
 from analysis.tables import load_study
-from diffusion_core.data import DataConfig
-from diffusion_core.evaluation import EvalConfig
-from diffusion_core.schedules import NoiseSchedule, ScheduleConfig
-from diffusion_core.unet import UNet, UNetConfig
+from diffusion_core.config import DataConfig, EvalConfig, ScheduleConfig, UNetConfig
+from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.unet import UNet
 from records.ground_truth import load_molrg, save_molrg
 from records.layout import snapshot_file
 from records.snapshots import save_snapshot

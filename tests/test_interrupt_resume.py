@@ -95,9 +95,10 @@ def test_resume_across_an_evaluation_logs_the_uninterrupted_losses(runs):
 def test_evaluation_leaves_the_global_rng_alone(data_root, mnist_splits):
     """The first evaluation builds the metrics classifier (random init, then the shipped weights):
     the global RNG state, which drives dropout in training, is the same before and after."""
-    from diffusion_core.evaluation import EvalConfig, Evaluator
-    from diffusion_core.schedules import NoiseSchedule, ScheduleConfig
-    from diffusion_core.unet import UNet, UNetConfig
+    from diffusion_core.config import EvalConfig, ScheduleConfig, UNetConfig
+    from diffusion_core.evaluation import Evaluator
+    from diffusion_core.schedules import NoiseSchedule
+    from diffusion_core.unet import UNet
 
     net = UNet(UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1, bottleneck_blocks=1))
     val = mnist_splits.val.subset(torch.arange(64))

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion_core.config import METRIC_KEYS
 from diffusion_core.data import mnist_splits, to_unit_range
-from diffusion_core.metrics import (METRIC_KEYS, ClassifierWeightsError, InceptionUnavailableError, PROVENANCE_PATH,
-                                    ReferenceStats, WEIGHTS_PATH, evaluate_samples, feature_statistics,
-                                    fid_from_features, frechet_distance, inception_fid_cifar10, inception_score,
-                                    knn_radii, load_classifier, memorization, precision_recall, reference_statistics)
+from diffusion_core.metrics import (ClassifierWeightsError, InceptionUnavailableError, PROVENANCE_PATH, ReferenceStats,
+                                    WEIGHTS_PATH, evaluate_samples, feature_statistics, fid_from_features,
+                                    frechet_distance, inception_fid_cifar10, inception_score, knn_radii,
+                                    load_classifier, memorization, precision_recall, reference_statistics)
 from diffusion_core.metrics.classifier import train_classifier
 from diffusion_core.metrics.fid import sqrtm_psd
 from diffusion_core.unet import count_parameters
@@ -322,8 +323,9 @@ def test_half_sample_intervals_match_the_noise_of_independent_draws(features_of_
     must contain its value and say the sd that 5 independent 1,000-image draws of half b show (within
     the noise of 5 draws), and precision's (a mean of 0/1 indicators) must have the binomial width
     1.96 sqrt(p (1 - p) / n)."""
+    from diffusion_core.config import INTERVAL_KEYS
     from diffusion_core.metrics.fid import fid_from_features
-    from diffusion_core.metrics.intervals import INTERVAL_KEYS, half_sample_intervals
+    from diffusion_core.metrics.intervals import half_sample_intervals
 
     fa, _, _, _, _, b_idx = halves
     feats, probs = features_of_test_set

@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from diffusion_core.data import DataConfig, load_splits, molrg_of
+from diffusion_core.config import DataConfig
+from diffusion_core.data import load_splits, molrg_of
 from diffusion_core.gaussian import GaussianToy
 from diffusion_core.molrg import MoLRG, random_bases
 from diffusion_core.schedules import NoiseSchedule

@@ -9,9 +9,10 @@ import torch
 
 import diffusion_core.evaluation as evaluation
 from diffusion_core import TrainConfig, UNetConfig, train
+from diffusion_core.capabilities import Member
+from diffusion_core.config import EvalConfig
 from diffusion_core.data import Splits
-from diffusion_core.evaluation import EvalConfig
-from diffusion_core.stacked import Member, train_stacked
+from diffusion_core.stacked import train_stacked
 
 TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1)
 EVAL = EvalConfig(n_samples=8, grid_images=4, sampler="ddim", steps=3, metrics=False, residual_images=8, t_grid=3)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from diffusion_core.evaluation import METRIC_KEYS
+from diffusion_core.config import METRIC_KEYS
 from diffusion_core.residuals import default_t_grid
 from records.snapshots import load_snapshot
 

@@ -110,8 +110,7 @@ def test_expansion_grid_arms_seeds_random(data_root):
 
 def test_epochs_can_be_swept_and_trials_carry_core_configs(data_root):
     from diffusion_core import DataConfig, TrainConfig, UNetConfig
-    from diffusion_core.evaluation import EvalConfig
-    from diffusion_core.train import DiffusionConfig
+    from diffusion_core.config import DiffusionConfig, EvalConfig
 
     d = tiny(data_root, **{"sweep": {"grid": {"training.epochs": [1, 3]}}})
     trials = build_plan(parse_study(d)).trials

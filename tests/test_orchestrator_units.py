@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from diffusion_core.config import METRIC_KEYS, REAL_DATA_KEYS, EvalConfig, UNetConfig
 from diffusion_core.data import ImageSet
-from diffusion_core.evaluation import METRIC_KEYS, REAL_DATA_KEYS, EvalConfig, Evaluator, grid_image
+from diffusion_core.evaluation import Evaluator, grid_image
 from diffusion_core.schedules import NoiseSchedule
-from diffusion_core.unet import UNet, UNetConfig
+from diffusion_core.unet import UNet
 from records.parquet import RecordWriter, param_types, read_table
 
 

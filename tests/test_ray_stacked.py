@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from records.layout import ray_checkpoint_pointer
+
 try:
     from .orchestrator_helpers import NAN_LR, kill_group, start, tiny_study, wait_for, write_study
 except ImportError:
@@ -31,14 +33,13 @@ def _plan(data_root, stack=2, **kw):
 
 def _point(out, tid, run, step):
     """A member's pointer to its state in a group checkpoint, as GroupCheckpoint leaves it."""
-    from orchestrator.ray_stacked import POINTER
     from records.layout import ray_train_dir
 
     state = ray_train_dir(out) / run / f"checkpoint_step_{step:09d}" / f"{tid}.pt"
     state.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"step": step, "who": tid}, state)
     (out / "trial_files" / tid).mkdir(parents=True, exist_ok=True)
-    (out / "trial_files" / tid / POINTER).write_text(json.dumps(
+    ray_checkpoint_pointer(out, tid).write_text(json.dumps(
         {"run": run, "step": step, "state": str(state.relative_to(out))}))
 
 
@@ -115,11 +116,11 @@ def test_a_worker_killed_between_its_pointers_resumes_every_member_from_the_newe
     """The kill lands after the report (the folder is complete in storage) and after member a's
     pointer, before b's and before Ray registered the checkpoint: both resume from that folder
     (b from the start would put the group's members at different steps)."""
-    from orchestrator.ray_stacked import POINTER, restore_states
+    from orchestrator.ray_stacked import restore_states
 
     out = tmp_path / "study"
     _point(out, "a", "g", 8)
-    folder = (out / json.loads((out / "trial_files" / "a" / POINTER).read_text())["state"]).parent
+    folder = (out / json.loads(ray_checkpoint_pointer(out, "a").read_text())["state"]).parent
     torch.save({"step": 8, "who": "b"}, folder / "b.pt")
     assert restore_states(out, ["a", "b"], None) == {"a": {"step": 8, "who": "a"}, "b": None}  # no group.json yet
     (folder / "group.json").write_text(json.dumps({"run": "g", "step": 8, "members": ["a", "b"]}))
@@ -163,7 +164,6 @@ def _e2e_study(data_root, name):
 @pytest.fixture(scope="module")
 def ray_group(tmp_path_factory, data_root, ray_cluster):
     from orchestrator.plan import build_plan
-    from orchestrator.ray_stacked import POINTER
     from orchestrator.spec import parse_study
     from orchestrator.sweep import launch
 
@@ -175,10 +175,10 @@ def ray_group(tmp_path_factory, data_root, ray_cluster):
               "--address", ray_cluster.address, log=tmp / "launch.log")
     try:
         seed0 = local_plan.trials[0].trial_id
-        wait_for(lambda: (out / "trial_files" / seed0 / POINTER).exists(), 240, "the group's first checkpoint",
+        wait_for(lambda: ray_checkpoint_pointer(out, seed0).exists(), 240, "the group's first checkpoint",
                  p, poll=0.05)
         worker = json.loads((out / "trial_files" / seed0 / "workers" / "rank0.json").read_text())
-        killed_after = json.loads((out / "trial_files" / seed0 / POINTER).read_text())
+        killed_after = json.loads(ray_checkpoint_pointer(out, seed0).read_text())
         os.kill(worker["pid"], signal.SIGKILL)
         code = p.wait(timeout=300)
     finally:
@@ -197,7 +197,7 @@ def _table(d, kind):
 def test_a_stacked_group_under_ray_records_each_member_and_resumes_from_its_checkpoint(ray_group):
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.ray_stacked import POINTER, group_name
+    from orchestrator.ray_stacked import group_name
     from records.layout import ray_train_dir
     from records.layout import snapshot_file
 
@@ -243,6 +243,6 @@ def test_a_stacked_group_under_ray_records_each_member_and_resumes_from_its_chec
             assert torch.equal(state["model"][k], v), k
         for k, v in snap["ema"].items():
             assert torch.equal(state["ema"]["module"][k], v), k
-        assert json.loads((out / "trial_files" / tid / POINTER).read_text())["state"] == \
+        assert json.loads(ray_checkpoint_pointer(out, tid).read_text())["state"] == \
             str((last / f"{tid}.pt").relative_to(out))
-    assert not (out / "trial_files" / bad / POINTER).exists()
+    assert not ray_checkpoint_pointer(out, bad).exists()

@@ -10,10 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from diffusion_core.data import DataConfig
-from diffusion_core.evaluation import EvalConfig
-from diffusion_core.schedules import ScheduleConfig
-from diffusion_core.unet import UNet, UNetConfig
+from diffusion_core.config import DataConfig, EvalConfig, ScheduleConfig, UNetConfig
+from diffusion_core.unet import UNet
 from records.atomic import atomic_write
 from records.parquet import latest_per_trial
 from records.snapshots import load_snapshot, save_snapshot
@@ -144,6 +142,55 @@ def test_dependencies_point_one_way():
             if rel not in ALLOWED and (bad := _imported_packages(f) & forbidden):
                 broken.append(f"{rel} imports {', '.join(sorted(bad))}")
     assert not broken, "imports against the layering:\n" + "\n".join(broken)
+
+
+# Every path of a study folder is built by records/layout.py. Outside it, a path joined with a string
+# literal (`out / "mlflow.db"`, `d / f"{tid}.pt"`) or a literal naming a study file is a second place
+# that knows the layout. These joins are not into a study folder:
+PATH_LITERALS_ALLOWED = {
+    ("orchestrator/__init__.py", "studies"),                # the packaged studies, beside the code
+    ("analysis/thesis_claims.py", "studies"), ("analysis/thesis_claims.py", "thesis.yaml"),
+    ("orchestrator/spec.py", "MNIST"), ("orchestrator/spec.py", "raw"),   # the data root's layout (torchvision's)
+    ("orchestrator/spec.py", "cifar-10-batches-py"),
+}
+STUDY_FILE_SUFFIXES = (".parquet", ".pt", ".npz", ".npy", ".json", ".db", ".html", ".png")
+
+
+def path_literals(source: str) -> list[str]:
+    """The string literals `source` joins onto a path with `/`, and literals that name a study file."""
+    found, joined = [], set()
+    for node in ast.walk(ast.parse(source)):   # (a BinOp is visited before the literal on its right)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            right = node.right
+            if isinstance(right, ast.Constant) and isinstance(right.value, str):
+                found.append(right.value)
+                joined.add(id(right))
+            elif isinstance(right, ast.JoinedStr):
+                found.append(ast.unparse(right))
+        elif (isinstance(node, ast.Constant) and id(node) not in joined and isinstance(node.value, str) and not node.value.startswith(".")
+              and " " not in node.value and node.value.endswith(STUDY_FILE_SUFFIXES)):
+            found.append(node.value)
+    return found
+
+
+def test_path_literals_are_found():
+    """The scan below can fail: it sees each way a study path gets built outside layout.py."""
+    assert path_literals('d / "mlflow.db"') == ["mlflow.db"]
+    assert path_literals('tmp / f"{tid}.pt"') == ["f'{tid}.pt'"]
+    assert path_literals('NAME = "ray_checkpoint.json"') == ["ray_checkpoint.json"]
+    assert path_literals('p.with_suffix(".png"); x = a / b') == []
+
+
+def test_every_study_path_is_built_in_layout():
+    offenders = []
+    for package in ("orchestrator", "analysis", "records"):
+        for f in sorted((REPO / package).rglob("*.py")):
+            rel = f.relative_to(REPO).as_posix()
+            if rel == "records/layout.py":
+                continue
+            offenders += [f"{rel}: {lit!r}" for lit in path_literals(f.read_text())
+                          if (rel, lit) not in PATH_LITERALS_ALLOWED]
+    assert not offenders, "study paths built outside records/layout.py:\n" + "\n".join(offenders)
 
 
 def test_time_split_sums_each_evaluation_once(tmp_path):

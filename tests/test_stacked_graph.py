@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from diffusion_core import TrainConfig, UNetConfig
+from diffusion_core.capabilities import Member
+from diffusion_core.config import DiffusionConfig
 from diffusion_core.data import Splits
-from diffusion_core.stacked import Member, train_stacked
-from diffusion_core.train import DiffusionConfig
+from diffusion_core.stacked import train_stacked
 
 TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1, dropout=0.1)
 STEPS, RTOL = 6, 1e-5
@@ -83,7 +84,7 @@ def test_a_study_opts_in_with_training_cuda_graph(tmp_path, data_root):
     from orchestrator.spec import parse_study
     from orchestrator.sweep import launch
 
-    from diffusion_core.stacked import check_stackable
+    from diffusion_core.capabilities import check_stackable
     try:
         from .orchestrator_helpers import tiny_study
     except ImportError:

@@ -12,11 +12,12 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from diffusion_core.config import UNetConfig
 from diffusion_core.guidance import GuidedModel, balanced_labels
 from diffusion_core.losses import diffusion_loss, per_example_mse
 from diffusion_core.samplers import DDPMSampler
 from diffusion_core.schedules import NoiseSchedule
-from diffusion_core.unet import UNet, UNetConfig
+from diffusion_core.unet import UNet
 from diffusion_core.variance import (HYBRID_LAMBDA, discretized_gaussian_log_likelihood, interpolation,
                                      learned_log_variance, normal_kl, vlb_terms)
 

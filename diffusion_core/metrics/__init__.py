@@ -29,19 +29,13 @@ import torch
 
 from .classifier import (ClassifierWeightsError, MnistResNet, load_classifier, sha256_file, train_classifier,
                          PROVENANCE_PATH, WEIGHTS_PATH)
+from ..config import INTERVAL_KEYS, METRIC_KEYS
 from .fid import (FrechetDistance, ReferenceStats, feature_statistics, fid_from_features, frechet_distance,
                   real_vs_real_fid, reference_statistics, resolve_cache_dir)
 from .inception_score import inception_score
-from .intervals import INTERVAL_KEYS, half_sample_intervals
+from .intervals import half_sample_intervals
 from .memorization import MemorizationResult, as_unit_images, memorization, nearest_two
 from .precision_recall import knn_radii, precision_recall
-
-# The keys of evaluate_samples that the `evals` table records (every call returns all of
-# them; the conditional two are NaN for samples without class labels).
-METRIC_KEYS = ("fid", "fid_mean_term", "fid_cov_term", "inception_score", "inception_score_std", "h_y",
-               "h_y_given_x", "precision", "recall", "memorized_fraction", "conditional_accuracy", "fid_class_mean",
-               *INTERVAL_KEYS)
-
 
 @contextmanager
 def _stage(timings: dict | None, name: str):

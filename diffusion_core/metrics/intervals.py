@@ -31,14 +31,13 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from ..config import INTERVAL_KEYS, INTERVAL_METRICS
 from .fid import feature_statistics, frechet_distance, sqrtm_psd
 from .inception_score import inception_score
 from .precision_recall import _as_tensor, _sq_dists
 
 LEVEL = 0.95
 N_BOOT = 50            # halves per evaluation: ~0.3 s each on one CPU core (FID's eigh, recall's radii)
-INTERVAL_METRICS = ("fid", "inception_score", "precision", "recall")
-INTERVAL_KEYS = tuple(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("lo", "hi"))
 
 
 def normal_interval(replicates: np.ndarray, observed: float, low: float = -np.inf, high: float = np.inf,
