@@ -34,6 +34,12 @@ class TrialFailed(RuntimeError):
     """A trial ended FAILED (its training raised, diverged or exhausted its restarts)."""
 
 
+class TrialStopped(RuntimeError):
+    """The trial's driver is being ended by the sweep's scheduler (ASHA stops it; Tune ends the
+    driver's process, and the TorchTrainer it owns dies with it). Nothing is recorded: whichever
+    way the race goes, the launch records the stop afterwards (ray_runner.reconcile_asha)."""
+
+
 class SetupError(RuntimeError):
     """The study cannot start here (resources, a missing package, another study's folder):
     raised before any trial runs."""
@@ -73,6 +79,8 @@ def drive_group(study: StudyRun, trials: list[Trial], fit: Callable[[list[TrialT
     error = None
     try:
         fit(tasks)
+    except TrialStopped:  # not a failure: the rows stay RUNNING until the launch reconciles them
+        raise
     except Exception as e:  # TrainingFailedError after max_failures restarts, or a setup error
         error = f"{type(e).__name__}: {e}"
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (launch turns it into KeyboardInterrupt)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from records.layout import ray_train_dir, ray_tune_dir
 
-from .driver import SetupError, StudyRun, TrialFailed, drive_group, drive_trial, record_outcome
+from .driver import SetupError, StudyRun, TrialFailed, TrialStopped, drive_group, drive_trial, record_outcome
 from .ray_stacked import Unit, ray_stacked_worker, tune_units
 from .status import read_summary, statuses
 from .worker import train_worker
@@ -52,6 +52,8 @@ def run_unit(config: dict, study: StudyRun, units: dict[str, Unit]) -> None:
 
 def fit_trainer(study: StudyRun, loop: Callable[[dict], None], loop_config: dict, name: str, workers: int) -> None:
     """A Ray Train TorchTrainer of `workers` workers running `loop`, its run `name` in the study's storage."""
+    import ray
+    from ray.exceptions import ActorDiedError
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -63,14 +65,28 @@ def fit_trainer(study: StudyRun, loop: Callable[[dict], None], loop_config: dict
     per_worker = {"CPU": r.cpus_per_worker}
     if use_gpu:
         per_worker["GPU"] = r.gpus_per_worker
-    TorchTrainer(
+    trainer = TorchTrainer(
         loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=per_worker,
                                      placement_strategy=r.placement_strategy),
         run_config=RunConfig(name=name, storage_path=str(ray_train_dir(study.out)),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.keep_checkpoints),
-                             callbacks=[TuneReportCallback()])).fit()
+                             callbacks=[TuneReportCallback()]))
+    try:
+        trainer.fit()
+    except ActorDiedError as e:
+        if owner_died_here(str(e), ray.get_runtime_context().get_worker_id()):
+            raise TrialStopped(f"{name}: the scheduler ended this trial's driver") from e
+        raise
+
+
+def owner_died_here(actor_died_message: str, worker_id: str) -> bool:
+    """Whether an ActorDiedError says the actor died because its owner, this process
+    (`worker_id`), is exiting: the TorchTrainer's controller then dies because Tune is ending this
+    driver (ASHA stopped the trial), not because training failed. Ray's message names the owner
+    ("The actor is dead because its owner has died. Owner Id: <worker id> ...")."""
+    return "owner has died" in actor_died_message and f"Owner Id: {worker_id}" in actor_died_message
 
 
 def concurrency(study_resources, n_todo: int, workers: int | None = None) -> int:
@@ -202,10 +218,11 @@ def _tune_outcome():
 def reconcile_asha(study: StudyRun, ran: list[str], tune_errored: set[str]) -> None:
     """Record the trials a scheduler (ASHA) stopped: they never reach their driver's end.
 
-    When ASHA stops a trial, Tune removes its placement group. The driver is then either killed
-    before it records anything (the row stays RUNNING) or sees its TorchTrainer die first and
-    records FAILED (ActorDiedError) — a race. Tune's own verdict decides: a trial Tune did not
-    see fail was stopped by the scheduler, possibly at its very last step (reports reaching
+    When ASHA stops a trial, Tune ends its driver's process, and the TorchTrainer it owns dies with
+    it. The driver is either killed before it records anything or sees its trainer die first and
+    raises TrialStopped, recording nothing (fit_trainer): its row stays RUNNING. (Were the trainer
+    to die first for another reason, the driver records FAILED; that row is reconciled too.) Tune's
+    own verdict decides: a trial Tune did not see fail was stopped by the scheduler, possibly at its very last step (reports reaching
     max_t), and a trial whose training finished is COMPLETED whoever ended its driver."""
     from records.parquet import read_table
 

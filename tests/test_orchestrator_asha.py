@@ -11,8 +11,9 @@ except ImportError:
     from orchestrator_helpers import studyctl, tiny_study, write_study
 
 from orchestrator import sweep, tracking
+from orchestrator.driver import TrialStopped, drive_group
 from orchestrator.plan import build_plan
-from orchestrator.ray_runner import reconcile_asha
+from orchestrator.ray_runner import owner_died_here, reconcile_asha
 from orchestrator.spec import StudySpec
 from orchestrator.status import statuses
 from records.atomic import write_json
@@ -79,3 +80,30 @@ def test_reconcile_follows_tunes_verdict_not_the_race(tmp_path, data_root):
     c = MlflowClient(tracking_uri=study_run.mlflow_uri)
     assert [c.get_run(r).info.status for r in runs[:3]] == ["FINISHED", "KILLED", "KILLED"]
     assert c.get_run(runs[0]).data.tags["status"] == "COMPLETED"
+
+
+def test_a_driver_ended_by_its_scheduler_records_nothing(tmp_path, data_root):
+    """The CI race behind a FAILED 'stopped' trial: Tune ends the driver of a trial ASHA stopped,
+    the TorchTrainer it owns dies, and fit raises ActorDiedError naming this process as the dead
+    owner. That is TrialStopped: the row stays RUNNING for reconcile_asha, the MLflow run open."""
+    me = "d9a97d50e1916e1b4ab1e743e814f0d53e5d084b501ac40d5de82e62"
+    died = ("The actor died unexpectedly before finishing this task.\n\tclass_name: TrainController\n"
+            "The actor is dead because its owner has died. Owner Id: {} Owner Ip address: 192.0.2.2 "
+            "Owner worker exit type: INTENDED_SYSTEM_EXIT Worker exit detail: Owner's worker process has crashed.")
+    assert owner_died_here(died.format(me), me)
+    assert not owner_died_here(died.format("0" * 56), me)  # another process's trainer
+    assert not owner_died_here("The actor died unexpectedly before finishing this task.", me)
+
+    study = tiny_study(data_root, name="stop", evaluation={"metrics": False},
+                       sweep={"grid": {"training.lr": [1e-3]}, "asha": {"metric": "val_loss", "max_t": 4}})
+    study_run = sweep.prepare(build_plan(StudySpec.model_validate(study)), tmp_path / "out", echo=lambda _: None)
+    trial = study_run.plan.trials[0]
+
+    def stopped(_tasks):
+        raise TrialStopped("the scheduler ended this trial's driver")
+
+    with pytest.raises(TrialStopped):
+        drive_group(study_run, [trial], stopped)
+    assert statuses(study_run.out) == {trial.trial_id: "RUNNING"}
+    reconcile_asha(study_run, ran=[trial.trial_id], tune_errored=set())
+    assert statuses(study_run.out) == {trial.trial_id: "STOPPED"}
