@@ -24,6 +24,8 @@
 #          .gpu_run/ (git-ignored), on a fresh one from .gpu/thesis/ (copy the last call's thesis.tar.gz and
 #          thesis_resume.partNN there: an unfinished run brings its resume state back in <= 15 MB parts).
 #          Each call leaves $OUT/thesis.tar.gz (Parquet + PNG), status and log; unpack into results/thesis/.
+#      bash benchmarks/run_gpu.sh study NAME       # studies/NAME.yaml end to end, analysis included, without Ray/MLflow,
+#          within STUDY_BUDGET_S (default 540 s); $OUT/NAME.tar.gz holds its records and figures (results/NAME/)
 #      bash benchmarks/run_gpu.sh issue11          # one call (~9.5 min, CALL_BUDGET_S): the graph step's speed and
 #          its loss check, the thesis with that step (1k-sample evaluations), eager/stacked K=8 contenders,
 #          stacked sampling -- each stage in the time left (BENCHMARKS.md, "Issue 11 on an NVIDIA H200")
@@ -61,7 +63,7 @@ mkdir -p "$OUT"
 SITE=/tmp/studyctl_site
 NEED="diffusers, pydantic"
 [[ "$PART" == graph || "$PART" == stacked-sampling || "$PART" == levers ]] && NEED=torch  # diffusion_core only: no peer, no orchestrator
-[[ "$PART" == issue11 || "$PART" == thesis ]] && NEED=pydantic       # the orchestrator, no peer
+[[ "$PART" == issue11 || "$PART" == thesis || "$PART" == study ]] && NEED=pydantic       # the orchestrator, no peer
 if ! "$PY" -c "import $NEED" 2>/dev/null; then
   if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" .whl/*.whl
@@ -171,6 +173,36 @@ thesis() {
   tail -5 "$OUT/thesis_log.txt"; cat "$OUT/thesis_status.txt"
 }
 
+study() {
+  # A packaged study end to end without Ray/MLflow (`studyctl launch $1 --local --no-tracking`), analysis
+  # included (decompose, figures), within STUDY_BUDGET_S (default 540 s; SIGKILL at the budget is safe:
+  # records are replaced atomically). Brings back $OUT/$1.tar.gz: the study's records (Parquet), figures
+  # (PNG), ground_truth/ (the fitted MoLRG) and each trial's summary and sample grids -- what results/$1/
+  # ships (the weights stay there: too large to bring back). SMOKE=1: 12 steps, 2 seeds, a tiny decomposition.
+  local name="${1:?usage: run_gpu.sh study NAME}" run sets=()
+  run=".gpu_run/$name"
+  [[ "${SMOKE:-0}" == 1 ]] && sets=(--set training.max_steps=12 --set training.eval_every=6 --set training.eval_start=6
+    --set training.val_every=6 --set "sweep.seeds=[0, 1]" --set analysis.decompose_points=16
+    --set evaluation.n_samples=8 --set evaluation.grid_images=8 --set evaluation.steps=3
+    --set evaluation.residual_images=8 --set evaluation.t_grid=3 --set data.val_size=64
+    --set resources.gpus_per_worker=0 --set resources.cpus_per_worker=1)
+  rm -rf "$run" && mkdir -p .gpu_run
+  echo "### studyctl launch $name --local --no-tracking ${sets[*]}" | tee -a "$OUT/${name}_log.txt"
+  local t0=$SECONDS
+  timeout --signal=KILL "${STUDY_BUDGET_S:-540}" "$PY" -m orchestrator.cli launch "$name" --local --no-tracking \
+      --output "$run" ${sets[@]+"${sets[@]}"} 2>&1 | tr '\r' '\n' | grep -v -i -E "warn|^training: |it/s\]$" \
+      >> "$OUT/${name}_log.txt" || echo "(stopped: rc $?)" >> "$OUT/${name}_log.txt"
+  echo "### launch wall time $(( SECONDS - t0 )) s" | tee -a "$OUT/${name}_log.txt"
+  "$PY" -m orchestrator.cli status "$run" >> "$OUT/${name}_log.txt" 2>&1 || true
+  ( cd "$run" && tar czf "$OUT/$name.tar.gz" --exclude='*.pdf' $(ls -d study.yaml trials train_steps epochs residuals \
+      evals decomposition reference_distances distance_to_memorization sample_quality ground_truth figures \
+      trial_files/*/summary.json trial_files/*/samples/*.png 2>/dev/null) )
+  if (( $(stat -c %s "$OUT/$name.tar.gz") > 15000000 )); then  # a returned file holds at most 16 MiB
+    split -b 15000000 -d "$OUT/$name.tar.gz" "$OUT/$name.tar.gz.part" && rm "$OUT/$name.tar.gz"
+  fi
+  ls -la "$OUT"; tail -40 "$OUT/${name}_log.txt"
+}
+
 issue11() {
   # Issue 11 in one 10-minute call, most valuable first: (1) does the CUDA-graph step run and replay
   # the eager step, and how fast (~30 s); (2) the thesis end to end with that step (CALL_BUDGET_S
@@ -247,8 +279,9 @@ case "$PART" in
   graph)         graph ;;
   stacked-sampling) stacked_sampling ;;
   thesis)        thesis ;;
+  study)         study "${2:-}" ;;
   issue11)       issue11 ;;
   levers)        levers ;;
-  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | packing | graph | stacked-sampling | all | thesis | issue11 | levers" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare | train-eager | train-compile | sampling | packing | graph | stacked-sampling | all | thesis | study NAME | issue11 | levers" >&2; exit 2 ;;
 esac
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
