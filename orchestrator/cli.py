@@ -25,7 +25,8 @@ def _flag_without_type(display_type_rich):
     return display
 
 
-typer.core.TyperOption.display_type_rich = _flag_without_type(typer.core.TyperOption.display_type_rich)
+if hasattr(typer.core.TyperOption, "display_type_rich"):  # typer 0.29; other versions print --help their way
+    typer.core.TyperOption.display_type_rich = _flag_without_type(typer.core.TyperOption.display_type_rich)
 
 app = typer.Typer(
     name="studyctl",
