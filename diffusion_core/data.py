@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .cache import resolve_cache_dir
 from .config import (CIFAR10_VAL, DATA_ROOT_ENV, MNIST_TRAIN, MOLRG_TEST, SPLIT_SIZES, SUBSET_MODES, DataConfig,
                      resolve_data_root)
+
 
 class DatasetNotFoundError(FileNotFoundError):
     pass
@@ -193,7 +195,6 @@ def molrg_of(cfg: DataConfig):
     """The mixture a molrg DataConfig names (molrg.MoLRG). Fitted to the seeded 48,000-image MNIST training
     split (basis mnist; needs MNIST under the data root) or drawn from split_seed (basis random); cached as an
     .npz in $STUDYCTL_CACHE_DIR/molrg/ so every trial of a study uses the same parameters bit for bit."""
-    from .metrics.fid import resolve_cache_dir
     from .molrg import MoLRG, fit_mnist, molrg_key, random_bases
 
     key = molrg_key(cfg.molrg_rank, cfg.molrg_floor, cfg.molrg_basis, cfg.molrg_components, cfg.split_seed)

@@ -144,6 +144,86 @@ def test_dependencies_point_one_way():
     assert not broken, "imports against the layering:\n" + "\n".join(broken)
 
 
+PACKAGES = ("diffusion_core", "records", "analysis", "orchestrator")
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path: Path, root: Path, known: set[str]) -> set[str]:
+    """The project modules `path` imports, at module level or inside functions (a lazy import still
+    ties the two); imports under `if TYPE_CHECKING:` are annotations only and do not count."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
+                   for n in ast.walk(node)}
+    package = _module_name(path, root).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n in known}
+    return out
+
+
+def import_cycles(files: list[Path], root: Path = REPO) -> list[list[str]]:
+    """Every strongly connected set of more than one module in the import graph of `files` (Tarjan)."""
+    names = {f: _module_name(f, root) for f in files}
+    known = set(names.values())
+    graph = {names[f]: _imported_modules(f, root, known) - {names[f]} for f in files}
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_no_import_cycles(tmp_path):
+    files = [f for p in PACKAGES for f in sorted((REPO / p).rglob("*.py"))]
+    assert not import_cycles(files), f"import cycles: {import_cycles(files)}"
+    # the check finds one: a lazy import inside a function closes a cycle as well
+    pkg = tmp_path / "analysis"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from .b import g\n\ndef f():\n    return g()\n")
+    (pkg / "b.py").write_text("def g():\n    from .a import f\n    return f\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import f\n")
+    assert import_cycles(sorted(pkg.glob("*.py")), tmp_path) == [["analysis.a", "analysis.b"]]
+
+
 # Every path of a study folder is built by records/layout.py. Outside it, a path joined with a string
 # literal (`out / "mlflow.db"`, `d / f"{tid}.pt"`) or a literal naming a study file is a second place
 # that knows the layout. These joins are not into a study folder:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_write
+from ..cache import resolve_cache_dir
 
-CACHE_ENV = "STUDYCTL_CACHE_DIR"
 REFERENCE_SPLITS = ("val", "test", "train")
 
 
@@ -92,14 +92,6 @@ def fid_from_features(features_a, features_b) -> FrechetDistance:
 
 
 # ------------------------------------------------------------------------ reference cache
-def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The caller's folder, else $STUDYCTL_CACHE_DIR, else ~/.cache/studyctl."""
-    if cache_dir is not None and str(cache_dir) != "":
-        return Path(cache_dir).expanduser()
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "studyctl"
-
-
 @dataclass
 class ReferenceStats:
     """Real-data features (float32, (N, D)), their mean/covariance (float64) and what they are of."""
