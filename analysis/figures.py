@@ -9,7 +9,6 @@ The style and the helpers every figure module shares are in style.py.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -18,10 +17,9 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 
 from diffusion_core.ema import init_share_crossing
-from records.atomic import atomic_write
 
 from . import figures_axes
-from .style import STYLE, epoch_axis, legend_below, styled, subplots  # noqa: F401 (styled: report.py and tests use F.styled)
+from .style import STYLE, epoch_axis, legend_below, subplots
 from .tables import Study, load_grid
 
 # One sentence per figure, for the report.
@@ -393,18 +391,6 @@ def fig30b_fid_decomposition(study: Study, trial: str):
 TRIAL_FIGURES = {f.__name__: f for f in (fig26a_loss_per_epoch, fig26b_first_1000_iterations, fig27_residual_vs_t,
                                          fig28_samples_by_epoch, fig29a_log_is_vs_epoch, fig29b_entropy_plane,
                                          fig30a_fid_vs_epoch, fig30b_fid_decomposition)}
-
-
-def save(fig, path_stem: Path) -> Path:
-    path_stem.parent.mkdir(parents=True, exist_ok=True)
-    png = path_stem.with_suffix(".png")
-    for suffix in (".png", ".pdf"):
-        # dpi and bbox explicitly: outside STYLE's rc context savefig would crop at the figure's
-        # edge (labels, titles and outside legends cut) at the figure's own dpi.
-        with atomic_write(path_stem.with_suffix(suffix)) as fh:
-            fig.savefig(fh, format=suffix[1:], dpi=STYLE["savefig.dpi"], bbox_inches=STYLE["savefig.bbox"])
-    plt.close(fig)
-    return png
 
 
 # the study axes of the other papers

@@ -17,7 +17,8 @@ from scipy import stats  # noqa: E402
 
 from records.layout import generalization_dir  # noqa: E402
 
-from .figures import CAPTIONS, STYLE  # noqa: E402
+from .figures import CAPTIONS  # noqa: E402
+from .style import STYLE  # noqa: E402
 from .generalization import load_tables  # noqa: E402
 
 CAPTIONS.update({

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from .figures import STYLE
+from .style import STYLE
 from .figures_decomposition import _band, _final, _levels, _level_label, _noise_axis, _style_noise_axis
 from .groups import t_interval
 from .references import LABELS as REF_LABELS

@@ -13,7 +13,8 @@ from records.layout import figures_dir, report_file
 from records.layout import study_file as study_file_of
 from records.parquet import latest_per_trial
 
-from .figures import CAPTIONS, TRIAL_FIGURES, save, styled
+from .figures import CAPTIONS, TRIAL_FIGURES
+from .style import save, styled
 from .figures_ground_truth import CAPTIONS as GROUND_TRUTH_CAPTIONS
 from .figures_ground_truth import ground_truth_figures
 from .figures_study import study_overlays

@@ -1,13 +1,17 @@
-"""What every figure module shares: the rc style, a styled subplots call, legends outside the axes,
-the epoch and U-Net-width axes, a spread of timesteps. A leaf module: the figure modules import
+"""What every figure module shares: the rc style, a styled subplots call, saving (PNG + PDF, atomic),
+legends outside the axes, the epoch and U-Net-width axes, a spread of timesteps. A leaf module: the figure modules import
 it and nothing here imports them, so none of them imports another to borrow a helper."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from records.atomic import atomic_write  # noqa: E402
 
 STYLE = {
     "figure.figsize": (5.0, 3.6), "figure.dpi": 120, "savefig.dpi": 150, "savefig.bbox": "tight",
@@ -58,3 +62,15 @@ def pick_ts(ts, n):
     ts = np.sort(np.asarray(ts))
     idx = np.unique(np.linspace(0, len(ts) - 1, n + 2).round().astype(int)[1:-1]) if len(ts) > n else np.arange(len(ts))
     return [int(ts[i]) for i in idx]
+
+
+def save(fig, path_stem: Path) -> Path:
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    png = path_stem.with_suffix(".png")
+    for suffix in (".png", ".pdf"):
+        # dpi and bbox explicitly: outside STYLE's rc context savefig would crop at the figure's
+        # edge (labels, titles and outside legends cut) at the figure's own dpi.
+        with atomic_write(path_stem.with_suffix(suffix)) as fh:
+            fig.savefig(fh, format=suffix[1:], dpi=STYLE["savefig.dpi"], bbox_inches=STYLE["savefig.bbox"])
+    plt.close(fig)
+    return png

@@ -22,9 +22,9 @@ _EXPORTS = {
     "residuals": ("default_t_grid", "residual_curve"),
     "samplers": ("DDIMSampler", "DDPMSampler", "make_sampler"),
     "schedules": ("SCHEDULES", "NoiseSchedule", "make_betas"),
-    "train": ("DivergedError", "EpochLosses", "TrainContext", "TrainResult", "TrainState", "train",
-              "validation_loss"),
+    "train": ("DivergedError", "EpochLosses", "TrainContext", "TrainResult", "TrainState", "train"),
     "unet": ("UNet", "count_parameters"),
+    "validation": ("validation_loss",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from .config import DataConfig, DiffusionConfig, EvalConfig, TrainConfig, UNetConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from .train import TrainHooks
 
 ENGINE_PATHS = ("alone", "ddp", "stacked")
@@ -157,3 +159,19 @@ def check_stackable(members: list[Member]) -> None:
         if m.training.cuda_graph != members[0].training.cuda_graph:  # one step function for the whole group
             raise ValueError(f"member {i} ({m.name!r}): training.cuda_graph={m.training.cuda_graph!r} must equal "
                              f"member 0's ({members[0].training.cuda_graph!r}) to stack")
+
+
+def check_graphable(members: list[Member], device: "torch.device", backend: str, capture: bool = True) -> None:
+    """train_stacked(cuda_graph=True)'s refusals, before any work (stacked.py)."""
+    if capture and device.type != "cuda":
+        raise ValueError(f"train_stacked(cuda_graph=True) needs a CUDA device (got {device}); "
+                         f"allowed on this device: cuda_graph=False")
+    for i, m in enumerate(members):
+        if m.diffusion.loss != "simple":  # its per-example weights are looked up on the host
+            raise ValueError(f"member {i} ({m.name!r}): diffusion.loss={m.diffusion.loss!r} with "
+                             f"train_stacked(cuda_graph=True); allowed: 'simple'")
+    if backend == "vmap" or (backend == "auto" and members[0].model.attention):
+        # vmap's functional_call + fed masks are not verified under capture; grouped is the faster path
+        raise ValueError(f"train_stacked(cuda_graph=True) needs backend='grouped' (got backend={backend!r}"
+                         f"{', model.attention=True selects vmap' if backend == 'auto' else ''}); "
+                         f"allowed: 'grouped', 'auto' without attention")

@@ -1,16 +1,15 @@
 """K trials in one process as one stacked model: `train()`'s loop, vmapped over the members.
 
-(Over 400 lines: the group's loop, read top to bottom. What it shares with train() is train.py's, once:
-the noise stream, when a step logs / evaluates / validates, the epoch records, the evaluator, the
-divergence errors; diffusion_core/capabilities.py says what a group refuses.)
+The group's loop, read top to bottom. What it shares with train() is train.py's, once: the noise
+stream, when a step logs / evaluates / validates, the epoch records (validation.py), the evaluator,
+the divergence errors; capabilities.py says what a group refuses.
 
 Trials that share an architecture (UNetConfig) and batch size — and differ in seed, noise
 schedule, training subset, learning rate, EMA decay — train together. Each member keeps what
 its own `train()` run would have: initialisation `build_model(model, seed)`, data order
-`epoch_batches(..., seed)`, its own noise generator (t, eps), its own dropout stream (see
-stacked_model.py), Adam moments and learning rate, EMA decay, epoch bookkeeping, hooks and
-resume state (`MemberState.state_dict()` has `TrainState.state_dict()`'s format, so a member's
-checkpoint resumes in `train()` and the other way round).
+`epoch_batches(..., seed)`, its own noise generator (t, eps) and dropout stream (stacked_model.py),
+Adam moments and learning rate, EMA decay, epoch bookkeeping, hooks and resume state in train()'s
+format (stacked_state.py: a member's checkpoint resumes in `train()` and the other way round).
 
 Contract: on the CPU a member's per-step losses equal its separate `train()` run's to float
 tolerance, dropout included (tests/test_stacked.py); the grouped convolutions sum in another
@@ -20,13 +19,11 @@ has its own stream). A member whose loss becomes NaN/inf is marked FAILED with
 `train()`'s DivergedError message, its hooks' `on_diverged(err)` is called, and it leaves the
 group; a member that reaches its last step leaves after `on_end`; the others go on.
 
-cuda_graph=True (CUDA only, graph_step.py): the same step, its device part replayed as one CUDA
-graph; the members' losses are meant to equal the eager stacked step's to float tolerance with
-dropout 0 (benchmarks/check_stacked_graph.py and bench_no_host.py --check-steps measure it); with
-dropout the masks come from each member's generator, registered with the graph, whose replays
-advance it as eager steps do (statistically equivalent masks at least). On the CPU its graph form,
-run eagerly, gives the ordinary step's losses to float tolerance, dropout included
-(tests/test_stacked_graph.py).
+cuda_graph=True (CUDA only, graph_step.py): the device part of the step replayed as one CUDA graph;
+with dropout 0 the losses are meant to equal the eager step's to float tolerance
+(benchmarks/check_stacked_graph.py measures it); dropout masks come from each member's generator,
+registered with the graph. On the CPU its graph form, run eagerly, gives the ordinary step's losses
+to float tolerance, dropout included (tests/test_stacked_graph.py).
 """
 from __future__ import annotations
 
@@ -39,18 +36,21 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .capabilities import Member, check_stackable
+from .capabilities import Member, check_graphable, check_stackable
 from .config import LOSSES
 from .data import epoch_batches, load_splits, steps_per_epoch
+from .distributed import pick_device
 from .graph_step import GraphedStep
 from .schedules import NoiseSchedule
 from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
 from .stacked_sampling import StackedEps, sample_members
-from .train import (DivergedError, EpochEvalDraws, EpochLosses, TrainContext, TrainResult, _host_to_device,
-                    build_model, draw_noise, evaluates_at, logs_at, noise_generator, pick_device, run_evaluator,
-                    validates_at)
+from .stacked_state import MemberState, load_member_state
+from .train import (DivergedError, EpochLosses, TrainContext, TrainResult, _host_to_device, build_model, draw_noise,
+                    evaluates_at, logs_at, noise_generator, run_evaluator, validates_at)
 from .unet import UNet, count_parameters
+from .validation import EpochEvalDraws
+
 
 @dataclass
 class MemberResult:
@@ -58,68 +58,6 @@ class MemberResult:
     status: str                          # FINISHED | FAILED
     error: str | None
     result: TrainResult
-
-
-def check_graphable(members: list[Member], device: torch.device, backend: str, capture: bool = True) -> None:
-    """train_stacked(cuda_graph=True)'s refusals, before any work."""
-    if capture and device.type != "cuda":
-        raise ValueError(f"train_stacked(cuda_graph=True) needs a CUDA device (got {device}); "
-                         f"allowed on this device: cuda_graph=False")
-    for i, m in enumerate(members):
-        if m.diffusion.loss != "simple":  # its per-example weights are looked up on the host
-            raise ValueError(f"member {i} ({m.name!r}): diffusion.loss={m.diffusion.loss!r} with "
-                             f"train_stacked(cuda_graph=True); allowed: 'simple'")
-    if backend == "vmap" or (backend == "auto" and members[0].model.attention):
-        # vmap's functional_call + fed masks are not verified under capture; grouped is the faster path
-        raise ValueError(f"train_stacked(cuda_graph=True) needs backend='grouped' (got backend={backend!r}"
-                         f"{', model.attention=True selects vmap' if backend == 'auto' else ''}); "
-                         f"allowed: 'grouped', 'auto' without attention")
-
-
-@dataclass(frozen=True)
-class _EMAView:
-    """What hooks read of train()'s EMA: the initial weights' share prod_k lambda_k."""
-    init_share: float
-
-
-class MemberState:
-    """A member's view of the group, with TrainState's interface (state_dict, generator, step)."""
-
-    def __init__(self, run: "_Run"):
-        self.run = run
-
-    @property
-    def step(self) -> int:
-        return self.run.group.step
-
-    @property
-    def generator(self) -> torch.Generator:
-        return self.run.generator
-
-    @property
-    def ema(self) -> "_EMAView":
-        return _EMAView(self.run.group.ema.init_shares[self.run.group.row(self.run)])
-
-    def state_dict(self) -> dict:
-        run, group = self.run, self.run.group
-        row = group.row(run)
-        run.refresh_modules()
-        adam, steps = group.adam, float(group.adam.step_count)  # read once: a device sync when capturable
-        state = {i: {"step": torch.tensor(steps), "exp_avg": e, "exp_avg_sq": v}
-                 for i, (e, v) in enumerate(zip(group.model.unflatten(adam.exp_avg[row]).values(),
-                                                group.model.unflatten(adam.exp_avg_sq[row]).values()))}
-        out = {"model": {k: v.clone() for k, v in run.net.state_dict().items()},
-               "ema": {"decay": run.member.training.ema_decay, "warmup": run.member.training.ema_warmup,
-                       "updates": group.ema.updates, "init_share": group.ema.init_shares[row],
-                       "module": {k: v.clone() for k, v in run.ema_net.state_dict().items()}},
-               "optimizer": {"state": state, "param_groups": run.param_groups},
-               "step": group.step, "generator": run.generator.get_state(),
-               "epoch_loss_sum": float(group.epoch_sum[row]), "epoch_loss_count": run.epoch_count}
-        if group.device.type == "cuda":
-            out["cuda_rng"], out["cpu_rng"] = run.dropout_generator.get_state(), torch.get_rng_state()
-        else:
-            out["cpu_rng"] = run.dropout_generator.get_state()
-        return out
 
 
 class _Run:
@@ -302,28 +240,6 @@ def _stack_on(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor
     return torch.stack([v.to(device) for v in tensors])
 
 
-def _load_member_state(group: _Group, run: _Run, state: dict) -> None:
-    """Put a TrainState/MemberState.state_dict() into the member's rows (all members at one step)."""
-    row, names = group.row(run), group.model.names
-    group.model.flat[row].copy_(StackedUNet.flatten_state(state["model"], names))
-    group.ema.flat[row].copy_(StackedUNet.flatten_state(state["ema"]["module"], names))
-    ema = state["ema"]  # a state without "updates" predates the warm-up: a constant decay, one update per step
-    updates, warmup = int(ema.get("updates", state["step"])), bool(ema.get("warmup", False))
-    if updates != group.ema.updates or warmup != run.member.training.ema_warmup:
-        raise ValueError(f"member {run.member.name!r}: its EMA state (updates {updates}, warmup {warmup}) "
-                         f"does not continue training.ema_warmup="
-                         f"{run.member.training.ema_warmup} at step {group.ema.updates}")
-    group.ema.init_shares[row] = float(ema.get("init_share", run.member.training.ema_decay ** group.ema.updates))
-    opt = [state["optimizer"]["state"][i] for i in range(len(names))]
-    group.adam.load_row(row, torch.cat([s["exp_avg"].reshape(-1) for s in opt]).to(group.device),
-                        torch.cat([s["exp_avg_sq"].reshape(-1) for s in opt]).to(group.device),
-                        int(opt[0]["step"]) if opt else int(state["step"]))
-    run.generator.set_state(state["generator"].cpu())
-    run.dropout_generator.set_state((state["cuda_rng"] if group.device.type == "cuda" else state["cpu_rng"]).cpu())
-    group.epoch_sum[row] = float(state["epoch_loss_sum"])
-    run.epoch_count = int(state["epoch_loss_count"])
-
-
 def _draw_eval_samples(group: _Group, runs: list[_Run]) -> None:
     """The samples of the members evaluating now (those with an evaluation config), drawn in batched
     passes, as each one's ctx.eval_samples; a member that cannot share a pass keeps None."""
@@ -348,9 +264,8 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
     channels_last: the grouped backend's memory layout. Off by default: on the dev CPU NHWC makes the
                    grouped convolutions ~2x faster but GroupNorm over K*G groups 3-5x slower, a net
                    loss (BENCHMARKS.md); on a GPU `bench_stacked.py --grouped-nhwc` compares both.
-    deferred_sync: fetch logged losses (one device sync for all members) only every `log_every`
-    steps, at epoch ends, evaluations and a member's last step, instead of at every logged step;
-    hooks see the same calls with the same values, later.
+    deferred_sync: fetch logged losses (one sync for all members) only every `log_every` steps, at epoch
+    ends, evaluations and a member's last step; hooks see the same calls with the same values, later.
     on_group_eval: called once per step at which any member evaluated, after every member's
     on_eval/on_eval_all_ranks of that step, with the state of each member still training (by
     name; those ending at this step included): one checkpoint of the whole group (Ray Train
@@ -359,12 +274,10 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
     through the stacked EMA network (stacked_sampling.py; the same samples). None: on a GPU only --
     on the dev CPU a forward is compute-bound and the batched pass measured 0.79x the members one
     after another (BENCHMARKS.md).
-    cuda_graph:    the device part of each step (q_sample, forward with dropout, losses, gradients,
-    clipping, capturable Adam) captured once as a CUDA graph and replayed (graph_step.py); the
-    host part (batches, each member's t and eps) stays outside, copied into the graph's inputs;
-    the EMA update too. Recaptured (after warm-up) whenever a member leaves. Needs a CUDA device,
-    every member's loss 'simple' and the grouped backend. _graph_capture=False (internal): the
-    graph form run eagerly on any device, which the CPU tests compare with the ordinary step.
+    cuda_graph:    the device part of each step (q_sample, forward, losses, gradients, clipping,
+    capturable Adam) captured once as a CUDA graph and replayed; batches, noise and the EMA update
+    stay outside. Recaptured whenever a member leaves (capabilities.check_graphable: its needs).
+    _graph_capture=False (internal): the graph form run eagerly, for the CPU tests.
     """
     t_start = time.time()
     check_stackable(members)
@@ -396,7 +309,7 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
     group.ema.updates = group.step   # one EMA update per step, as in train()
     for r in runs:
         if r.member.resume_state is not None:
-            _load_member_state(group, r, r.member.resume_state)
+            load_member_state(group, r, r.member.resume_state)
     results: dict[int, MemberResult] = {}
     pending: list[tuple[int, torch.Tensor]] = []   # (step, (K,) losses) of logged steps, not yet fetched
 

@@ -44,7 +44,8 @@ import torch
 
 from diffusion_core.data import load_splits
 from diffusion_core.evaluation import Evaluator, grid_image
-from diffusion_core.train import DivergedError, EpochLosses, TrainContext, fixed_validation_draws, train, validation_loss
+from diffusion_core.train import DivergedError, EpochLosses, TrainContext, train
+from diffusion_core.validation import fixed_validation_draws, validation_loss
 from diffusion_core.unet import count_parameters
 
 from records.atomic import atomic_write, write_json

@@ -76,7 +76,7 @@ def engine_check(path: str, cfg: TrialConfigs, monkeypatch) -> None:
         check_stackable([Member(cfg.training, cfg.model, cfg.data, cfg.diffusion, name="m")])
         return
     train_module = sys.modules["diffusion_core.train"]  # (the package's `train` is the function)
-    monkeypatch.setattr(train_module, "_dist", lambda: (0, 2) if path == "ddp" else (0, 1))
+    monkeypatch.setattr(train_module, "rank_and_world", lambda: (0, 2) if path == "ddp" else (0, 1))
     sentinel = RuntimeError("passed the path check")
 
     def stop(_):  # the first thing after the check: no data, no training

@@ -84,14 +84,15 @@ def test_saved_figure_keeps_every_text_and_legends_off_the_data(study_dir, tmp_p
     from PIL import Image
 
     from analysis import figures as F
+    from analysis import style as S
     from analysis.tables import load_study
 
     study = load_study(study_dir)
     tid = study.trial_ids()[0]
-    with F.styled():
+    with S.styled():
         fig = F.TRIAL_FIGURES[name](study, tid)
-    png = F.save(fig, tmp_path / name)  # closes the figure; its artists stay measurable
-    dpi = F.STYLE["savefig.dpi"]
+    png = S.save(fig, tmp_path / name)  # closes the figure; its artists stay measurable
+    dpi = S.STYLE["savefig.dpi"]
     fig.set_dpi(dpi)
     renderer = FigureCanvasAgg(fig).get_renderer()
     tight = fig.get_tightbbox(renderer)  # inches

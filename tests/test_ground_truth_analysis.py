@@ -128,7 +128,7 @@ def test_sample_quality_rows_and_the_held_out_floor(molrg_study):
 
 
 def test_the_figures_draw_from_these_tables(molrg_study, tmp_path):
-    from analysis.figures import save
+    from analysis.style import save
 
     study, _ = molrg_study
     figs = ground_truth_figures(load_study(study))

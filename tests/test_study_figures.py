@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import figures as F
 from analysis import figures_study as S
+from analysis import style
 from analysis.groups import t_interval
 from analysis.tables import load_study
 from orchestrator.driver import StudyRun
@@ -183,7 +183,7 @@ def test_figures_of_the_synthetic_study_are_written(synthetic, overlays, tmp_pat
                  "study_pr_memorization_vs_size", "study_val_loss_by_capacity"):
         assert figs[name] is not None, name
     for name in ("study_val_loss_by_capacity", "study_pr_memorization_vs_size"):   # PNG + PDF of two
-        F.save(figs[name], tmp_path / name)
+        style.save(figs[name], tmp_path / name)
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert pd.read_parquet(study.dir / "evals")["ema_init_share"].notna().all()
 

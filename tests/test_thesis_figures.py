@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pytest
 
 from analysis import figures as F
+from analysis import style as S
 from analysis.tables import load_study
 
 THESIS = Path(__file__).resolve().parents[1] / "results" / "thesis"
@@ -33,7 +33,7 @@ def _shade_end(ax) -> float:
                                   "fig30b_fid_decomposition"])
 def test_ema_lag_shading_ends_at_the_exact_crossing(thesis, name):
     study, trial = thesis
-    with F.styled():
+    with S.styled():
         fig = F.TRIAL_FIGURES[name](study, trial)
     # 0.9999^k = 0.05 at k = 29,956: epoch 29,956 / 3,000, not halfway between two evaluations
     assert _shade_end(fig.axes[0]) == pytest.approx(29_956 / 3_000, abs=1e-9)
@@ -42,7 +42,7 @@ def test_ema_lag_shading_ends_at_the_exact_crossing(thesis, name):
 
 def test_fid_figures_are_log_with_the_floor_interval_and_a_shared_x_range(thesis):
     study, trial = thesis
-    with F.styled():
+    with S.styled():
         a, b = F.fig30a_fid_vs_epoch(study, trial), F.fig30b_fid_decomposition(study, trial)
     ev = study.evals
     for fig, cols in ((a, ["fid"]), (b, ["fid_mean_term", "fid_cov_term"])):
@@ -62,7 +62,7 @@ def test_fid_figures_are_log_with_the_floor_interval_and_a_shared_x_range(thesis
 
 def test_entropy_plane_marks_the_real_point_and_the_ln10_bound(thesis):
     study, trial = thesis
-    with F.styled():
+    with S.styled():
         fig = F.fig29b_entropy_plane(study, trial)
     ev = study.evals
     for ax in fig.axes[:2]:
@@ -76,7 +76,7 @@ def test_entropy_plane_marks_the_real_point_and_the_ln10_bound(thesis):
 
 def test_residual_curves_have_a_colour_bar_of_epochs(thesis):
     study, trial = thesis
-    with F.styled():
+    with S.styled():
         fig = F.fig27_residual_vs_t(study, trial)
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert len(bars) == 1 and "epoch" in bars[0].get_ylabel()

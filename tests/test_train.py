@@ -10,7 +10,8 @@ import torch.nn as nn
 from diffusion_core import (EMA, DivergedError, NoiseSchedule, TrainConfig, UNetConfig, subset_indices, train,
                             validation_loss)
 from diffusion_core.data import Splits
-from diffusion_core.train import build_model, fixed_validation_draws
+from diffusion_core.train import build_model
+from diffusion_core.validation import fixed_validation_draws
 
 TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1)   # 24,089 parameters
 STEPS, MID = 90, 45  # 1,000 images / batch 32 = 31 steps per epoch: 3 epochs (ends at 31, 62, 90)
@@ -248,7 +249,7 @@ def test_ema_state_keeps_warmup_count_and_share():
 def test_epoch_losses_are_the_eval_mode_losses_of_the_recorded_weights(run_a, make_splits):
     """val_raw / train_eval are the raw weights' losses in eval mode on fixed draws of the evaluation seed;
     ema_init_share = lambda^step (no warm-up)."""
-    from diffusion_core.train import fixed_train_draws
+    from diffusion_core.validation import fixed_train_draws
 
     result, _ = run_a
     last = result.epoch_losses[-1]
