@@ -3,8 +3,8 @@
 Pure PyTorch (no Ray, no MLflow): the orchestrator's worker calls `Evaluator.evaluate`
 at every evaluation step, a notebook can call it on any checkpoint.
 
-Every random draw here comes from the study-level evaluation seed (DESIGN.md,
-"Conventions"): the residual batch and its eps, and the starting noise of the samples
+Every random draw here comes from the study-level evaluation seed (docs/ARCHITECTURE.md,
+"Randomness"): the residual batch and its eps, and the starting noise of the samples
 (the first `grid_images` of which form the sample grid). Two trials — or two
 checkpoints of one trial — evaluated with the same seed therefore differ only through
 their weights, which is what makes their curves comparable and the ensemble

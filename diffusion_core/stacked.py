@@ -1,8 +1,7 @@
-"""K trials in one process as one stacked model: `train()`'s loop, vmapped over the members.
-
-The group's loop, read top to bottom. What it shares with train() is train.py's, once: the noise
-stream, when a step logs / evaluates / validates, the epoch records (validation.py), the evaluator,
-the divergence errors; capabilities.py says what a group refuses.
+"""K trials in one process as one stacked model, trained by the one loop (engine.run_group) that
+trains a run alone: this file says what a step of the group is and where its numbers live (`_Group`);
+what a step does around it — logging, epoch records, evaluations, divergence, hooks — is the engine's.
+The noise stream, initialisation and evaluator are train.py's; capabilities.py says what a group refuses.
 
 Trials that share an architecture (UNetConfig) and batch size — and differ in seed, noise
 schedule, training subset, learning rate, EMA decay — train together. Each member keeps what
@@ -46,8 +45,8 @@ from .stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
 from .stacked_sampling import StackedEps, sample_members
 from .stacked_state import MemberState, load_member_state
-from .train import (DivergedError, EpochLosses, TrainContext, TrainResult, _host_to_device, build_model, draw_noise,
-                    evaluates_at, logs_at, noise_generator, run_evaluator, validates_at)
+from .engine import Run, TrainContext, run_group
+from .train import TrainResult, _host_to_device, build_model, draw_noise, noise_generator, run_evaluator
 from .unet import UNet, count_parameters
 from .validation import EpochEvalDraws
 
@@ -60,7 +59,7 @@ class MemberResult:
     result: TrainResult
 
 
-class _Run:
+class _Run(Run):
     """One member's live state (everything but its rows of the stacked tensors)."""
 
     def __init__(self, group: "_Group", member: Member, splits, device: torch.device, eval_seed: int):
@@ -71,10 +70,10 @@ class _Run:
         if tr.batch_size > self.n_train:
             raise ValueError(f"member {member.name!r}: batch_size={tr.batch_size} is larger than the training set "
                              f"({self.n_train} images)")
-        self.epoch_steps = steps_per_epoch(self.n_train, tr.batch_size)
-        self.total = tr.epochs * self.epoch_steps
+        epoch_steps = steps_per_epoch(self.n_train, tr.batch_size)
+        total = tr.epochs * epoch_steps
         if tr.max_steps is not None:
-            self.total = min(self.total, tr.max_steps)
+            total = min(total, tr.max_steps)
         self.net = build_model(member.model, tr.seed, device)       # the initialisation of train()
         self.dropout_generator = torch.Generator(device)           # ... and the dropout stream after it
         if device.type == "cpu":
@@ -86,14 +85,12 @@ class _Run:
         self.param_groups = torch.optim.Adam(self.net.parameters(), lr=tr.lr, betas=tr.adam_betas,
                                              eps=tr.adam_eps).state_dict()["param_groups"]
         self.eval_draws = EpochEvalDraws.of(splits, self.schedule, eval_seed, tr.train_eval_images)  # as train()
-        self.train_losses: list[tuple[int, float]] = []
-        self.epoch_losses: list[EpochLosses] = []
         self.epoch_count = 0
-        self.status, self.error, self._batches = "RUNNING", None, (None, None)
-        self.ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, self.epoch_steps,
-                                self.total, MemberState(self),
-                                evaluator=run_evaluator(member.evaluation, self.schedule, splits, member.data,
-                                                        member.diffusion, device))
+        self._batches = (None, None)
+        ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, epoch_steps, total,
+                           MemberState(self), evaluator=run_evaluator(member.evaluation, self.schedule, splits,
+                                                                      member.data, member.diffusion, device))
+        super().__init__(member.name, tr, member.hooks, ctx)
 
     def batch_indices(self, step: int) -> torch.Tensor:
         """Indices of the batch of (0-based) step `step`, exactly as train() walks epoch_batches."""
@@ -108,21 +105,6 @@ class _Run:
         with torch.no_grad():
             nn.utils.vector_to_parameters(self.group.model.flat[row], self.net.parameters())
             nn.utils.vector_to_parameters(self.group.ema.flat[row], self.ema_net.parameters())
-
-    def call(self, name: str, *args, step: int | None = None) -> None:
-        """A hook of this member; `step`: the step a deferred loss belongs to (as train() reports it)."""
-        fn = getattr(self.member.hooks, name, None) if self.member.hooks is not None else None
-        if fn is not None:
-            step = self.group.step if step is None else step
-            self.ctx.step, self.ctx.epoch = step, step / self.epoch_steps
-            self.refresh_modules()
-            fn(self.ctx, *args) if name != "on_diverged" else fn(*args)
-
-    def logs_at(self, step: int) -> bool:
-        return logs_at(self.member.training, step)
-
-    def should_eval(self, step: int) -> bool:
-        return evaluates_at(self.member.training, step, self.total)
 
 
 class _Group:
@@ -158,6 +140,11 @@ class _Group:
         return lambda x, t: self.model.forward(x, t, params=params, train=False)
 
     def keep(self, runs: list[_Run]) -> None:
+        if len(runs) == len(self.runs):
+            return
+        if not runs:
+            self.runs = []
+            return
         rows = [self.row(r) for r in runs]
         self.runs = runs
         self.model.keep(rows)
@@ -194,7 +181,35 @@ class _Group:
             loss = self.device_step(x0, t, eps, weights)
         self.ema.update(self.model.flat)  # outside the graph, as in train(): one kernel either way
         self.step += 1
+        self.epoch_sum += loss.double()
+        for r in self.runs:
+            r.epoch_count += 1
         return loss
+
+    # --- what else the engine's loop asks of a group (engine.Group)
+    def fetch(self, losses: list[torch.Tensor]) -> list[list[float]]:
+        return torch.stack(losses).tolist()
+
+    def epoch_train_losses(self, runs: list[_Run]) -> list[float]:
+        sums = self.epoch_sum[[self.row(r) for r in runs]].tolist()
+        return [s / max(r.epoch_count, 1) for r, s in zip(runs, sums)]
+
+    def reset_epoch(self, run: _Run) -> None:
+        self.epoch_sum[self.row(run)] = 0.0
+        run.epoch_count = 0
+
+    def epoch_eval_losses(self, run: _Run) -> tuple[float, float, float]:
+        run.refresh_modules()
+        return run.eval_draws.losses(run.ema_net, run.net, run.schedule, run.splits.val)  # train()'s computation
+
+    def init_share(self, run: _Run) -> float:
+        return self.ema.init_shares[self.row(run)]  # prod_k lambda_k, warm-up included, as train() reports it
+
+    def refresh(self, run: _Run) -> None:
+        run.refresh_modules()
+
+    def after_eval(self) -> None:  # the members' modules are copies; the stacked forward takes train=True
+        pass
 
     def draw_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The host part: each member's batch and its (t, eps) from its own generator, as train()
@@ -310,91 +325,12 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
     for r in runs:
         if r.member.resume_state is not None:
             load_member_state(group, r, r.member.resume_state)
-    results: dict[int, MemberResult] = {}
-    pending: list[tuple[int, torch.Tensor]] = []   # (step, (K,) losses) of logged steps, not yet fetched
-
-    def finish(run: _Run, status: str, error: str | None = None) -> None:
-        run.status, run.error = status, error
-        run.refresh_modules()
-        res = TrainResult(group.step, math.ceil(group.step / run.epoch_steps), run.train_losses, run.epoch_losses, run.net,
-                          run.ema_net, run.schedule, count_parameters(run.net), time.time() - t_start)
-        results[members.index(run.member)] = MemberResult(run.member.name, status, error, res)
-
-    def diverge(run: _Run, err: DivergedError) -> None:
-        run.call("on_diverged", err)
-        finish(run, "FAILED", f"DivergedError: {err}")
-
-    def flush() -> None:
-        """One sync: the pending losses of all members; hooks' on_step in step order; NaN -> FAILED."""
-        if not pending:
-            return
-        values = torch.stack([v for _, v in pending]).tolist()
-        for (step, _), row_values in zip(pending, values):
-            for r, value in zip(group.runs, row_values):
-                if r.status != "RUNNING" or not r.logs_at(step):
-                    continue
-                if not math.isfinite(value):
-                    diverge(r, DivergedError.at_step(value, step, r.epoch_steps))
-                    continue
-                r.train_losses.append((step, value))
-                r.call("on_step", value, step=step)
-        pending.clear()
-
+    draw = batched_sampling or (batched_sampling is None and device.type == "cuda")
     for r in runs:
         r.net.train()
-        r.call("on_start")
-    while group.runs:
-        loss = group.train_step()
-        step = group.step
-        group.epoch_sum += loss.double()
-        for r in group.runs:
-            r.epoch_count += 1
-        if any(r.logs_at(step) for r in group.runs):
-            pending.append((step, loss.clone() if cuda_graph else loss))  # a graph's output is overwritten
-        ends = [r for r in group.runs if step % r.epoch_steps == 0 or step == r.total]
-        evals = [r for r in group.runs if r.should_eval(step)]
-        if not deferred_sync or ends or evals or step % members[0].training.log_every == 0:
-            flush()
-        live = [r for r in ends if r.status == "RUNNING"]
-        if live:
-            train_loss_of = {r: s / max(r.epoch_count, 1)
-                             for r, s in zip(live, group.epoch_sum[[group.row(r) for r in live]].tolist())}
-            for r, train_loss in train_loss_of.items():
-                if not math.isfinite(train_loss):
-                    diverge(r, DivergedError.in_epoch(train_loss, math.ceil(step / r.epoch_steps), step))
-            live = [r for r in live if r.status == "RUNNING"]
-            for r in live:
-                train_loss = train_loss_of[r]
-                completed = math.ceil(step / r.epoch_steps)
-                evaluated = (None, None, None)
-                if validates_at(r.member.training, step, r.epoch_steps, r.total):  # train()'s computation
-                    r.refresh_modules()
-                    evaluated = r.eval_draws.losses(r.ema_net, r.net, r.schedule, r.splits.val)
-                # the EMA share is prod_k lambda_k, warm-up included, as train() reports it
-                losses = EpochLosses(completed, step, train_loss, *evaluated, group.ema.init_shares[group.row(r)])
-                r.epoch_losses.append(losses)
-                r.call("on_epoch", losses)
-                group.epoch_sum[group.row(r)] = 0.0
-                r.epoch_count = 0
-        if batched_sampling or (batched_sampling is None and device.type == "cuda"):
-            _draw_eval_samples(group, [r for r in evals if r.status == "RUNNING"])
-        for r in evals:
-            if r.status == "RUNNING":
-                r.call("on_eval")
-                r.call("on_eval_all_ranks")
-                r.ctx.eval_samples = None  # no later hook call may see this evaluation's samples
-        if evals and on_group_eval is not None:
-            on_group_eval(step, {r.member.name: r.ctx.state for r in group.runs if r.status == "RUNNING"})
-        for r in group.runs:
-            if r.status == "RUNNING" and step >= r.total:
-                r.call("on_end")
-                finish(r, "FINISHED")
-        survivors = [r for r in group.runs if r.status == "RUNNING"]
-        if len(survivors) != len(group.runs):
-            flush()  # nothing may stay pending across a change of rows
-            survivors = [r for r in group.runs if r.status == "RUNNING"]
-            if survivors:
-                group.keep(survivors)
-            else:
-                group.runs = []
-    return [results[i] for i in range(len(members))]
+    run_group(group, deferred_sync=deferred_sync, on_group_eval=on_group_eval,
+              before_evals=(lambda evaluating: _draw_eval_samples(group, evaluating)) if draw else None)
+    return [MemberResult(r.name, r.status, r.error,
+                         TrainResult(r.end_step, math.ceil(r.end_step / r.epoch_steps), r.train_losses, r.epoch_losses,
+                                     r.net, r.ema_net, r.schedule, count_parameters(r.net), r.end_time - t_start))
+            for r in runs]

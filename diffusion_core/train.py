@@ -1,18 +1,16 @@
-"""The training loop: one function, plain PyTorch, single process or DDP.
-
-The loop is one function to read top to bottom, as in NVlabs/edm. Its configs — the dataclasses its
-signature takes — live in config.py, without torch; the fixed-draw losses it records at epoch ends
-(validation, raw weights, a training batch) in validation.py.
+"""`train()`: one DDPM run, plain PyTorch, single process or DDP.
 
 `train()` runs the thesis configuration by default (TrainConfig() + UNetConfig() +
 DiffusionConfig() + DataConfig()). It works in a notebook as is; under
 `torch.distributed` (the Ray Train worker in orchestrator/ calls this same function)
 it wraps the model in DDP, shards each epoch across ranks and all-reduces the logged
-losses. Everything around the loop — writing records, evaluating samples, checkpoints —
+losses. It builds the run — model, optimizer, EMA, the step — and hands it to the one training
+loop (engine.run_group) as a group of one (`SingleGroup`); a stacked group (stacked.py) goes through
+the same loop. Everything around the loop — writing records, evaluating samples, checkpoints —
 arrives through `hooks`, so this file knows nothing of Ray or MLflow.
 
 Randomness: the training seed drives initialisation, data order and training noise;
-validation t and eps come from `eval_seed`, identical for every trial (DESIGN.md).
+validation t and eps come from `eval_seed`, identical for every trial (docs/ARCHITECTURE.md, "Randomness").
 """
 from __future__ import annotations
 
@@ -20,7 +18,6 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
@@ -30,93 +27,12 @@ from .config import GRAPHING_COMPILE_MODES, DataConfig, DiffusionConfig, TrainCo
 from .data import epoch_batches, load_splits, steps_per_epoch
 from .distributed import all_mean, pick_device, rank_and_world
 from .ema import EMA
+from .engine import EpochLosses, Run, TrainContext, TrainHooks, run_group
 from .graph_step import GraphedStep
 from .losses import diffusion_loss
 from .schedules import NoiseSchedule
-from .validation import EpochEvalDraws
 from .unet import UNet, count_parameters
-
-
-
-def validates_at(training: TrainConfig, step: int, epoch_steps: int, total_steps: int) -> bool:
-    """Whether the epoch ending at `step` computes its evaluation-mode losses (TrainConfig.val_every):
-    a function of the step only, so a resumed run agrees."""
-    n = training.val_every
-    return n is None or step == total_steps or step // n > (step - epoch_steps) // n
-
-
-def logs_at(training: TrainConfig, step: int) -> bool:
-    """Whether the loss of `step` is logged (Fig. 26b: every step at first, then every log_every)."""
-    return step <= training.log_every_first or step % training.log_every == 0
-
-
-def evaluates_at(training: TrainConfig, step: int, total_steps: int) -> bool:
-    """Whether hooks.on_eval runs after `step`: every eval_every steps from eval_start, and at the last."""
-    return step == total_steps or (step >= training.eval_start and step % training.eval_every == 0)
-
-
-class DivergedError(RuntimeError):
-    """The loss became NaN or infinite: the run cannot continue."""
-
-    @classmethod
-    def at_step(cls, value: float, step: int, epoch_steps: int) -> "DivergedError":
-        return cls(f"training loss became {value} at step {step} (epoch {step / epoch_steps:.2f}); "
-                   f"lower the learning rate or check the data")
-
-    @classmethod
-    def in_epoch(cls, value: float, epoch: int, step: int) -> "DivergedError":
-        return cls(f"training loss became {value} in epoch {epoch} (step {step}); "
-                   f"lower the learning rate or check the data")
-
-
-@dataclass
-class TrainContext:
-    """What hooks see: the live objects of the run (read them, don't replace them)."""
-    step: int
-    epoch: float
-    model: nn.Module                 # raw weights (unwrapped from DDP)
-    ema_model: nn.Module             # EMA weights, eval mode
-    schedule: NoiseSchedule
-    splits: Any                      # data.Splits (train subset + validation)
-    device: torch.device
-    rank: int
-    world_size: int
-    steps_per_epoch: int
-    total_steps: int
-    state: "TrainState"
-    # The run's evaluation.Evaluator (train(evaluation=...), Member.evaluation), built once by the engine
-    # (Evaluator.of_run); None without an evaluation config.
-    evaluator: Any = None
-    # During on_eval of a stacked member (diffusion_core.stacked): its samples of this evaluation, drawn
-    # with the group's other members in one pass (evaluation.DrawnSamples; pass them to Evaluator.evaluate).
-    # None: the hook samples itself (always in train()).
-    eval_samples: Any = None
-
-
-class TrainHooks(Protocol):  # every method optional; called on rank 0 only unless noted
-    def on_start(self, ctx: TrainContext) -> None: ...
-    def on_step(self, ctx: TrainContext, loss: float) -> None: ...
-    def on_epoch(self, ctx: TrainContext, losses: "EpochLosses") -> None: ...
-    def on_eval(self, ctx: TrainContext) -> None: ...
-    def on_eval_all_ranks(self, ctx: TrainContext) -> None: ...  # every rank, after on_eval (collectives
-    #   such as a checkpoint that each DDP rank must report, e.g. ray.train.report, belong here)
-    def on_end(self, ctx: TrainContext) -> None: ...
-
-
-@dataclass(frozen=True)
-class EpochLosses:
-    """The losses at an epoch's end. `train` is what the optimizer saw (a running mean over the
-    epoch's steps, raw weights in train mode: dropout on, the weights moving); the three
-    evaluation-mode numbers use fixed (t, eps) draws of the evaluation seed, so they compare like
-    with like: train_eval vs val_raw is the generalization gap of the raw weights, val_raw vs val
-    the effect of averaging (and of the EMA's lag while ema_init_share is large)."""
-    epoch: int
-    step: int
-    train: float                     # mean step loss over the epoch (dropout on)
-    val: float | None                # EMA weights, eval mode, fixed validation draws
-    val_raw: float | None            # raw weights, eval mode, the same validation draws
-    train_eval: float | None         # raw weights, eval mode, fixed draws on a fixed training batch
-    ema_init_share: float            # the initial weights' share of the EMA (lambda^k without warm-up)
+from .validation import EpochEvalDraws
 
 
 @dataclass
@@ -273,34 +189,14 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=training.precision == "bf16",
                               cache_enabled=not training.cuda_graph)  # cached casts must not outlive a capture
     generator = noise_generator(training, device, rank)
-    noise_device = generator.device
     state = TrainState(net, ema, optimizer, generator)
     if resume_state is not None:
         state.load_state_dict(resume_state)
 
-    eval_draws = EpochEvalDraws.of(splits, schedule, eval_seed, training.train_eval_images)
     ctx = TrainContext(state.step, state.step / epoch_steps, net, ema.module, schedule, splits, device, rank, world,
                        epoch_steps, total_steps, state)
-    is_main = rank == 0
-    if is_main:  # hooks evaluate on rank 0 only
+    if rank == 0:  # hooks evaluate on rank 0 only
         ctx.evaluator = run_evaluator(evaluation, schedule, splits, data, diffusion, device)
-
-    def call(name, *args, all_ranks: bool = False):
-        fn = getattr(hooks, name, None) if hooks is not None else None
-        if fn is not None and (is_main or all_ranks):
-            fn(ctx, *args)
-
-    def should_eval(step: int) -> bool:
-        return evaluates_at(training, step, total_steps)
-
-    train_losses: list[tuple[int, float]] = []
-    epoch_losses: list[EpochLosses] = []
-    call("on_start")
-    bar = None
-    if progress and is_main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
-
     cuda_graphs = training.compile and training.compile_mode in GRAPHING_COMPILE_MODES and device.type == "cuda"
 
     def step_fn(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -317,82 +213,101 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     if training.cuda_graph and (model.class_conditional or diffusion.loss == "hybrid"):
         raise ValueError("TrainConfig.cuda_graph=True supports the unconditional L_simple step only "
                          "(not model.class_conditional or loss 'hybrid')")
-    graphed = GraphedStep(step_fn) if training.cuda_graph else None
-    pending_losses: list[tuple[int, torch.Tensor]] = []  # logged steps' losses, still on the device
-
-    def flush_losses() -> None:
-        """Fetch the pending logged losses (one sync, one all-reduce) and report them in step order."""
-        values = all_mean(torch.stack([v for _, v in pending_losses]).float(), world).tolist()
-        now = ctx.step, ctx.epoch
-        for (step, _), value in zip(pending_losses, values):
-            if not math.isfinite(value):
-                raise DivergedError.at_step(value, step, epoch_steps)
-            train_losses.append((step, value))
-            ctx.step, ctx.epoch = step, step / epoch_steps  # what hooks see is the step the loss belongs to
-            call("on_step", value)
-        ctx.step, ctx.epoch = now
-        pending_losses.clear()
+    run = Run("run", training, hooks, ctx, is_main=rank == 0)
+    group = SingleGroup(run, state, splits, training, model, schedule, step_fn,
+                        GraphedStep(step_fn) if training.cuda_graph else None, cuda_graphs, memory_format,
+                        EpochEvalDraws.of(splits, schedule, eval_seed, training.train_eval_images))
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total_steps, initial=state.step, desc="training", unit="step")
     net.train()
-    while state.step < total_steps:
-        epoch = state.step // epoch_steps
-        batches = epoch_batches(n_train, training.batch_size, epoch, training.seed, rank=rank, world_size=world,
-                                device=splits.train.images.device)
-        for idx in batches[state.step - epoch * epoch_steps:]:
-            if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
-                torch.compiler.cudagraph_mark_step_begin()
-            x0 = splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            t, eps = (_host_to_device(v, device) for v in draw_noise(schedule, x0.shape, generator))
-            y = None
-            if model.class_conditional:  # classifier-free guidance: drop labels to the null label
-                drop = torch.rand(x0.shape[0], generator=generator, device=noise_device) < training.label_dropout
-                y = splits.train.labels.to(idx.device)[idx].to(drop.device).long()
-                y = _host_to_device(torch.where(drop, torch.full_like(y, model.num_classes), y), device)
-            loss = graphed(x0, t, eps) if graphed is not None else step_fn(x0, t, eps, y)
-            ema.update(net)
-            state.step += 1
-            ctx.step, ctx.epoch = state.step, state.step / epoch_steps
+    try:
+        run_group(group, deferred_sync=training.deferred_sync, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if run.diverged is not None:
+        raise run.diverged
+    return TrainResult(state.step, math.ceil(state.step / epoch_steps), run.train_losses, run.epoch_losses, net,
+                       ema.module, schedule, count_parameters(net), time.time() - t_start)
 
-            log_now = logs_at(training, state.step)
-            end_of_epoch = state.step % epoch_steps == 0 or state.step == total_steps
-            # Losses accumulate on the device; they are fetched (a sync) only when logged.
-            state.epoch_loss_sum = state.epoch_loss_sum + loss.detach().double()
-            state.epoch_loss_count += 1
-            if log_now:  # a graph's loss is overwritten by the next replay: keep a copy
-                pending_losses.append((state.step, loss.detach().clone() if graphed else loss.detach()))
-            if pending_losses and (not training.deferred_sync or state.step % training.log_every == 0
-                                   or end_of_epoch or should_eval(state.step) or state.step >= total_steps):
-                flush_losses()
-            if bar is not None:
-                bar.update(1)
-                if log_now and train_losses:
-                    bar.set_postfix(loss=f"{train_losses[-1][1]:.4f}", epoch=f"{ctx.epoch:.2f}")
-            if end_of_epoch:
-                train_loss = float(all_mean(torch.as_tensor(state.epoch_loss_sum, dtype=torch.float64,
-                                                             device=device), world)) / max(state.epoch_loss_count, 1)
-                if not math.isfinite(train_loss):
-                    raise DivergedError.in_epoch(train_loss, epoch + 1, state.step)
-                val_loss = val_raw = train_eval = None
-                if validates_at(training, state.step, epoch_steps, total_steps):
-                    val_loss, val_raw, train_eval = eval_draws.losses(ema.module, net, schedule, splits.val, rank,
-                                                                      world)
-                losses = EpochLosses(math.ceil(state.step / epoch_steps), state.step, train_loss, val_loss, val_raw,
-                                     train_eval, ema.init_share)
-                epoch_losses.append(losses)
-                call("on_epoch", losses)
-                state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
-            if should_eval(state.step):
-                # Evaluation draws from its own seeded generators, but what it builds (e.g. the
-                # metrics classifier, made at the first evaluation) would consume the global RNG
-                # that drives dropout: isolate it, or a resumed run leaves the uninterrupted one.
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    call("on_eval")
-                call("on_eval_all_ranks", all_ranks=True)
-                net.train()
-            if state.step >= total_steps:
-                break
-    if bar is not None:
-        bar.close()
-    call("on_end")
-    return TrainResult(state.step, math.ceil(state.step / epoch_steps), train_losses, epoch_losses, net, ema.module,
-                       schedule, count_parameters(net), time.time() - t_start)
 
+class SingleGroup:
+    """A run alone (or one DDP rank of it) as the engine's group of one (engine.Group): the step is
+    the plain model's (or its DDP / compiled forward, or the CUDA graph of the whole step), what it
+    fetches is averaged over the ranks, and its numbers live in its TrainState (resumable)."""
+
+    def __init__(self, run: Run, state: TrainState, splits, training: TrainConfig, model: UNetConfig,
+                 schedule: NoiseSchedule, step_fn, graphed: GraphedStep | None, cuda_graphs: bool,
+                 memory_format: torch.memory_format, eval_draws: EpochEvalDraws):
+        self.runs, self.state, self.splits, self.training, self.model = [run], state, splits, training, model
+        self.schedule, self.step_fn, self.graphed, self.cuda_graphs = schedule, step_fn, graphed, cuda_graphs
+        self.memory_format, self.eval_draws = memory_format, eval_draws
+        self.ctx = run.ctx
+        self.device, self.rank, self.world = self.ctx.device, self.ctx.rank, self.ctx.world_size
+        self._batches: tuple[int | None, torch.Tensor | None] = (None, None)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def _batch(self, step: int) -> torch.Tensor:
+        """The indices of (0-based) step `step`: this rank's share of its epoch's permutation."""
+        epoch_steps = self.ctx.steps_per_epoch
+        epoch = step // epoch_steps
+        if self._batches[0] != epoch:
+            self._batches = (epoch, epoch_batches(len(self.splits.train), self.training.batch_size, epoch,
+                                                  self.training.seed, rank=self.rank, world_size=self.world,
+                                                  device=self.splits.train.images.device))
+        return self._batches[1][step - epoch * epoch_steps]
+
+    def train_step(self) -> torch.Tensor:
+        """The batch, its (t, eps) and labels from the run's generator (in this order), one optimizer
+        step, the EMA update; (1,) loss on the device, added to the epoch's sum."""
+        state, device, model = self.state, self.device, self.model
+        if self.cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
+        idx = self._batch(state.step)
+        x0 = self.splits.train.batch(idx).to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        t, eps = (_host_to_device(v, device) for v in draw_noise(self.schedule, x0.shape, state.generator))
+        y = None
+        if model.class_conditional:  # classifier-free guidance: drop labels to the null label
+            drop = torch.rand(x0.shape[0], generator=state.generator, device=state.generator.device) \
+                < self.training.label_dropout
+            y = self.splits.train.labels.to(idx.device)[idx].to(drop.device).long()
+            y = _host_to_device(torch.where(drop, torch.full_like(y, model.num_classes), y), device)
+        loss = self.graphed(x0, t, eps) if self.graphed is not None else self.step_fn(x0, t, eps, y)
+        state.ema.update(state.model)
+        state.step += 1
+        # Losses accumulate on the device; they are fetched (a sync) only when logged.
+        state.epoch_loss_sum = state.epoch_loss_sum + loss.detach().double()
+        state.epoch_loss_count += 1
+        return loss.reshape(1)
+
+    def fetch(self, losses: list[torch.Tensor]) -> list[list[float]]:
+        return [[v] for v in all_mean(torch.stack(losses).float().reshape(-1), self.world).tolist()]
+
+    def epoch_train_losses(self, runs: list[Run]) -> list[float]:
+        s = self.state
+        total = all_mean(torch.as_tensor(s.epoch_loss_sum, dtype=torch.float64, device=self.device), self.world)
+        return [float(total) / max(s.epoch_loss_count, 1)]
+
+    def reset_epoch(self, run: Run) -> None:
+        self.state.epoch_loss_sum, self.state.epoch_loss_count = 0.0, 0
+
+    def epoch_eval_losses(self, run: Run) -> tuple[float, float, float]:
+        return self.eval_draws.losses(self.state.ema.module, self.state.model, self.schedule, self.splits.val,
+                                      self.rank, self.world)
+
+    def init_share(self, run: Run) -> float:
+        return self.state.ema.init_share
+
+    def refresh(self, run: Run) -> None:  # the run's modules are the live ones
+        pass
+
+    def after_eval(self) -> None:
+        self.state.model.train()
+
+    def keep(self, runs: list[Run]) -> None:
+        self.runs = runs

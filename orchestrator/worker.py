@@ -24,8 +24,8 @@ with `LocalTrialHooks`: the full resume state goes to trial_files/<id>/resume.pt
 
 A diverged run (DivergedError: NaN/inf loss) is not retried — retrying a deterministic
 divergence only burns time: every rank catches it (the loss is all-reduced, so all ranks
-see it at the same step), rank 0 writes the reason to `summary.json`, and the trial
-driver marks the trial FAILED.
+see it at the same step), rank 0's `on_diverged` hook writes the reason to `summary.json`, and
+the trial driver marks the trial FAILED.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ import torch
 
 from diffusion_core.data import load_splits
 from diffusion_core.evaluation import Evaluator, grid_image
-from diffusion_core.train import DivergedError, EpochLosses, TrainContext, train
+from diffusion_core.engine import DivergedError, EpochLosses, TrainContext
+from diffusion_core.train import train
 from diffusion_core.validation import fixed_validation_draws, validation_loss
 from diffusion_core.unet import count_parameters
 
@@ -338,7 +339,5 @@ def run_trial_loop(task: TrialTask, rank: int, device: torch.device, resume_stat
         train(data=trial.data, model=trial.model, diffusion=trial.diffusion, training=trial.training,
               eval_seed=trial.evaluation.seed, hooks=hooks, resume_state=resume_state, splits=splits,
               device=device, progress=progress, evaluation=trial.evaluation)
-    except DivergedError as e:
+    except DivergedError as e:  # rank 0's hooks.on_diverged has recorded it (the engine calls it)
         log.error("trial %s diverged: %s", trial.trial_id, e)
-        if rank == 0:
-            hooks.on_diverged(e)

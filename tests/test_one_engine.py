@@ -1,7 +1,7 @@
-"""What train() and train_stacked share, so it exists once (issue 23, item 1): a run's Evaluator is
-built once by the engine (Evaluator.of_run) and handed to its hooks; the epoch-end records and the
-training-noise stream are train()'s code on both paths (their numbers: tests/test_pinned_curve.py,
-tests/test_stacked.py)."""
+"""One engine (issue 23, item 1): train() and train_stacked are one loop, engine.run_group, over a group
+of one or of K; what they share exists once: the run's Evaluator (built once by the engine,
+Evaluator.of_run, handed to its hooks), the training-noise stream, the epoch-end records, divergence.
+Their numbers: tests/test_pinned_curve.py, tests/test_stacked.py."""
 from __future__ import annotations
 
 import pytest
@@ -83,3 +83,56 @@ def test_a_stacked_member_draws_its_noise_as_train_does(mnist_splits, monkeypatc
     stacked_losses = results[1].result.train_losses
     assert [s for s, _ in stacked_losses] == [s for s, _ in alone.train_losses] == [1, 2]
     assert [v for _, v in stacked_losses] == pytest.approx([v for _, v in alone.train_losses], rel=1e-5)
+
+
+def test_a_run_alone_and_a_stacked_group_go_through_the_one_loop(mnist_splits, monkeypatch):
+    """train() is a group of one and train_stacked a group of K in engine.run_group: each call runs the
+    loop once, with a group of that many members (the step is all a path brings)."""
+    import sys
+
+    import diffusion_core.engine as engine
+    import diffusion_core.stacked as stacked
+
+    train_module = sys.modules["diffusion_core.train"]  # (the package's `train` is the function)
+
+    seen = []
+    real = engine.run_group
+
+    def recording(group, **kw):
+        seen.append((type(group).__name__, len(group.runs)))
+        return real(group, **kw)
+    monkeypatch.setattr(train_module, "run_group", recording)
+    monkeypatch.setattr(stacked, "run_group", recording)
+    splits = Splits(mnist_splits.train.subset(torch.arange(32)), mnist_splits.val.subset(torch.arange(8)))
+    tc = [TrainConfig(epochs=100, batch_size=16, max_steps=2, seed=s, eval_start=10 ** 9) for s in (0, 1, 2)]
+    train(model=TINY, training=tc[0], splits=splits, device="cpu")
+    train_stacked([Member(t, TINY, splits=splits, name=f"m{t.seed}") for t in tc], device="cpu")
+    assert seen == [("SingleGroup", 1), ("_Group", 3)]
+
+
+class Diverges:
+    def __init__(self):
+        self.diverged = []
+
+    def on_diverged(self, err):
+        self.diverged.append(str(err))
+
+
+def test_divergence_is_one_mechanism_for_a_run_alone_and_a_member(mnist_splits):
+    """A NaN loss: the engine calls the member's on_diverged once; a run alone then raises the same
+    error, a stacked member leaves FAILED with it while the other member finishes."""
+    from diffusion_core.engine import DivergedError
+
+    splits = Splits(mnist_splits.train.subset(torch.arange(32)), mnist_splits.val.subset(torch.arange(8)))
+    bad, good = (TrainConfig(epochs=100, batch_size=16, max_steps=4, seed=s, lr=lr, eval_start=10 ** 9)
+                 for s, lr in ((0, 1e9), (1, 1e-3)))
+    alone = Diverges()
+    with pytest.raises(DivergedError) as raised:
+        train(model=TINY, training=bad, splits=splits, device="cpu", hooks=alone)
+    assert alone.diverged == [str(raised.value)]
+    member = Diverges()
+    results = train_stacked([Member(bad, TINY, hooks=member, splits=splits, name="bad"),
+                             Member(good, TINY, splits=splits, name="good")], device="cpu")
+    assert [r.status for r in results] == ["FAILED", "FINISHED"]
+    assert member.diverged == [str(raised.value)] and results[0].error == f"DivergedError: {raised.value}"
+    assert results[1].result.step == 4 and results[0].result.step < 4

@@ -8,7 +8,7 @@ from diffusion_core import UNet, UNetConfig, count_parameters
 
 
 def expected_parameters(cfg: UNetConfig) -> int:
-    """Parameter count from the architecture in DESIGN.md, layer by layer (independent of unet.py)."""
+    """Parameter count from the thesis's U-Net (Table 1), layer by layer (independent of unet.py)."""
     conv = lambda i, o, k: i * o * k * k + o          # noqa: E731  conv / transposed conv with bias
     lin = lambda i, o: i * o + o                       # noqa: E731
     gn = lambda c: 2 * c                               # noqa: E731
