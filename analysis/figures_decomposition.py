@@ -70,10 +70,12 @@ def _level_label(x: str, v: float) -> str:
     return f"t = {int(v)}" if x == "t" else f"λ ≈ {v:.1f}"
 
 
-def _group_title(d: pd.DataFrame, gid: str) -> str:
-    """Group, design, K, and what the bands cover: with K = 2 (or J = 2 subsets) no jackknife over
-    models exists and the band is the points' part only: the model-to-model spread is not in it."""
-    return f"{gid}\n{d['design'].iloc[0]}, K={int(d['k_models'].iloc[0])}; {_bands(d)}"
+def _group_title(d: pd.DataFrame, gid: str, step: int | None = None) -> str:
+    """Group, design, K (and the step), and what the bands cover, one per line so neighbouring panels'
+    titles never run into each other: with K = 2 (or J = 2 subsets) no jackknife over models exists
+    and the band is the points' part only: the model-to-model spread is not in it."""
+    at = f", step {step:,}" if step is not None else ""
+    return f"{gid}\n{d['design'].iloc[0]}, K={int(d['k_models'].iloc[0])}{at}\n{_bands(d)}"
 
 
 def _bands(d: pd.DataFrame) -> str:
@@ -99,7 +101,7 @@ def fig_decomposition_stacked(study: Study, max_groups: int = 6):
             ax.fill_between(d[x], d["bias2_plus_noise_lo"], d["bias2_plus_noise_hi"], facecolor="none",
                             edgecolor="k", hatch="////", lw=0, label=f"{BN_LABEL}: 95% interval")
             ax.plot(d[x], d["residual"], "k-", lw=1, label="residual")
-            ax.set_title(_group_title(d, gid) + f", step {int(d['step'].iloc[0])}", fontsize=8)
+            ax.set_title(_group_title(d, gid, int(d['step'].iloc[0])), fontsize=8)
             _band(var, d, x, "variance", color="C2", marker="o", label=VAR_LABEL)
             if d["variance_data"].notna().any():
                 _band(var, d, x, "variance_data", color="C4", marker="s", ls="--", label="data variance")
