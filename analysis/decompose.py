@@ -9,7 +9,7 @@ residual grid (`evaluation.t_grid`, or `t_grid=`):
   images as Residual(t)) with eps drawn from the study's `evaluation.seed`, exactly as the
   Evaluator draws them — so a model's residual here equals its Residual(t) record when
   n_points = evaluation.residual_images. residual = bias2_plus_noise + variance exactly,
-  with the unbiased estimators of diffusion_core.decomposition (variance_data /
+  with the unbiased estimators of diffusion_core.estimators.decomposition (variance_data /
   variance_opt where subsets are crossed with seeds). On MNIST / CIFAR-10 bias^2 and noise
   are not split: the optimal denoiser of the data distribution is unknown. On `molrg`
   studies it is exact (records.ground_truth): the table also has `noise`, `bias2`, `cross`
@@ -47,10 +47,10 @@ from tqdm.auto import tqdm
 
 from diffusion_core.config import DataConfig
 from diffusion_core.data import load_splits
-from diffusion_core.decomposition import (empirical_optimal_eps, ensemble_terms, memorization_terms, summarize,
+from diffusion_core.estimators.decomposition import (empirical_optimal_eps, ensemble_terms, memorization_terms, summarize,
                                           two_level_terms)
 from diffusion_core.residuals import default_t_grid
-from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.diffusion.schedules import NoiseSchedule
 from records.layout import analysis_table, read_study_file, snapshot_files
 from records.parquet import write_atomic_frame
 from records.snapshots import Snapshot, load_snapshot

@@ -3,7 +3,7 @@
 An ensemble is a set of completed trials that differ only in training randomness: the
 training seed and/or the training subset (ENSEMBLE_FIELDS). Every other swept field is
 part of the group key, so an ensemble never pools unlike trials. Within a group the
-design decides the estimator (diffusion_core.decomposition):
+design decides the estimator (diffusion_core.estimators.decomposition):
 
 - one training subset, several seeds        -> "seeds": K iid models, variance over seeds;
 - several subsets, one model on each         -> "subsets": K models that differ in D and seed;

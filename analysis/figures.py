@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 
-from diffusion_core.ema import init_share_crossing
+from diffusion_core.training.ema import init_share_crossing
 
 from . import figures_axes
 from .style import STYLE, epoch_axis, legend_below, subplots
@@ -101,7 +101,7 @@ def _steps_per_epoch(df: pd.DataFrame) -> float | None:
 
 def ema_lag_end(study: Study, trial: str, df: pd.DataFrame) -> float | None:
     """The epoch where the EMA's share of the initial weights reaches 5%: the exact step from the
-    trial's ema_decay and ema_warmup (diffusion_core.ema.init_share_crossing), not a midpoint between
+    trial's ema_decay and ema_warmup (diffusion_core.training.ema.init_share_crossing), not a midpoint between
     evaluations. None when the trial's EMA settings or its steps per epoch are not recorded."""
     decay, warmup = study.param(trial, "training.ema_decay"), study.param(trial, "training.ema_warmup")
     per_epoch = _steps_per_epoch(df) if {"step", "epoch"} <= set(df) else None

@@ -3,7 +3,7 @@
 For every pair of COMPLETED trials that differ only in `data.subset_index` (same N, width,
 seed, ...), at every evaluation step both hold an EMA snapshot of, both models sample
 with DDIM eta = 0 from the study's fixed evaluation noise (the same z as the trials'
-own evaluations) and diffusion_core.generalization measures: same-noise similarity,
+own evaluations) and diffusion_core.estimators.generalization measures: same-noise similarity,
 nearest images in the own and the other subset (Gu et al.'s d1 < d2/3), held-out real
 images scored the same way (baseline), and, for N <= `optimum_max_n`, the distance to
 the exact empirical optimal denoiser per t. Writes, atomically:
@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 from diffusion_core.config import DataConfig, EvalConfig
 from diffusion_core.data import ImageSet, load_splits, subset_indices
 from diffusion_core.evaluation import Evaluator
-from diffusion_core.generalization import (distance_to_memorization, mean_interval, nearest_in_subsets,
+from diffusion_core.estimators.generalization import (distance_to_memorization, mean_interval, nearest_in_subsets,
                                            same_noise_similarity)
-from diffusion_core.samplers import DDIMSampler
-from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.diffusion.samplers import DDIMSampler
+from diffusion_core.diffusion.schedules import NoiseSchedule
 from records.atomic import atomic_write
 from records.layout import (eval_samples_file, generalization_samples_file,
                             generalization_samples_name, generalization_table, memorization_distance_table,

@@ -133,7 +133,7 @@ def at_common_last_step(df: pd.DataFrame, fields: list[str]) -> pd.DataFrame:
 
 @lru_cache(maxsize=None)
 def _log_snr_table(schedule: str, T: int, beta_start: float, beta_end: float) -> np.ndarray:
-    from diffusion_core.schedules import NoiseSchedule
+    from diffusion_core.diffusion.schedules import NoiseSchedule
 
     s = NoiseSchedule.make(schedule, T=int(T), beta_start=float(beta_start), beta_end=float(beta_end))
     with np.errstate(divide="ignore"):

@@ -26,9 +26,9 @@ from itertools import combinations
 import torch
 
 from diffusion_core.config import DataConfig, SPLIT_SIZES
-from diffusion_core.decomposition import empirical_optimal_eps
-from diffusion_core.intervals import bootstrap_se, combined_interval
-from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.estimators.decomposition import empirical_optimal_eps
+from diffusion_core.estimators.intervals import bootstrap_se, combined_interval
+from diffusion_core.diffusion.schedules import NoiseSchedule
 
 REFERENCES = ("memorizing", "gaussian_linear", "optimal")
 LABELS = {"memorizing": "memorizing f*_D (own training set)",

@@ -31,9 +31,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_core.config import SPLIT_SIZES
-from diffusion_core.intervals import bootstrap_se, combined_interval
-from diffusion_core.samplers import DDIMSampler
-from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.estimators.intervals import bootstrap_se, combined_interval
+from diffusion_core.diffusion.samplers import DDIMSampler
+from diffusion_core.diffusion.schedules import NoiseSchedule
 from records.layout import snapshot_files
 from records.snapshots import load_snapshot
 

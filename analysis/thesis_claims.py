@@ -20,7 +20,7 @@ import pandas as pd
 import yaml
 
 from diffusion_core.config import EvalConfig, TrainConfig
-from diffusion_core.ema import init_share_crossing
+from diffusion_core.training.ema import init_share_crossing
 from records.parquet import read_table
 
 BEGIN, END = "<!-- thesis-claims:begin -->", "<!-- thesis-claims:end -->"

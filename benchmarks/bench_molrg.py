@@ -21,9 +21,9 @@ import torch  # noqa: E402
 
 from diffusion_core.config import DataConfig, UNetConfig
 from diffusion_core.data import molrg_of, molrg_splits
-from diffusion_core.decomposition import empirical_optimal_eps  # noqa: E402
-from diffusion_core.schedules import NoiseSchedule  # noqa: E402
-from diffusion_core.unet import UNet
+from diffusion_core.estimators.decomposition import empirical_optimal_eps  # noqa: E402
+from diffusion_core.diffusion.schedules import NoiseSchedule  # noqa: E402
+from diffusion_core.model.unet import UNet
 
 
 def timed(fn, repeats: int) -> float:

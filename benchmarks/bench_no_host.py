@@ -1,6 +1,6 @@
 """Training steps/s of one thesis trial with the host in and out of the loop, and K stacked trials.
 
-Contenders, all `diffusion_core.train` / `train_stacked` on real MNIST at --batch (16: the thesis):
+Contenders, all `diffusion_core.training.train` / `train_stacked` on real MNIST at --batch (16: the thesis):
   eager            the default loop (CPU-drawn noise, a loss fetch at each logged step)
   eager+nosync     device_noise + deferred_sync (no host sync inside a logging interval)
   graph            the above + cuda_graph (forward + backward + capturable fused Adam, one CUDA graph)
@@ -57,7 +57,7 @@ def main() -> None:
     from diffusion_core import TrainConfig, UNetConfig, mnist_splits, train
     from diffusion_core.capabilities import Member
     from diffusion_core.data import Splits
-    from diffusion_core.stacked import train_stacked
+    from diffusion_core.training.stacked import train_stacked
 
     device = torch.device(args.device)
     full = mnist_splits(args.data_root)

@@ -3,7 +3,7 @@
 A small trial (the thesis U-Net at batch 16) leaves a GPU mostly idle; Ray packs several on
 one GPU with a fractional `resources.gpus_per_worker` (e.g. 0.25 for four). This measures
 what that buys, with what a packed trial really runs: k processes, each calling
-`diffusion_core.train` (the thesis configuration unless overridden) on real MNIST on the
+`diffusion_core.training.train` (the thesis configuration unless overridden) on real MNIST on the
 same device, started together behind a barrier. Per process the clock runs from its
 `--warmup`-th step (cuDNN autotuning, allocator, compilation are behind it) to its last;
 aggregate images/s = sum of the timed images / (last finish - first timed start).

@@ -1,6 +1,6 @@
-"""K trials in one process, stacked (diffusion_core.stacked) vs the same K trials one after another.
+"""K trials in one process, stacked (diffusion_core.training.stacked) vs the same K trials one after another.
 
-Each "trial" is what a sweep runs: `diffusion_core.train` (the U-Net at --width, batch --batch,
+Each "trial" is what a sweep runs: `diffusion_core.training.train` (the U-Net at --width, batch --batch,
 dropout 0.1, real MNIST) with seed k. The sequential peer calls `train()` K times; the stacked
 path calls `train_stacked()` once with the K members (backend grouped: grouped convolutions in
 NCHW, no vmap; backend vmap: torch.func.vmap over functional_call). Per run the clock
@@ -86,7 +86,7 @@ def run_sequential(args, splits, device, k: int) -> float:
 
 def run_stacked(args, splits, device, k: int, backend: str, channels_last: bool = False) -> float:
     from diffusion_core.capabilities import Member
-    from diffusion_core.stacked import train_stacked
+    from diffusion_core.training.stacked import train_stacked
 
     clock = Clock(args.warmup, device)
     members = []

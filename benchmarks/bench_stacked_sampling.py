@@ -1,6 +1,6 @@
 """A stacked group's evaluations: K members sampled one after another vs in one batched pass.
 
-What train_stacked does at an evaluation step of K members (diffusion_core/stacked_sampling.py):
+What train_stacked does at an evaluation step of K members (diffusion_core/diffusion/stacked_sampling.py):
 today each member's hooks call `Evaluator.evaluate(ema, raw)`, which samples on its own; batched,
 `sample_members` draws all K members' samples in one pass through the stacked EMA network (each
 sampler step one grouped forward over K x batch images) and each evaluation is handed its own.
@@ -61,8 +61,8 @@ def main() -> None:
     from diffusion_core.config import EvalConfig
     from diffusion_core.data import Splits
     from diffusion_core.evaluation import Evaluator
-    from diffusion_core.stacked_sampling import sample_members, stacked_eps_of_models
-    from diffusion_core.train import build_model
+    from diffusion_core.diffusion.stacked_sampling import sample_members, stacked_eps_of_models
+    from diffusion_core.training.train import build_model
 
     device = torch.device(args.device)
     full = mnist_splits(args.data_root)

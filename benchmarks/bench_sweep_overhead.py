@@ -1,19 +1,19 @@
 """Sweep overhead: seconds from a Ray Tune trial's start to its first training step.
 
 Runs the real sweep (orchestrator.sweep.launch: Tune trial -> MLflow child run -> Ray Train
-TorchTrainer with N DDP workers -> diffusion_core.train) on a study of a few tiny trials and
+TorchTrainer with N DDP workers -> diffusion_core.training.train) on a study of a few tiny trials and
 time-stamps each hop of every trial:
 
     tune_start    Tune starts the trial (a Tune Callback in this process, on_trial_start)
     driver        the trial's driver function runs (orchestrator.ray_runner.run_trial calls drive_trial())
     worker        the rank-0 Ray Train worker process enters train_worker (its rank0.json)
-    train_start   diffusion_core.train() is set up: data loaded, model built, DDP wrapped (hooks.on_start)
+    train_start   diffusion_core.training.train() is set up: data loaded, model built, DDP wrapped (hooks.on_start)
     first_step    the first optimizer step has finished (hooks.on_step at step 1)
 
 The stamps inside Ray processes come from a `worker_process_setup_hook` that wraps the
 orchestrator's hooks in every Ray worker process; nothing in orchestrator/ is changed.
 Reported: per trial the seconds of each hop, and the median time-to-first-step; plus the
-seconds of a plain `diffusion_core.train` first step in this process for scale.
+seconds of a plain `diffusion_core.training.train` first step in this process for scale.
 
     .venv/bin/python benchmarks/bench_sweep_overhead.py --trials 3 --workers 2
 """
@@ -199,7 +199,7 @@ def main() -> None:
     if totals:
         print(f"median seconds from Tune trial start to first training step: {statistics.median(totals):.2f} "
               f"(min {min(totals):.2f}, max {max(totals):.2f})")
-    print(f"for scale: plain diffusion_core.train() in-process, start to first step done: {plain:.2f} s")
+    print(f"for scale: plain diffusion_core.training.train() in-process, start to first step done: {plain:.2f} s")
     if not args.keep:
         import shutil
         shutil.rmtree(out, ignore_errors=True)

@@ -42,7 +42,7 @@ def main() -> int:
     from diffusion_core.capabilities import Member
     from diffusion_core.config import DiffusionConfig
     from diffusion_core.data import Splits
-    from diffusion_core.stacked import train_stacked
+    from diffusion_core.training.stacked import train_stacked
 
     device = torch.device(args.device)
     graph_kw = dict(cuda_graph=True) if device.type == "cuda" else dict(cuda_graph=True, _graph_capture=False)

@@ -6,26 +6,32 @@
 
 The names below are imported on first use (PEP 562), so that `diffusion_core.config` -- the
 configs a study file is checked against -- can be imported without torch.
+
+    config.py, capabilities.py   the configs and what each training path honours (no torch)
+    data.py, molrg.py            MNIST / CIFAR-10 splits and subsets; the mixture of low-rank Gaussians
+    model/                       the U-Net, and K of them stacked into one model
+    diffusion/                   schedules, losses, the learned variance, guidance, the samplers
+    training/                    the one training loop (engine.py): a run alone or K stacked
+    evaluation.py, residuals.py, metrics/   one evaluation: Residual(t), samples, FID / IS / P-R
+    estimators/                  the bias/variance decomposition, memorization, the Gaussian toy
 """
 import importlib
-import sys
-import types
 
 _EXPORTS = {
     "config": ("DATA_ROOT_ENV", "DataConfig", "DiffusionConfig", "EvalConfig", "ScheduleConfig", "TrainConfig",
                "UNetConfig", "resolve_data_root"),
     "data": ("DatasetNotFoundError", "ImageSet", "Splits", "cifar10_splits", "epoch_batches", "from_unit_range",
              "load_cifar10", "load_mnist", "load_splits", "mnist_splits", "subset_indices", "to_unit_range"),
-    "ema": ("EMA",),
-    "engine": ("DivergedError", "EpochLosses", "TrainContext"),
-    "gaussian": ("GaussianToy",),
-    "losses": ("diffusion_loss", "per_example_mse"),
+    "diffusion.losses": ("diffusion_loss", "per_example_mse"),
+    "diffusion.samplers": ("DDIMSampler", "DDPMSampler", "make_sampler"),
+    "diffusion.schedules": ("SCHEDULES", "NoiseSchedule", "make_betas"),
+    "estimators.gaussian": ("GaussianToy",),
+    "model.unet": ("UNet", "count_parameters"),
     "residuals": ("default_t_grid", "residual_curve"),
-    "samplers": ("DDIMSampler", "DDPMSampler", "make_sampler"),
-    "schedules": ("SCHEDULES", "NoiseSchedule", "make_betas"),
-    "train": ("TrainResult", "TrainState", "train"),
-    "unet": ("UNet", "count_parameters"),
-    "validation": ("validation_loss",),
+    "training.ema": ("EMA",),
+    "training.engine": ("DivergedError", "EpochLosses", "TrainContext"),
+    "training.train": ("TrainResult", "TrainState", "train"),
+    "training.validation": ("validation_loss",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
@@ -44,18 +50,3 @@ def __getattr__(name: str):
 def __dir__():
     return sorted(set(globals()) | set(__all__))
 
-
-class _Package(types.ModuleType):
-    """`diffusion_core.train` is the function, as `from diffusion_core import train` promises: importing the
-    submodule diffusion_core.train would otherwise bind the package's `train` to the module."""
-
-    @property
-    def train(self):
-        return importlib.import_module(".train", __name__).train
-
-    @train.setter
-    def train(self, module):  # the import system binding the submodule: the name stays the function
-        pass
-
-
-sys.modules[__name__].__class__ = _Package

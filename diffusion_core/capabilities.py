@@ -30,7 +30,7 @@ from .config import DataConfig, DiffusionConfig, EvalConfig, TrainConfig, UNetCo
 if TYPE_CHECKING:
     import torch
 
-    from .engine import TrainHooks
+    from .training.engine import TrainHooks
 
 ENGINE_PATHS = ("alone", "ddp", "stacked")
 _PHRASE = {"alone": "in a run alone", "ddp": "under DDP (world size > 1)", "stacked": "when stacking"}

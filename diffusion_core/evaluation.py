@@ -27,10 +27,10 @@ import torch.nn as nn
 from . import metrics
 from .config import METRIC_KEYS, REAL_DATA_KEYS, REAL_METRICS, EvalConfig
 from .data import ImageSet, from_unit_range
-from .guidance import GuidedModel, balanced_labels
+from .diffusion.guidance import GuidedModel, balanced_labels
 from .residuals import default_t_grid, residual_curve, variance_interpolation_curve
-from .samplers import make_sampler
-from .schedules import NoiseSchedule
+from .diffusion.samplers import make_sampler
+from .diffusion.schedules import NoiseSchedule
 
 log = logging.getLogger(__name__)
 

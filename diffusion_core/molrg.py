@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .schedules import NoiseSchedule
+from .diffusion.schedules import NoiseSchedule
 
 MOLRG_BASES = ("mnist", "random")
 LOG_2PI = math.log(2.0 * math.pi)

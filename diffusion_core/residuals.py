@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from .losses import per_example_mse
-from .schedules import NoiseSchedule
+from .diffusion.losses import per_example_mse
+from .diffusion.schedules import NoiseSchedule
 
 
 def default_t_grid(T: int, n: int = 40) -> torch.Tensor:
@@ -60,7 +60,7 @@ def variance_interpolation_curve(model, schedule: NoiseSchedule, x0: torch.Tenso
                                  t_grid: torch.Tensor, batch_size: int = 512,
                                  y: torch.Tensor | None = None) -> torch.Tensor:
     """Mean learned interpolation v per t (iDDPM eq. 15: 0 = beta_tilde_t, 1 = beta_t) on the residual batch."""
-    from .variance import interpolation
+    from .diffusion.variance import interpolation
 
     def mean_v(x_t, tt, eb, kw):
         return interpolation(model(x_t, tt, return_variance=True, **kw)[1].double()).flatten(1).mean(1)

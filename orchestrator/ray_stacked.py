@@ -39,8 +39,8 @@ from typing import Callable
 
 import torch
 
-from diffusion_core.stacked import MemberState, train_stacked
-from diffusion_core.engine import TrainContext
+from diffusion_core.training.stacked import MemberState, train_stacked
+from diffusion_core.training.engine import TrainContext
 
 from records.atomic import write_json
 from records.layout import (checkpoint_name, group_manifest_file, group_member_state_file, ray_checkpoint_pointer,

@@ -2,7 +2,7 @@
 
 The members' records are each trial's own, written by the same `LocalTrialHooks` as a trial
 run alone (Parquet parts, MLflow metrics, EMA snapshots, sample grids, summary.json, and the
-resume file trial_files/<id>/resume.pt): diffusion_core.stacked calls each member's hooks with
+resume file trial_files/<id>/resume.pt): diffusion_core.training.stacked calls each member's hooks with
 a context of that member's own model, EMA, schedule, splits and state. A member whose loss
 diverges gets `on_diverged` (its summary.json says FAILED with the DivergedError) and leaves
 the group; the others go on. Each member's wall_seconds is the group's: they trained at once.
@@ -17,7 +17,7 @@ import torch
 
 from diffusion_core.capabilities import Member
 from diffusion_core.data import load_splits
-from diffusion_core.stacked import train_stacked
+from diffusion_core.training.stacked import train_stacked
 
 from .stacking import member
 from .worker import LocalTrialHooks, TrialHooks, TrialTask, restarts_so_far, write_local_worker_file

@@ -1,6 +1,6 @@
 """Which trials of a plan train together as one stacked model (`resources.stack: K`, issue 11).
 
-diffusion_core.stacked.train_stacked trains K members in one process as one model;
+diffusion_core.training.stacked.train_stacked trains K members in one process as one model;
 diffusion_core.capabilities.check_stackable says which members may share it: the same U-Net and batch size, and nothing
 a group cannot honour (diffusion_core.capabilities.SUPPORT's "stacked" refusals, e.g. compile).
 On top of that, the members of one group here share what train_stacked takes once for all of

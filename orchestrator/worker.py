@@ -3,7 +3,7 @@
 What a worker gets is a `TrialTask`: the trial's typed configs (plan.Trial), the writer of
 its records and its MLflow run, built once by the trial's driver (driver.py).
 
-It calls the same `diffusion_core.train` as the single-process path (DDP is already set
+It calls the same `diffusion_core.training.train` as the single-process path (DDP is already set
 up by Ray's TorchTrainer: gloo on CPU, NCCL on GPU) and plugs in `TrialHooks`:
 
 - rank 0 buffers the rows of each evaluation interval (losses, epochs), evaluates with
@@ -44,10 +44,10 @@ import torch
 
 from diffusion_core.data import load_splits
 from diffusion_core.evaluation import Evaluator, grid_image
-from diffusion_core.engine import DivergedError, EpochLosses, TrainContext
-from diffusion_core.train import train
-from diffusion_core.validation import fixed_validation_draws, validation_loss
-from diffusion_core.unet import count_parameters
+from diffusion_core.training.engine import DivergedError, EpochLosses, TrainContext
+from diffusion_core.training.train import train
+from diffusion_core.training.validation import fixed_validation_draws, validation_loss
+from diffusion_core.model.unet import count_parameters
 
 from records.atomic import atomic_write, write_json
 from records.layout import (checkpoint_config_file, checkpoint_name, checkpoint_rng_file, checkpoint_state_file,
@@ -330,7 +330,7 @@ def restarts_so_far(task: TrialTask, resume_state: dict | None) -> int:
 
 def run_trial_loop(task: TrialTask, rank: int, device: torch.device, resume_state: dict | None, step: int,
                    hooks_class: type[TrialHooks], progress: bool = False) -> None:
-    """diffusion_core.train on the trial's configs, with the trial's hooks (Ray worker or --local)."""
+    """diffusion_core.training.train on the trial's configs, with the trial's hooks (Ray worker or --local)."""
     trial = task.trial
     restarts = restarts_so_far(task, resume_state)
     splits = load_splits(trial.data)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from diffusion_core.config import DataConfig, EvalConfig, ScheduleConfig, UNetConfig
-from diffusion_core.unet import UNet
+from diffusion_core.model.unet import UNet
 
 from .atomic import atomic_write
 

@@ -126,7 +126,7 @@ def checkpoint_steps(out: Path, run: str) -> list[int]:
 
 def expected_steps(n_train: int, batch: int, world: int, epochs: int, first: int, every: int,
                    eval_every: int, eval_start: int):
-    """(logged steps, epoch-end steps, evaluation steps) of diffusion_core.train for a config."""
+    """(logged steps, epoch-end steps, evaluation steps) of diffusion_core.training.train for a config."""
     from diffusion_core.data import steps_per_epoch
 
     spe = steps_per_epoch(n_train, batch, world)

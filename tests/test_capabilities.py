@@ -15,14 +15,13 @@ the loss curve (test_fast_path.py, test_no_host_step.py).
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import pytest
 
 from diffusion_core import DataConfig, DiffusionConfig, TrainConfig, UNetConfig, train
 from diffusion_core.capabilities import ENGINE_PATHS, SUPPORT, Member, check_stackable, refusals
 from diffusion_core.config import EvalConfig
-from diffusion_core.train import TrialConfigs
+from diffusion_core.training.train import TrialConfigs
 
 try:
     from .orchestrator_helpers import tiny_study
@@ -75,7 +74,8 @@ def engine_check(path: str, cfg: TrialConfigs, monkeypatch) -> None:
     if path == "stacked":
         check_stackable([Member(cfg.training, cfg.model, cfg.data, cfg.diffusion, name="m")])
         return
-    train_module = sys.modules["diffusion_core.train"]  # (the package's `train` is the function)
+    import diffusion_core.training.train as train_module
+
     monkeypatch.setattr(train_module, "rank_and_world", lambda: (0, 2) if path == "ddp" else (0, 1))
     sentinel = RuntimeError("passed the path check")
 

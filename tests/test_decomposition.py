@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from diffusion_core import GaussianToy, NoiseSchedule
-from diffusion_core.decomposition import (empirical_noise_floor, empirical_optimal_eps, ensemble_terms,
+from diffusion_core.estimators.decomposition import (empirical_noise_floor, empirical_optimal_eps, ensemble_terms,
                                           memorization_terms, summarize, two_level_terms)
-from diffusion_core.intervals import bootstrap_se, jackknife_se
+from diffusion_core.estimators.intervals import bootstrap_se, jackknife_se
 
 
 @pytest.fixture(scope="module")

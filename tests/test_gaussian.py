@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from diffusion_core import (DDIMSampler, DDPMSampler, GaussianToy, NoiseSchedule, default_t_grid, diffusion_loss,
                             residual_curve)
-from diffusion_core.unet import sinusoidal_embedding
+from diffusion_core.model.unet import sinusoidal_embedding
 
 T = 1000
 

@@ -12,12 +12,12 @@ import torch
 
 from diffusion_core.config import DataConfig, ScheduleConfig, UNetConfig
 from diffusion_core.data import load_splits, subset_indices
-from diffusion_core.decomposition import empirical_optimal_eps
-from diffusion_core.generalization import (distance_to_memorization, mean_interval, nearest_in_subsets,
+from diffusion_core.estimators.decomposition import empirical_optimal_eps
+from diffusion_core.estimators.generalization import (distance_to_memorization, mean_interval, nearest_in_subsets,
                                            same_noise_similarity)
-from diffusion_core.samplers import DDIMSampler
-from diffusion_core.schedules import NoiseSchedule
-from diffusion_core.unet import UNet
+from diffusion_core.diffusion.samplers import DDIMSampler
+from diffusion_core.diffusion.schedules import NoiseSchedule
+from diffusion_core.model.unet import UNet
 
 try:
     from .orchestrator_helpers import studyctl, tiny_study, write_study

@@ -25,8 +25,8 @@ from analysis.references import x_t_at
 from analysis.sample_quality import coverage_kl
 from analysis.tables import load_study
 from diffusion_core.config import DataConfig, EvalConfig, ScheduleConfig, UNetConfig
-from diffusion_core.schedules import NoiseSchedule
-from diffusion_core.unet import UNet
+from diffusion_core.diffusion.schedules import NoiseSchedule
+from diffusion_core.model.unet import UNet
 from records.ground_truth import load_molrg, save_molrg
 from records.layout import snapshot_file
 from records.snapshots import save_snapshot

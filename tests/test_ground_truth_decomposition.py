@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusion_core import GaussianToy, NoiseSchedule
-from diffusion_core.decomposition import ensemble_terms, summarize, two_level_terms
+from diffusion_core.estimators.decomposition import ensemble_terms, summarize, two_level_terms
 
 
 @pytest.fixture(scope="module")

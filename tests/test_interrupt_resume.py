@@ -97,8 +97,8 @@ def test_evaluation_leaves_the_global_rng_alone(data_root, mnist_splits):
     the global RNG state, which drives dropout in training, is the same before and after."""
     from diffusion_core.config import EvalConfig, ScheduleConfig, UNetConfig
     from diffusion_core.evaluation import Evaluator
-    from diffusion_core.schedules import NoiseSchedule
-    from diffusion_core.unet import UNet
+    from diffusion_core.diffusion.schedules import NoiseSchedule
+    from diffusion_core.model.unet import UNet
 
     net = UNet(UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1, bottleneck_blocks=1))
     val = mnist_splits.val.subset(torch.arange(64))

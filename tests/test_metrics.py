@@ -22,7 +22,7 @@ from diffusion_core.metrics import (ClassifierWeightsError, InceptionUnavailable
                                     load_classifier, memorization, precision_recall, reference_statistics)
 from diffusion_core.metrics.classifier import train_classifier
 from diffusion_core.metrics.fid import sqrtm_psd
-from diffusion_core.unet import count_parameters
+from diffusion_core.model.unet import count_parameters
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from scipy.stats import multivariate_normal
 
 from diffusion_core.config import DataConfig
 from diffusion_core.data import load_splits, molrg_of
-from diffusion_core.gaussian import GaussianToy
+from diffusion_core.estimators.gaussian import GaussianToy
 from diffusion_core.molrg import MoLRG, random_bases
-from diffusion_core.schedules import NoiseSchedule
+from diffusion_core.diffusion.schedules import NoiseSchedule
 
 SCHED = NoiseSchedule.make("linear", 1000)
 

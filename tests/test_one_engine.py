@@ -12,7 +12,7 @@ from diffusion_core import TrainConfig, UNetConfig, train
 from diffusion_core.capabilities import Member
 from diffusion_core.config import EvalConfig
 from diffusion_core.data import Splits
-from diffusion_core.stacked import train_stacked
+from diffusion_core.training.stacked import train_stacked
 
 TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1)
 EVAL = EvalConfig(n_samples=8, grid_images=4, sampler="ddim", steps=3, metrics=False, residual_images=8, t_grid=3)
@@ -64,8 +64,8 @@ def test_a_stacked_member_draws_its_noise_as_train_does(mnist_splits, monkeypatc
     """Each member's (t, eps) stream is train()'s noise_generator of its own TrainConfig, device_noise
     included (on the CPU both streams are the CPU's, so the wiring is what can be seen here; before
     issue 23 a member drew from a CPU generator whatever device_noise said)."""
-    import diffusion_core.stacked as stacked
-    from diffusion_core.train import noise_generator
+    import diffusion_core.training.stacked as stacked
+    from diffusion_core.training.train import noise_generator
 
     made = []
 
@@ -88,12 +88,9 @@ def test_a_stacked_member_draws_its_noise_as_train_does(mnist_splits, monkeypatc
 def test_a_run_alone_and_a_stacked_group_go_through_the_one_loop(mnist_splits, monkeypatch):
     """train() is a group of one and train_stacked a group of K in engine.run_group: each call runs the
     loop once, with a group of that many members (the step is all a path brings)."""
-    import sys
-
-    import diffusion_core.engine as engine
-    import diffusion_core.stacked as stacked
-
-    train_module = sys.modules["diffusion_core.train"]  # (the package's `train` is the function)
+    import diffusion_core.training.engine as engine
+    import diffusion_core.training.stacked as stacked
+    import diffusion_core.training.train as train_module
 
     seen = []
     real = engine.run_group
@@ -121,7 +118,7 @@ class Diverges:
 def test_divergence_is_one_mechanism_for_a_run_alone_and_a_member(mnist_splits):
     """A NaN loss: the engine calls the member's on_diverged once; a run alone then raises the same
     error, a stacked member leaves FAILED with it while the other member finishes."""
-    from diffusion_core.engine import DivergedError
+    from diffusion_core.training.engine import DivergedError
 
     splits = Splits(mnist_splits.train.subset(torch.arange(32)), mnist_splits.val.subset(torch.arange(8)))
     bad, good = (TrainConfig(epochs=100, batch_size=16, max_steps=4, seed=s, lr=lr, eval_start=10 ** 9)

@@ -14,8 +14,8 @@ import torch
 from diffusion_core.config import METRIC_KEYS, REAL_DATA_KEYS, EvalConfig, UNetConfig
 from diffusion_core.data import ImageSet
 from diffusion_core.evaluation import Evaluator, grid_image
-from diffusion_core.schedules import NoiseSchedule
-from diffusion_core.unet import UNet
+from diffusion_core.diffusion.schedules import NoiseSchedule
+from diffusion_core.model.unet import UNet
 from records.parquet import RecordWriter, param_types, read_table
 
 

@@ -28,7 +28,7 @@ from diffusion_core import (DDIMSampler, DiffusionConfig, TrainConfig, UNetConfi
                             subset_indices, train)
 from diffusion_core.capabilities import Member
 from diffusion_core.data import Splits
-from diffusion_core.stacked import train_stacked
+from diffusion_core.training.stacked import train_stacked
 
 TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1, dropout=0.1)
 STEPS = 24                    # 256 images / batch 16: epochs end at steps 16 and 24 (the last, partial)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffusion_core.config import DataConfig, EvalConfig, ScheduleConfig, UNetConfig
-from diffusion_core.unet import UNet
+from diffusion_core.model.unet import UNet
 from records.atomic import atomic_write
 from records.parquet import latest_per_trial
 from records.snapshots import load_snapshot, save_snapshot

@@ -19,7 +19,7 @@ from diffusion_core import DataConfig, TrainConfig, UNetConfig, subset_indices, 
 from diffusion_core.capabilities import Member
 from diffusion_core.config import DiffusionConfig
 from diffusion_core.data import Splits
-from diffusion_core.stacked import train_stacked
+from diffusion_core.training.stacked import train_stacked
 
 TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1, dropout=0.1)
 STEPS, RTOL = 12, 1e-5

@@ -1,7 +1,7 @@
 """train_stacked(cuda_graph=True) on the CPU: its captured step's graph form, run eagerly, gives
 the ordinary stacked step's per-member losses (issue 11).
 
-The graph form (diffusion_core/graph_step.py, capture=False) is what a GPU captures: static
+The graph form (diffusion_core/training/graph_step.py, capture=False) is what a GPU captures: static
 input buffers, capturable Adam (bias corrections on the device), one static loss output that each
 step overwrites. Three members that differ in seed, schedule, learning rate and gradient
 clipping, dropout 0.1 (the masks come from the same per-member generators), 6 steps with deferred
@@ -22,7 +22,7 @@ from diffusion_core import TrainConfig, UNetConfig
 from diffusion_core.capabilities import Member
 from diffusion_core.config import DiffusionConfig
 from diffusion_core.data import Splits
-from diffusion_core.stacked import train_stacked
+from diffusion_core.training.stacked import train_stacked
 
 TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1, dropout=0.1)
 STEPS, RTOL = 6, 1e-5
@@ -105,7 +105,7 @@ def test_a_study_opts_in_with_training_cuda_graph(tmp_path, data_root):
 def test_capturable_flat_adam_counts_its_steps_on_the_device():
     """A captured step's Python runs once, at capture, so the capturable FlatAdam's step count is its
     device counter (what replays advance), read back for checkpoints; it must equal the host count."""
-    from diffusion_core.stacked_optim import FlatAdam
+    from diffusion_core.training.stacked_optim import FlatAdam
 
     grads = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(0))
     host = FlatAdam(torch.zeros(2, 5), [1e-3, 3e-3], (0.9, 0.999), 1e-8)

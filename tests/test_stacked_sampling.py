@@ -16,14 +16,14 @@ import pytest
 import torch
 
 import diffusion_core.evaluation as evaluation
-import diffusion_core.stacked_sampling as stacked_sampling
+import diffusion_core.diffusion.stacked_sampling as stacked_sampling
 from diffusion_core import NoiseSchedule, TrainConfig, UNetConfig
 from diffusion_core.capabilities import Member
 from diffusion_core.config import DiffusionConfig, EvalConfig
 from diffusion_core.data import Splits, from_unit_range
 from diffusion_core.evaluation import DrawnSamples, Evaluator
-from diffusion_core.stacked import train_stacked
-from diffusion_core.stacked_sampling import sample_members, sample_stacked, sampling_key, stacked_eps_of_models
+from diffusion_core.training.stacked import train_stacked
+from diffusion_core.diffusion.stacked_sampling import sample_members, sample_stacked, sampling_key, stacked_eps_of_models
 
 TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1, dropout=0.0)
 DIFFUSION = DiffusionConfig(T=40)

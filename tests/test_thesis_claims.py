@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from analysis.thesis_claims import claims, readme_block, thesis_claims_markdown
-from diffusion_core.ema import init_share_crossing
+from diffusion_core.training.ema import init_share_crossing
 
 ROOT = Path(__file__).resolve().parents[1]
 THESIS = ROOT / "results" / "thesis"

@@ -10,8 +10,8 @@ import torch.nn as nn
 from diffusion_core import (EMA, DivergedError, NoiseSchedule, TrainConfig, UNetConfig, subset_indices, train,
                             validation_loss)
 from diffusion_core.data import Splits
-from diffusion_core.train import build_model
-from diffusion_core.validation import fixed_validation_draws
+from diffusion_core.training.train import build_model
+from diffusion_core.training.validation import fixed_validation_draws
 
 TINY = UNetConfig(base_width=8, channel_mult=(1, 2), blocks_per_level=1)   # 24,089 parameters
 STEPS, MID = 90, 45  # 1,000 images / batch 32 = 31 steps per epoch: 3 epochs (ends at 31, 62, 90)
@@ -182,7 +182,7 @@ def test_ema_state_roundtrip():
 
 def test_ema_warmup_decays_and_initial_share_are_pinned():
     """Warm-up: lambda_k = min(lambda, (1 + k) / (10 + k)); the initial weights' share is their product."""
-    from diffusion_core.ema import warmup_decay
+    from diffusion_core.training.ema import warmup_decay
 
     assert [warmup_decay(0.9999, k) for k in range(4)] == [0.1, 2 / 11, 3 / 12, 4 / 13]
     assert [warmup_decay(0.2, k) for k in range(4)] == [0.1, 2 / 11, 0.2, 0.2]   # capped at lambda
@@ -249,7 +249,7 @@ def test_ema_state_keeps_warmup_count_and_share():
 def test_epoch_losses_are_the_eval_mode_losses_of_the_recorded_weights(run_a, make_splits):
     """val_raw / train_eval are the raw weights' losses in eval mode on fixed draws of the evaluation seed;
     ema_init_share = lambda^step (no warm-up)."""
-    from diffusion_core.validation import fixed_train_draws
+    from diffusion_core.training.validation import fixed_train_draws
 
     result, _ = run_a
     last = result.epoch_losses[-1]

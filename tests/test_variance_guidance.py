@@ -13,12 +13,12 @@ import torch
 from scipy.stats import norm
 
 from diffusion_core.config import UNetConfig
-from diffusion_core.guidance import GuidedModel, balanced_labels
-from diffusion_core.losses import diffusion_loss, per_example_mse
-from diffusion_core.samplers import DDPMSampler
-from diffusion_core.schedules import NoiseSchedule
-from diffusion_core.unet import UNet
-from diffusion_core.variance import (HYBRID_LAMBDA, discretized_gaussian_log_likelihood, interpolation,
+from diffusion_core.diffusion.guidance import GuidedModel, balanced_labels
+from diffusion_core.diffusion.losses import diffusion_loss, per_example_mse
+from diffusion_core.diffusion.samplers import DDPMSampler
+from diffusion_core.diffusion.schedules import NoiseSchedule
+from diffusion_core.model.unet import UNet
+from diffusion_core.diffusion.variance import (HYBRID_LAMBDA, discretized_gaussian_log_likelihood, interpolation,
                                      learned_log_variance, normal_kl, vlb_terms)
 
 TINY = dict(base_width=8, channel_mult=(1, 2), blocks_per_level=1, bottleneck_blocks=1, dropout=0.0)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..atomic import write_bytes
 from ..data import ImageSet, mnist_splits, to_unit_range
-from ..unet import count_parameters
+from ..model.unet import count_parameters
 
 WEIGHTS_PATH = Path(__file__).with_name("mnist_classifier.pt")
 PROVENANCE_PATH = Path(__file__).with_name("mnist_classifier.json")

@@ -24,8 +24,8 @@ from typing import Any, Callable, Protocol
 import torch
 import torch.nn as nn
 
-from .config import TrainConfig
-from .schedules import NoiseSchedule
+from ..config import TrainConfig
+from ..diffusion.schedules import NoiseSchedule
 
 
 def validates_at(training: TrainConfig, step: int, epoch_steps: int, total_steps: int) -> bool:

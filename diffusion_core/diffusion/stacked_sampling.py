@@ -32,11 +32,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .config import EvalConfig
-from .data import from_unit_range
-from .evaluation import DrawnSamples, Evaluator, _num_classes
+from ..config import EvalConfig
+from ..data import from_unit_range
+from ..evaluation import DrawnSamples, Evaluator, _num_classes
 from .samplers import DDIMSampler, DDPMSampler
-from .stacked_model import StackedUNet
+from ..model.stacked_model import StackedUNet
 
 # eps of the stacked EMA network: x_t (K, B, C, H, W), t (K, B) -> (K, B, C, H, W), member k in row k.
 StackedEps = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import UNetConfig
+from ..config import UNetConfig
 
 
 

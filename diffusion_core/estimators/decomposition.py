@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from .intervals import bootstrap_se, combined_interval, jackknife_se
-from .schedules import NoiseSchedule
+from ..diffusion.schedules import NoiseSchedule
 
 
 @dataclass

@@ -22,16 +22,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .capabilities import check_path
-from .config import GRAPHING_COMPILE_MODES, DataConfig, DiffusionConfig, TrainConfig, UNetConfig
-from .data import epoch_batches, load_splits, steps_per_epoch
+from ..capabilities import check_path
+from ..config import GRAPHING_COMPILE_MODES, DataConfig, DiffusionConfig, TrainConfig, UNetConfig
+from ..data import epoch_batches, load_splits, steps_per_epoch
 from .distributed import all_mean, pick_device, rank_and_world
 from .ema import EMA
 from .engine import EpochLosses, Run, TrainContext, TrainHooks, run_group
 from .graph_step import GraphedStep
-from .losses import diffusion_loss
-from .schedules import NoiseSchedule
-from .unet import UNet, count_parameters
+from ..diffusion.losses import diffusion_loss
+from ..diffusion.schedules import NoiseSchedule
+from ..model.unet import UNet, count_parameters
 from .validation import EpochEvalDraws
 
 
@@ -100,7 +100,7 @@ def run_evaluator(evaluation, schedule: NoiseSchedule, splits, data: DataConfig,
     train() and every train_stacked member."""
     if evaluation is None:
         return None
-    from .evaluation import Evaluator  # evaluation.py imports this module
+    from ..evaluation import Evaluator  # evaluation.py imports this module
 
     return Evaluator.of_run(evaluation, schedule, splits, data, diffusion.reverse_variance, device)
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .config import SAMPLERS
+from ..config import SAMPLERS
 from .schedules import NoiseSchedule
 from .variance import interpolation, learned_log_variance
 

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .data import ImageSet
-from .losses import per_example_mse
-from .schedules import NoiseSchedule
+from ..data import ImageSet
+from ..diffusion.losses import per_example_mse
+from ..diffusion.schedules import NoiseSchedule
 
 
 @torch.no_grad()

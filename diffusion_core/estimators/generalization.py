@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from .decomposition import empirical_optimal_eps
-from .metrics.memorization import as_unit_images, memorization
-from .schedules import NoiseSchedule
+from ..metrics.memorization import as_unit_images, memorization
+from ..diffusion.schedules import NoiseSchedule
 
 MEMORIZATION_RATIO = 3.0   # Gu et al. (2023): memorized when d1 < d2 / 3
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .config import SCHEDULES, ScheduleConfig
+from ..config import SCHEDULES, ScheduleConfig
 
 def _check_T(T: int) -> None:
     if not isinstance(T, int) or isinstance(T, bool) or T < 2:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .molrg import MoLRG
-from .schedules import NoiseSchedule
+from ..molrg import MoLRG
+from ..diffusion.schedules import NoiseSchedule
 
 
 class GaussianToy(MoLRG):

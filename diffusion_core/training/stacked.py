@@ -35,19 +35,19 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .capabilities import Member, check_graphable, check_stackable
-from .config import LOSSES
-from .data import epoch_batches, load_splits, steps_per_epoch
+from ..capabilities import Member, check_graphable, check_stackable
+from ..config import LOSSES
+from ..data import epoch_batches, load_splits, steps_per_epoch
 from .distributed import pick_device
 from .graph_step import GraphedStep
-from .schedules import NoiseSchedule
-from .stacked_model import StackedUNet
+from ..diffusion.schedules import NoiseSchedule
+from ..model.stacked_model import StackedUNet
 from .stacked_optim import FlatAdam, FlatEMA
-from .stacked_sampling import StackedEps, sample_members
+from ..diffusion.stacked_sampling import StackedEps, sample_members
 from .stacked_state import MemberState, load_member_state
 from .engine import Run, TrainContext, run_group
 from .train import TrainResult, _host_to_device, build_model, draw_noise, noise_generator, run_evaluator
-from .unet import UNet, count_parameters
+from ..model.unet import UNet, count_parameters
 from .validation import EpochEvalDraws
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .stacked_model import StackedUNet
+from ..model.stacked_model import StackedUNet
 
 if TYPE_CHECKING:  # the group and its members' live state (stacked.py, which imports this module)
     from .stacked import _Group, _Run

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .config import LOSSES
+from ..config import LOSSES
 from .schedules import NoiseSchedule
 from .variance import HYBRID_LAMBDA, interpolation, vlb_terms
 

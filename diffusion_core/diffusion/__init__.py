@@ -1,0 +1,1 @@
+"""The diffusion maths: noise schedules, losses, the learned reverse variance, guidance and the samplers."""

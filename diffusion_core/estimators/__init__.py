@@ -1,0 +1,1 @@
+"""The estimators: the bias/variance decomposition and its intervals, memorization -> generalization, the Gaussian toy."""

@@ -1,0 +1,1 @@
+"""The U-Net noise predictor, and K of them stacked into one model (grouped convolutions or vmap)."""
