@@ -143,6 +143,7 @@ class Group(Protocol):
     runs: list[Run]                  # the members still training, in row order
     step: int                        # optimizer steps taken (every member is at it)
     device: torch.device
+    graphed: Any                     # its CUDA-graph step (whose output the next replay overwrites), or None
 
     def train_step(self) -> torch.Tensor: ...  # one step of every member: (K,) losses on the device; adds
     #   them to the epoch sums. With a CUDA graph a static output the next step overwrites.
@@ -208,7 +209,7 @@ def run_group(group: Group, *, deferred_sync: bool = False, bar=None,
         loss = group.train_step()
         step = group.step
         if any(r.logs_at(step) for r in group.runs):  # a graph's output is overwritten by the next replay
-            pending.append((step, loss.detach().clone() if getattr(group, "graphed", None) else loss.detach()))
+            pending.append((step, loss.detach().clone() if group.graphed is not None else loss.detach()))
         ends = [r for r in group.runs if step % r.epoch_steps == 0 or step == r.total]
         evals = [r for r in group.runs if r.should_eval(step)]
         if not deferred_sync or ends or evals or step % log_every == 0:
