@@ -19,7 +19,10 @@ from diffusion_core.config import DATA_ROOT_ENV, resolve_data_root
 
 os.environ[DATA_ROOT_ENV] = str(resolve_data_root().resolve())
 
-torch.set_num_threads(2)
+# Under pytest-xdist the workers share the cores: one torch thread each with two workers on 2 cores
+# (measured: the whole suite 654 s so, 690 s with two threads each).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
@@ -77,12 +80,58 @@ def ray_cluster():
         cluster.shutdown()
 
 
-def pytest_collection_modifyitems(config, items):
-    """The modules with a test on the Ray cluster run last, together: the cluster then starts
-    once for them and is not left idle on the shared CPU while the other tests run. Whole modules
-    move, in their order, so no module-scoped fixture is set up twice."""
-    def module(item):
-        return getattr(item, "module", None)
+# The session fixtures that cost minutes and that several test modules share. Under pytest-xdist
+# (`-n 2`, pyproject's addopts) every module that uses one runs on the same worker, so each is built
+# once per test run; modules that use none are spread file by file.
+SHARED_FIXTURES = ("ray_cluster", "e2e_run", "e2e_study")
+_SHARED_SCOPE = {"ray_cluster": "ray_cluster", "e2e_run": "e2e_run", "e2e_study": "e2e_run"}
+# Longest first, so the long ones start at once, on different workers, and the short modules fill
+# in at the end (measured alone: the cluster's Ray tests ~250 s, the shared study and its analysis
+# ~160 s, the slow worker-group start ~105 s of waiting, then modules of 20-65 s).
+_FIRST = ("ray_cluster", "e2e_run", "tests/test_worker_group_start.py", "tests/test_orchestrator_local.py",
+          "tests/test_generalization.py", "tests/test_variance_guidance.py", "tests/test_stacked_local.py",
+          "tests/test_interrupt_resume.py", "tests/test_fast_path.py", "tests/test_metrics.py",
+          "tests/test_ground_truth_analysis.py")
 
-    ray_modules = {module(item) for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
-    items.sort(key=lambda item: module(item) in ray_modules)  # stable: each part keeps its order
+
+def _shared_scope(path: Path) -> str | None:
+    """The shared session fixture a test module uses, read off its source (a module's tests may reach
+    it through a module fixture, so the test's own fixture names are not enough)."""
+    text = path.read_text() if path.suffix == ".py" and path.exists() else ""
+    return next((_SHARED_SCOPE[name] for name in SHARED_FIXTURES if name in text), None)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scope scheduling with one scope per shared session fixture (see SHARED_FIXTURES),
+    else per module, in collection order (pytest_collection_modifyitems puts the long ones first).
+    xdist's own `--dist loadgroup` marks do not group tests under pytest 9.2."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = config.rootpath
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return _shared_scope(root / module) or module
+
+    config.option.loadscopereorder = False  # keep the collection order: longest first
+    return SharedFixtureScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules that share a costly session fixture run together, the longest first (see _FIRST):
+    the fixture is then built once per worker that needs it, and the long items start at once.
+    Whole modules move, in their order, so no module-scoped fixture is set up twice."""
+    root = config.rootpath
+    scope_of: dict[Path, str] = {}
+
+    def rank(item) -> int:
+        path = Path(str(item.path))
+        if path not in scope_of:
+            rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+            scope_of[path] = _shared_scope(path) or rel
+        scope = scope_of[path]
+        return _FIRST.index(scope) if scope in _FIRST else len(_FIRST)
+
+    items.sort(key=rank)  # stable: each part keeps its order

@@ -12,6 +12,7 @@ cluster, ASHA, a stacked group) is in the Ray tests, on the session's one Ray cl
    is far from its end), SIGKILL the launcher's whole process group.
 3. `studyctl resume DIR --local` finishes the study: A is not rerun, B continues from its resume
    state in the same MLflow child run, the diverged trial ends FAILED and resume exits 1 naming it.
+   Its analysis (the study file's: decompose on 32 points, then the figures) runs as a launch's does.
 
 The records must then be exactly those of an undisturbed run (tests/test_orchestrator_e2e.py,
 tests/test_orchestrator_faults.py).
@@ -32,7 +33,10 @@ def study(data_root) -> dict:
     return tiny_study(data_root, name="e2e",
                       sweep={"grid": {"model.base_width": [8, 12], "training.seed": [0, 1]},
                              "arms": [{"training.lr": [NAN_LR]}]},
-                      resources={"workers_per_trial": WORLD, "cpus_per_worker": 1})
+                      resources={"workers_per_trial": WORLD, "cpus_per_worker": 1},
+                      # the launch's own analysis decomposes (then draws every figure once, the
+                      # decomposition's included): tests/test_analysis.py reads both
+                      analysis={"decompose": True, "decompose_points": 32})
 
 
 def record_parts(out: Path, tid: str) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 Every named figure is written; the plotted values — read back from the matplotlib artists —
 equal the Parquet values; the failed trial is named; `decompose` writes the table whose
-identity holds exactly, on the study's own evaluation points.
+identity holds exactly, on the study's own evaluation points (the study's own analysis decomposes).
 
 The figures checked are those the study's own launch drew at its end (its `resume`, which ends
 as `launch` does): the same `_write_figures(DIR, mlflow=True)` that `studyctl figures DIR` runs,
@@ -21,11 +21,6 @@ from analysis import figures as F
 from analysis import figures_study as S
 from analysis.tables import load_study
 from diffusion_core.evaluation import grid_image
-
-try:
-    from .orchestrator_helpers import studyctl
-except ImportError:
-    from orchestrator_helpers import studyctl
 
 pytestmark = pytest.mark.slow
 
@@ -153,13 +148,15 @@ def test_capacity_overlay_is_the_mean_over_seeds(study):
 
 
 @pytest.fixture(scope="module")
-def decompose_run(study_dir, study):
-    return studyctl("decompose", study_dir, "--points", "32", timeout=400)
+def decompose_run(e2e_study):
+    """The resume that finished the study: its analysis decomposed (analysis.decompose, 32 points), then
+    drew the figures. (`studyctl decompose`'s own options: tests/test_cli.py.)"""
+    return e2e_study[2]
 
 
 def test_decompose_writes_an_exact_table(study_dir, study, decompose_run):
     r = decompose_run
-    assert r.returncode == 0, r.stdout[-3000:]
+    assert "analysis 1/2: decompose: done" in r.stdout and "decomposition: 2 group(s)" in r.stdout, r.stdout[-3000:]
     dec = pd.read_parquet(study_dir / "decomposition")
     for col in ("group_id", "model.base_width", "t", "log_snr", "step", "weights", "residual", "bias2_plus_noise",
                 "variance", "variance_data", "variance_opt", "residual_lo", "residual_hi", "bias2_plus_noise_lo",

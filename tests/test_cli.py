@@ -302,6 +302,42 @@ def test_launch_analysis_says_what_runs_skips_what_is_done_and_stops_on_ctrl_c(t
     assert "wall time" in r.output and calls == ["decompose", "figures"] * 2
 
 
+def test_decompose_command_passes_its_options_and_redraws_the_figures(tmp_path, monkeypatch):
+    """`studyctl decompose DIR` hands --points, --t-grid, --eval-seed and --steps to
+    analysis.decompose.decompose, then redraws the figures; a bad --t-grid is refused naming the
+    option. (The decomposition itself runs on the shared study's records: tests/test_analysis.py.)"""
+    import types
+
+    import pandas as pd
+
+    import analysis.decompose
+    import analysis.report
+
+    seen, calls = {}, []
+
+    def decompose(directory, **kw):
+        seen.update(kw, directory=directory)
+        calls.append("decompose")
+        return pd.DataFrame({"group_id": ["g", "g", "h"]})
+
+    def make_figures(d):
+        calls.append("figures")
+        return types.SimpleNamespace(written=[]), tmp_path / "index.html", []
+
+    monkeypatch.setattr(analysis.decompose, "decompose", decompose)
+    monkeypatch.setattr(analysis.report, "make_figures", make_figures)
+    r = runner.invoke(app, ["decompose", str(tmp_path), "--points", "32", "--t-grid", "1,10,100", "--eval-seed", "5",
+                            "--steps", "final", "--no-references"])
+    assert r.exit_code == 0, r.output
+    assert calls == ["decompose", "figures"] and "decomposition: 2 group(s), 3 rows" in r.output
+    assert (seen["n_points"], seen["t_grid"], seen["eval_seed"], seen["steps"], seen["references"]) == \
+        (32, [1, 10, 100], 5, "final", False)
+    r = runner.invoke(app, ["decompose", str(tmp_path), "--t-grid", "8"])
+    assert r.exit_code == 0 and seen["t_grid"] == 8 and seen["n_points"] == 256, r.output
+    r = runner.invoke(app, ["decompose", str(tmp_path), "--t-grid", "ten"])
+    assert r.exit_code == 2 and "option '--t-grid': bad value 'ten'" in r.output and calls.count("decompose") == 2
+
+
 @pytest.mark.parametrize("study", ["quickstart", "ground_truth_quick"])
 def test_validate_imports_no_torch_ray_or_mlflow(study, data_root):
     """Checking a study file is a question about values: `validate` (here a stacked molrg study too) must

@@ -108,7 +108,8 @@ def test_stacked_members_equal_separate_runs_and_resume_in_train(members_and_run
     # ... and so does a stacked group: its EMA warm-up continues at update 5, its initial-weight share too.
     (again,) = train_stacked([Member(specs[0]["training"], TINY, splits=specs[0]["splits"], resume_state=ckpt.state)],
                              device="cpu")
-    assert again.status == "FINISHED" and losses(again.result).tolist() == losses(resumed).tolist()
+    rel_again = (losses(again.result) - losses(resumed)).abs() / losses(resumed)
+    assert again.status == "FINISHED" and rel_again.max() < RTOL  # not bit-equal: seen 1 ulp apart in a full run
     assert_same_run_epochs(again.result, separate[0])
 
 
