@@ -31,8 +31,11 @@ CAPTIONS = {
                              "more than 5% of the initial weights, where its loss measures that lag, not "
                              "generalization.",
     "fig26b_first_1000_iterations": "Training loss of every iteration of the first 1,000, log-log: how fast the "
-                                    "noise predictor leaves the trivial solution; with the validation loss where the "
-                                    "run recorded one in that range (the thesis's second curve).",
+                                    "noise predictor leaves the trivial solution. The thesis's second curve, where "
+                                    "the run recorded it (training.val_loss_first): at each iteration the loss of one "
+                                    "validation minibatch of the same size, fresh t and noise, the same weights "
+                                    "(raw, before the update; eval mode, so without dropout). Else the per-epoch "
+                                    "validation loss where one falls in the range.",
     "fig27_residual_vs_t": "Residual(t) = E||eps - eps_theta(x_t, t)||^2 / d on a fixed validation batch, per "
                            "evaluation (colour: its epoch, EMA weights): where along the diffusion the prediction "
                            "error sits.",
@@ -181,17 +184,21 @@ def fig26b_first_1000_iterations(study: Study, trial: str):
     if df.empty:
         return None
     fig, ax = subplots(figsize=(5.6, 3.6))
-    ax.loglog(df["step"], df["loss"], "-", lw=0.8, label="training loss per iteration")
+    ax.loglog(df["step"], df["loss"], "-", lw=0.8, label="training loss per iteration (dropout on)")
     top = int(df["step"].max())
+    per_step = df[df["val_batch_loss"].notna()] if "val_batch_loss" in df else df.iloc[:0]
     val = study.trial_rows(study.epochs, trial)
     val = val[(val["step"] <= top) & val["val_loss"].notna()] if len(val) else val
-    if len(val):
+    if len(per_step):
+        ax.loglog(per_step["step"], per_step["val_batch_loss"], "-", lw=0.8, alpha=0.8,
+                  label="validation loss per iteration (one minibatch, raw weights, eval mode)")
+    elif len(val):
         ax.loglog(val["step"], val["val_loss"], "s--", label="validation loss (EMA weights, fixed draws)")
     else:
         # The thesis draws a per-iteration validation curve here; a run records validation per epoch
         # (training.val_every), so say where it is instead of leaving it out silently.
         ax.plot([], [], " ", label="validation: not recorded before step "
-                                   f"{top:,} (per epoch only: Fig. 26a)")
+                                   f"{top:,} (training.val_loss_first: 0; per epoch: Fig. 26a)")
     ax.set_xlabel("iteration (optimizer step)")
     ax.set_ylabel(_loss_label(study, trial), fontsize=8)
     # The thesis's figure shows 1,000 iterations; a shorter run shows what it has.

@@ -86,6 +86,11 @@ SUPPORT: dict[str, dict[str, dict[str, Refusal]]] = {
         "cuda_graph": {"ddp": Refusal(_true("training", "cuda_graph"), "False",
                                       "one CUDA graph replays one process's step; DDP all-reduces inside it")},
         "label_dropout": {},         # read only by class-conditional models (refused where they are; noted unused)
+        "val_loss_first": {path: Refusal(lambda c: c.training.val_loss_first > 0 and c.diffusion.loss != "simple",
+                                         "0, or diffusion.loss 'simple'",
+                                         "the validation minibatch loss is L_simple: beside an ELBO or hybrid "
+                                         "training loss it would compare two objectives")
+                           for path in ENGINE_PATHS},
     },
     # The evaluation runs in the trial's hooks, the same Evaluator on every path.
     "evaluation": {

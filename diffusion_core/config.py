@@ -218,6 +218,11 @@ class TrainConfig:
     grad_clip: float | None = None   # None = no clipping (thesis)
     log_every_first: int = 1000      # log every step's loss for the first N steps (Fig. 26b) ...
     log_every: int = 100             # ... then every N steps
+    # Fig. 26b's second curve: at each logged step among the first N, the loss of one validation
+    # minibatch (batch_size images in the split's fixed order, fresh t and eps of the evaluation
+    # seed, raw weights before the step's update, eval mode) beside that step's training loss.
+    # One extra forward per such step; no training RNG is consumed. 0: not recorded.
+    val_loss_first: int = 0
     eval_every: int = 2000           # call hooks.on_eval every N steps ...
     eval_start: int = 8000           # ... from this step on (and always at the last step)
     # The epoch-end evaluation-mode losses (EpochLosses): validation loss of the EMA and raw weights
@@ -247,6 +252,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name}={v!r} must be an integer >= 1")
+        if not isinstance(self.val_loss_first, int) or self.val_loss_first < 0:
+            raise ValueError(f"TrainConfig.val_loss_first={self.val_loss_first!r} must be an integer >= 0")
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ValueError(f"TrainConfig.lr={self.lr!r} must be a positive number")
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))

@@ -89,7 +89,7 @@ BOUNDS: dict[type, dict[str, Any]] = {
     TrainConfig: {"epochs": PositiveInt, "batch_size": PositiveInt, "lr": PositiveFloat,
                   "adam_betas": tuple[UnitInterval, UnitInterval], "adam_eps": PositiveFloat,
                   "ema_decay": UnitInterval, "max_steps": PositiveInt, "grad_clip": PositiveFloat,
-                  "log_every_first": NonNegativeInt, "log_every": PositiveInt, "eval_every": PositiveInt,
+                  "log_every_first": NonNegativeInt, "log_every": PositiveInt, "val_loss_first": NonNegativeInt, "eval_every": PositiveInt,
                   "eval_start": NonNegativeInt, "val_every": PositiveInt, "train_eval_images": PositiveInt,
                   "label_dropout": UnitInterval},
     EvalConfig: {"n_samples": PositiveInt, "grid_images": PositiveInt, "steps": PositiveInt, "eta": NonNegativeFloat,

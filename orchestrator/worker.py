@@ -143,9 +143,12 @@ class TrialHooks:
         tracking.set_tags(self.uri, self.run_id, {"parameters": self.parameters,
                                                   "total_steps": ctx.total_steps})
 
-    def on_step(self, ctx: TrainContext, loss: float) -> None:
-        self.rows["train_steps"].append({"step": ctx.step, "epoch": ctx.epoch, "loss": loss})
+    def on_step(self, ctx: TrainContext, loss: float, val_loss: float | None = None) -> None:
+        self.rows["train_steps"].append({"step": ctx.step, "epoch": ctx.epoch, "loss": loss,
+                                         "val_batch_loss": val_loss})
         self.metrics.append(("loss", loss, ctx.step))
+        if val_loss is not None:  # training.val_loss_first (Fig. 26b)
+            self.metrics.append(("val_batch_loss", val_loss, ctx.step))
         self.last_report["loss"] = loss
 
     def on_epoch(self, ctx: TrainContext, losses: EpochLosses) -> None:

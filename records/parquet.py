@@ -40,7 +40,9 @@ _BASE = {
                # eval_seconds) and the rest (training steps, start-up, checkpoints): time_split()
                ("eval_seconds", pa.float64()), ("train_seconds", pa.float64())],
     "train_steps": [("study", pa.string()), ("trial_id", pa.string()), ("step", pa.int64()),
-                    ("epoch", pa.float64()), ("loss", pa.float64())],
+                    ("epoch", pa.float64()), ("loss", pa.float64()),
+                    # training.val_loss_first: one validation minibatch's loss at the step (Fig. 26b)
+                    ("val_batch_loss", pa.float64())],
     "epochs": [("study", pa.string()), ("trial_id", pa.string()), ("epoch", pa.int64()), ("step", pa.int64()),
                ("train_loss", pa.float64()), ("val_loss", pa.float64()), ("val_loss_raw", pa.float64()),
                ("train_loss_eval", pa.float64()), ("ema_init_share", pa.float64())],

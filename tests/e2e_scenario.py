@@ -34,6 +34,7 @@ def study(data_root) -> dict:
                       sweep={"grid": {"model.base_width": [8, 12], "training.seed": [0, 1]},
                              "arms": [{"training.lr": [NAN_LR]}]},
                       resources={"workers_per_trial": WORLD, "cpus_per_worker": 1},
+                      training={"val_loss_first": 10},  # Fig. 26b's validation minibatch at steps 1-10
                       # the launch's own analysis decomposes (then draws every figure once, the
                       # decomposition's included): tests/test_analysis.py reads both
                       analysis={"decompose": True, "decompose_points": 32})

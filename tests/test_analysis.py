@@ -93,6 +93,12 @@ def test_first_iterations_figure_shows_every_logged_step(study):
     steps = study.trial_rows(study.train_steps, tid).sort_values("step")
     np.testing.assert_allclose(line.get_xdata(), steps["step"])
     np.testing.assert_allclose(line.get_ydata(), steps["loss"])
+    # the thesis's second curve: the validation minibatch loss of the first steps (training.val_loss_first)
+    val = F.fig26b_first_1000_iterations(study, tid).axes[0].lines[1]
+    early = steps[steps["val_batch_loss"].notna()]
+    assert early["step"].tolist() == list(range(1, 11))  # tests/e2e_scenario.py: val_loss_first 10
+    np.testing.assert_allclose(val.get_xdata(), early["step"])
+    np.testing.assert_allclose(val.get_ydata(), early["val_batch_loss"])
 
 
 def test_residual_figure_shows_the_parquet_values(study):

@@ -82,9 +82,14 @@ def test_parquet_tables_columns_and_row_counts(launched):
         steps = tables["train_steps"].query("trial_id == @tid")
         assert steps["step"].tolist() == logged  # every step for the first N, then every N: no gaps, no dups
         assert steps["loss"].notna().all()
+        # training.val_loss_first: a validation minibatch loss beside the first N steps' losses, none after
+        early = steps["step"] <= tr["val_loss_first"]
+        assert early.sum() == tr["val_loss_first"] and (steps.loc[early, "val_batch_loss"] > 0).all()
+        assert steps.loc[~early, "val_batch_loss"].isna().all()
         ep = tables["epochs"].query("trial_id == @tid").sort_values("epoch")
         assert ep["epoch"].tolist() == list(range(1, tr["epochs"] + 1)) and ep["step"].tolist() == ends
         assert ep[["train_loss", "val_loss", "val_loss_raw", "train_loss_eval", "ema_init_share"]].notna().all().all()
+        assert (ep["val_loss_raw"] != ep["val_loss"]).all()   # the raw and the EMA weights differ
         res = tables["residuals"].query("trial_id == @tid")
         assert len(res) == len(evals) * n_t * 2
         assert set(res["weights"]) == {"ema", "raw"} and sorted(res["step"].unique()) == evals
@@ -132,15 +137,19 @@ def test_mlflow_parent_and_children(launched):
     assert len(parents) == 1 and len(children) == 5
     assert all(x.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for x in children)
     trials = _trials(out)
+    tr = study["training"]
+    logged = expected_steps(study["data"]["subset_size"], tr["batch_size"], WORLD, tr["epochs"],
+                            tr["log_every_first"], tr["log_every"], tr["eval_every"], tr["eval_start"])[0]
     for x in children:
         tid = x.data.tags["studyctl.trial_id"]
         assert x.data.params["model.base_width"] == str(trials.loc[tid, "model.base_width"])
         if trials.loc[tid, "status"] == "COMPLETED":
             assert x.info.status == "FINISHED"
-            for k in ("loss", "train_loss", "compare/val_loss", "eval_seconds"):
+            for k in ("loss", "val_batch_loss", "train_loss", "compare/val_loss", "val_loss_raw", "train_loss_eval",
+                      "ema_init_share", "eval_seconds"):
                 assert k in x.data.metrics, k
             hist = c.get_metric_history(x.info.run_id, "loss")
-            assert len(hist) == len({m.step for m in hist})  # no duplicated steps
+            assert sorted(m.step for m in hist) == logged  # every logged step once: none missing, none duplicated
             evals = [m.step for m in c.get_metric_history(x.info.run_id, "eval_seconds")]
             assert len(evals) == len(set(evals))  # evaluations are logged with the checkpoint: once each
             arts = [a.path for a in c.list_artifacts(x.info.run_id, "samples")]

@@ -18,10 +18,10 @@ from orchestrator.status import FINISHED
 
 try:
     from .e2e_scenario import WORLD, record_parts
-    from .orchestrator_helpers import expected_steps
+    from .orchestrator_helpers import expected_steps, studyctl
 except ImportError:
     from e2e_scenario import WORLD, record_parts
-    from orchestrator_helpers import expected_steps
+    from orchestrator_helpers import expected_steps, studyctl
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +82,14 @@ def test_mlflow_child_run_continues_not_duplicated(e2e_run):
     evals = sorted(m.step for m in c.get_metric_history(child_b.info.run_id, "eval_seconds"))
     assert evals == expected_evals
     assert sorted(m.step for m in c.get_metric_history(child_b.info.run_id, "loss")) == logged
+
+
+def test_a_finished_study_resumed_again_runs_nothing(e2e_run):
+    """Finished and failed trials are not run again (the diverged trial stays FAILED); exit 1 names it."""
+    out = e2e_run["out"]
+    before = pd.read_parquet(out / "trials").set_index("trial_id")
+    r = studyctl("resume", out, "--local", timeout=300)
+    assert r.returncode == 1 and "5 already finished, 0 to run" in r.stdout, r.stdout[-3000:]
+    assert "FAILED: 1 trial(s)" in r.stdout and " on cpu" in e2e_run["launch_log"]  # --local says its device
+    after = pd.read_parquet(out / "trials").set_index("trial_id")
+    assert after["updated_at"].equals(before["updated_at"]) and after["status"].equals(before["status"])

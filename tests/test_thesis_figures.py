@@ -81,3 +81,25 @@ def test_residual_curves_have_a_colour_bar_of_epochs(thesis):
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert len(bars) == 1 and "epoch" in bars[0].get_ylabel()
     plt.close(fig)
+
+
+def test_first_1000_iterations_draw_the_validation_curve_beside_the_training_loss():
+    """results/thesis_first_1000/: the thesis configuration's first 1,000 steps with
+    training.val_loss_first 1000 (CPU). Fig. 26b draws both per-iteration curves, as the thesis does,
+    and their fluctuations are of one size (the thesis's reading: the noise comes from the sampled t
+    and eps, not from the data)."""
+    import numpy as np
+
+    study = load_study(THESIS.parent / "thesis_first_1000")
+    trial = study.trial_ids()[0]
+    steps = study.trial_rows(study.train_steps, trial).sort_values("step")
+    assert steps["step"].tolist() == list(range(1, 1001)) and steps["val_batch_loss"].notna().all()
+    with S.styled():
+        fig = F.fig26b_first_1000_iterations(study, trial)
+    train_line, val_line = fig.axes[0].lines[:2]
+    assert np.array_equal(val_line.get_xdata(), steps["step"]) and np.allclose(val_line.get_ydata(), steps["val_batch_loss"])
+    assert "validation loss per iteration" in val_line.get_label()
+    plt.close(fig)
+    late = steps[steps["step"] > 500]
+    spread = [np.log10(late[c]).std(ddof=1) for c in ("loss", "val_batch_loss")]
+    assert spread == pytest.approx([0.159, 0.159], abs=0.0015)  # README: the same spread, 0.16 decades

@@ -5,7 +5,8 @@ around it: which losses are logged and when they are fetched, the epoch-end reco
 divergence, the members leaving, and every hook call. A feature of the loop therefore exists once.
 
     run_group(group)
-      each step:  group.train_step()                      one optimizer step of every member
+      each step:  group.step_val_losses()                 Fig. 26b's validation minibatch, early logged steps
+                  group.train_step()                      one optimizer step of every member
                   logged losses -> hooks.on_step          (fetched at once when deferred_sync)
                   epoch end -> EpochLosses -> on_epoch    (validation.py's fixed draws)
                   evaluation -> on_eval, on_eval_all_ranks
@@ -38,6 +39,11 @@ def validates_at(training: TrainConfig, step: int, epoch_steps: int, total_steps
 def logs_at(training: TrainConfig, step: int) -> bool:
     """Whether the loss of `step` is logged (Fig. 26b: every step at first, then every log_every)."""
     return step <= training.log_every_first or step % training.log_every == 0
+
+
+def val_logs_at(training: TrainConfig, step: int) -> bool:
+    """Whether `step` records its validation minibatch loss beside its logged training loss (Fig. 26b)."""
+    return step <= training.val_loss_first and logs_at(training, step)
 
 
 def evaluates_at(training: TrainConfig, step: int, total_steps: int) -> bool:
@@ -84,7 +90,8 @@ class TrainContext:
 
 class TrainHooks(Protocol):  # every method optional; called on rank 0 only unless noted
     def on_start(self, ctx: TrainContext) -> None: ...
-    def on_step(self, ctx: TrainContext, loss: float) -> None: ...
+    def on_step(self, ctx: TrainContext, loss: float) -> None: ...  # with val_loss=<float> where the step
+    #   recorded its validation minibatch loss (TrainConfig.val_loss_first)
     def on_epoch(self, ctx: TrainContext, losses: "EpochLosses") -> None: ...
     def on_eval(self, ctx: TrainContext) -> None: ...
     def on_eval_all_ranks(self, ctx: TrainContext) -> None: ...  # every rank, after on_eval (collectives
@@ -117,11 +124,13 @@ class Run:
         self.name, self.training, self.hooks, self.ctx, self.is_main = name, training, hooks, ctx, is_main
         self.epoch_steps, self.total = ctx.steps_per_epoch, ctx.total_steps
         self.train_losses: list[tuple[int, float]] = []
+        self.val_losses: list[tuple[int, float]] = []   # (step, validation minibatch loss): val_loss_first
         self.epoch_losses: list[EpochLosses] = []
         self.status, self.error, self.diverged = "RUNNING", None, None
         self.end_step, self.end_time = None, None   # the step and time.time() at which it ended
 
-    def call(self, group: "Group", name: str, *args, step: int | None = None, all_ranks: bool = False) -> None:
+    def call(self, group: "Group", name: str, *args, step: int | None = None, all_ranks: bool = False,
+             **kwargs) -> None:
         """A hook of this member (rank 0 only unless all_ranks); `step`: the step a fetched loss belongs to."""
         fn = getattr(self.hooks, name, None) if self.hooks is not None else None
         if fn is None or not (self.is_main or all_ranks):
@@ -129,10 +138,13 @@ class Run:
         step = group.step if step is None else step
         self.ctx.step, self.ctx.epoch = step, step / self.epoch_steps
         group.refresh(self)
-        fn(*args) if name == "on_diverged" else fn(self.ctx, *args)
+        fn(*args) if name == "on_diverged" else fn(self.ctx, *args, **kwargs)
 
     def logs_at(self, step: int) -> bool:
         return logs_at(self.training, step)
+
+    def val_logs_at(self, step: int) -> bool:
+        return val_logs_at(self.training, step)
 
     def should_eval(self, step: int) -> bool:
         return evaluates_at(self.training, step, self.total)
@@ -147,6 +159,8 @@ class Group(Protocol):
 
     def train_step(self) -> torch.Tensor: ...  # one step of every member: (K,) losses on the device; adds
     #   them to the epoch sums. With a CUDA graph a static output the next step overwrites.
+    def step_val_losses(self) -> torch.Tensor: ...  # (K,) validation minibatch losses (validation.StepValDraws)
+    #   of the step about to be taken, at the weights its training loss sees; on the device
     def fetch(self, losses: list[torch.Tensor]) -> list[list[float]]: ...   # pending (K,) losses -> floats
     def epoch_train_losses(self, runs: list[Run]) -> list[float]: ...       # each member's epoch mean loss
     def reset_epoch(self, run: Run) -> None: ...
@@ -171,6 +185,7 @@ def run_group(group: Group, *, deferred_sync: bool = False, bar=None,
                    state of each member still training, by name (one checkpoint of a stacked group)."""
     runs = list(group.runs)
     pending: list[tuple[int, torch.Tensor]] = []   # (step, (K,) losses) of logged steps, not yet fetched
+    pending_val: list[tuple[int, torch.Tensor]] = []   # (step, (K,) validation minibatch losses), likewise
     log_every = runs[0].training.log_every
     eval_device = [group.device] if group.device.type == "cuda" else []
 
@@ -187,16 +202,23 @@ def run_group(group: Group, *, deferred_sync: bool = False, bar=None,
         """One fetch: the pending losses of all members; on_step in step order; NaN -> FAILED."""
         if not pending:
             return
-        for (step, _), row_values in zip(pending, group.fetch([v for _, v in pending])):
-            for r, value in zip(group.runs, row_values):
+        fetched = group.fetch([v for _, v in pending] + [v for _, v in pending_val])  # one sync for both
+        vals = dict(zip((s for s, _ in pending_val), fetched[len(pending):]))
+        for (step, _), row_values in zip(pending, fetched[:len(pending)]):
+            for i, (r, value) in enumerate(zip(group.runs, row_values)):
                 if r.status != "RUNNING" or not r.logs_at(step):
                     continue
                 if not math.isfinite(value):
                     diverge(r, DivergedError.at_step(value, step, r.epoch_steps))
                     continue
                 r.train_losses.append((step, value))
-                r.call(group, "on_step", value, step=step)
+                if step in vals and r.val_logs_at(step):
+                    r.val_losses.append((step, vals[step][i]))
+                    r.call(group, "on_step", value, step=step, val_loss=vals[step][i])
+                else:
+                    r.call(group, "on_step", value, step=step)
         pending.clear()
+        pending_val.clear()
 
     for r in runs:
         r.call(group, "on_start")
@@ -206,6 +228,8 @@ def run_group(group: Group, *, deferred_sync: bool = False, bar=None,
             finish(r, "FINISHED")
     group.keep([r for r in runs if r.status == "RUNNING"])
     while group.runs:
+        if any(r.val_logs_at(group.step + 1) for r in group.runs):  # before the update, as the step's loss
+            pending_val.append((group.step + 1, group.step_val_losses()))
         loss = group.train_step()
         step = group.step
         if any(r.logs_at(step) for r in group.runs):  # a graph's output is overwritten by the next replay

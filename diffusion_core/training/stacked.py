@@ -48,7 +48,7 @@ from .stacked_state import MemberState, load_member_state
 from .engine import Run, TrainContext, run_group
 from .train import TrainResult, _host_to_device, build_model, draw_noise, noise_generator, run_evaluator
 from ..model.unet import UNet, count_parameters
-from .validation import EpochEvalDraws
+from .validation import EpochEvalDraws, StepValDraws
 
 
 @dataclass
@@ -85,6 +85,7 @@ class _Run(Run):
         self.param_groups = torch.optim.Adam(self.net.parameters(), lr=tr.lr, betas=tr.adam_betas,
                                              eps=tr.adam_eps).state_dict()["param_groups"]
         self.eval_draws = EpochEvalDraws.of(splits, self.schedule, eval_seed, tr.train_eval_images)  # as train()
+        self.step_val = StepValDraws(splits.val, self.schedule, eval_seed, tr.batch_size)            # likewise
         self.epoch_count = 0
         self._batches = (None, None)
         ctx = TrainContext(0, 0.0, self.net, self.ema_net, self.schedule, splits, device, 0, 1, epoch_steps, total,
@@ -187,6 +188,13 @@ class _Group:
         return loss
 
     # --- what else the engine's loop asks of a group (engine.Group)
+    @torch.no_grad()
+    def step_val_losses(self) -> torch.Tensor:
+        """Each member's validation minibatch (train()'s draws), its raw weights, eval mode: (K,)."""
+        draws = [r.step_val.at(self.step + 1, self.device)[:3] for r in self.runs]
+        x0, t, eps = (torch.stack(v) for v in zip(*draws))
+        return self.losses(x0, t, eps, train=False).mean(1)
+
     def fetch(self, losses: list[torch.Tensor]) -> list[list[float]]:
         return torch.stack(losses).tolist()
 
@@ -332,5 +340,6 @@ def train_stacked(members: list[Member], *, eval_seed: int = 0, device: str | to
               before_evals=(lambda evaluating: _draw_eval_samples(group, evaluating)) if draw else None)
     return [MemberResult(r.name, r.status, r.error,
                          TrainResult(r.end_step, math.ceil(r.end_step / r.epoch_steps), r.train_losses, r.epoch_losses,
-                                     r.net, r.ema_net, r.schedule, count_parameters(r.net), r.end_time - t_start))
+                                     r.net, r.ema_net, r.schedule, count_parameters(r.net), r.end_time - t_start,
+                                     r.val_losses))
             for r in runs]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from .graph_step import GraphedStep
 from ..diffusion.losses import diffusion_loss
 from ..diffusion.schedules import NoiseSchedule
 from ..model.unet import UNet, count_parameters
-from .validation import EpochEvalDraws
+from .validation import EpochEvalDraws, StepValDraws, minibatch_loss
 
 
 @dataclass
@@ -83,6 +83,7 @@ class TrainResult:
     schedule: NoiseSchedule
     parameters: int
     wall_seconds: float
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation minibatch loss)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,8 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     run = Run("run", training, hooks, ctx, is_main=rank == 0)
     group = SingleGroup(run, state, splits, training, model, schedule, step_fn,
                         GraphedStep(step_fn) if training.cuda_graph else None, cuda_graphs, memory_format,
-                        EpochEvalDraws.of(splits, schedule, eval_seed, training.train_eval_images))
+                        EpochEvalDraws.of(splits, schedule, eval_seed, training.train_eval_images),
+                        StepValDraws(splits.val, schedule, eval_seed, training.batch_size))
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
@@ -230,7 +232,7 @@ def train(*, data: DataConfig = DataConfig(), model: UNetConfig = UNetConfig(),
     if run.diverged is not None:
         raise run.diverged
     return TrainResult(state.step, math.ceil(state.step / epoch_steps), run.train_losses, run.epoch_losses, net,
-                       ema.module, schedule, count_parameters(net), time.time() - t_start)
+                       ema.module, schedule, count_parameters(net), time.time() - t_start, run.val_losses)
 
 
 class SingleGroup:
@@ -240,10 +242,10 @@ class SingleGroup:
 
     def __init__(self, run: Run, state: TrainState, splits, training: TrainConfig, model: UNetConfig,
                  schedule: NoiseSchedule, step_fn, graphed: GraphedStep | None, cuda_graphs: bool,
-                 memory_format: torch.memory_format, eval_draws: EpochEvalDraws):
+                 memory_format: torch.memory_format, eval_draws: EpochEvalDraws, step_val: StepValDraws):
         self.runs, self.state, self.splits, self.training, self.model = [run], state, splits, training, model
         self.schedule, self.step_fn, self.graphed, self.cuda_graphs = schedule, step_fn, graphed, cuda_graphs
-        self.memory_format, self.eval_draws = memory_format, eval_draws
+        self.memory_format, self.eval_draws, self.step_val = memory_format, eval_draws, step_val
         self.ctx = run.ctx
         self.device, self.rank, self.world = self.ctx.device, self.ctx.rank, self.ctx.world_size
         self._batches: tuple[int | None, torch.Tensor | None] = (None, None)
@@ -284,6 +286,11 @@ class SingleGroup:
         state.epoch_loss_sum = state.epoch_loss_sum + loss.detach().double()
         state.epoch_loss_count += 1
         return loss.reshape(1)
+
+    def step_val_losses(self) -> torch.Tensor:
+        """The raw weights (not the DDP / compiled forward: no hooks, no recompilation), eval mode."""
+        draws = self.step_val.at(self.state.step + 1, self.device, self.rank, self.world)
+        return minibatch_loss(self.state.model, self.schedule, *draws)
 
     def fetch(self, losses: list[torch.Tensor]) -> list[list[float]]:
         return [[v] for v in all_mean(torch.stack(losses).float().reshape(-1), self.world).tolist()]

@@ -1,10 +1,12 @@
 """The evaluation-mode losses a run records at its epoch ends (EpochLosses.val / val_raw / train_eval):
 L_simple on fixed (t, eps) draws of the evaluation seed, so they compare like with like across epochs,
-trials and the two training paths (train() and every train_stacked member use this code)."""
+trials and the two training paths (train() and every train_stacked member use this code); and the
+validation minibatch loss of each early step, Fig. 26b's second curve (StepValDraws, minibatch_loss)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -95,5 +97,45 @@ def eval_mode_loss(model: nn.Module, schedule: NoiseSchedule, images: ImageSet, 
     model.eval()
     try:
         return validation_loss(model, schedule, images, t, eps, rank=rank, world_size=world_size)
+    finally:
+        model.train(was_training)
+
+
+@dataclass(frozen=True)
+class StepValDraws:
+    """Fig. 26b's validation curve (TrainConfig.val_loss_first): the validation minibatch of each step.
+
+    Step s (1-based) takes batch_size images of the validation split in its fixed order, from image
+    (s - 1) * batch_size on (wrapping around), with (t, eps) from a generator seeded by
+    (evaluation seed, s): a function of the step only, so a resumed run draws what the whole run
+    does, every trial of a study sees the same batches, and no training stream is consumed. Under
+    DDP every rank draws the whole batch and keeps its share (rank::world), so the ranks' mean is the
+    loss a run alone records at equal weights."""
+    val: ImageSet
+    schedule: NoiseSchedule
+    eval_seed: int
+    batch_size: int
+
+    def at(self, step: int, device: torch.device, rank: int = 0, world_size: int = 1):
+        """(x0, t, eps, labels) of step `step`, this rank's share, on `device`."""
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.eval_seed, step, 26]).generate_state(1)[0]))
+        idx = (torch.arange(self.batch_size) + (step - 1) * self.batch_size) % len(self.val)
+        t = self.schedule.sample_timesteps(self.batch_size, generator=g)
+        eps = torch.randn((self.batch_size, *self.val.shape), generator=g)
+        idx, t, eps = idx[rank::world_size], t[rank::world_size], eps[rank::world_size]
+        vidx = idx.to(self.val.images.device)
+        return (self.val.batch(vidx).to(device), t.to(device), eps.to(device),
+                self.val.labels[vidx].to(device))
+
+
+@torch.no_grad()
+def minibatch_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """L_simple of one batch, eval mode (dropout off), as a (1,) tensor on the device (no host sync)."""
+    was_training = model.training
+    model.eval()
+    try:
+        pred = model(schedule.q_sample(x0, t, eps), t, **conditioning(model, labels))
+        return per_example_mse(eps, pred).mean().reshape(1)
     finally:
         model.train(was_training)
