@@ -1,5 +1,5 @@
 """Shared fixtures: real MNIST (found as `studyctl` finds it), two CPU threads, session-scoped splits,
-the shared study (--local) and the one Ray cluster of a test run."""
+the shared study (--local) and a Ray cluster per xdist worker that runs a Ray module."""
 from __future__ import annotations
 
 import os
@@ -19,8 +19,8 @@ from diffusion_core.config import DATA_ROOT_ENV, resolve_data_root
 
 os.environ[DATA_ROOT_ENV] = str(resolve_data_root().resolve())
 
-# Under pytest-xdist the workers share the cores: one torch thread each with two workers on 2 cores
-# (measured: the whole suite 654 s so, 690 s with two threads each).
+# Under pytest-xdist the workers share the cores: one torch thread each with 2-3 workers on 2 cores
+# (measured with two workers: the whole suite 654 s so, 690 s with two threads each).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))
 
@@ -80,17 +80,22 @@ def ray_cluster():
         cluster.shutdown()
 
 
-# The session fixtures that cost minutes and that several test modules share. Under pytest-xdist
-# (`-n 2`, pyproject's addopts) every module that uses one runs on the same worker, so each is built
-# once per test run; modules that use none are spread file by file.
-SHARED_FIXTURES = ("ray_cluster", "e2e_run", "e2e_study")
-_SHARED_SCOPE = {"ray_cluster": "ray_cluster", "e2e_run": "e2e_run", "e2e_study": "e2e_run"}
+# The session fixture that costs minutes and that several test modules share: under pytest-xdist
+# (pyproject's addopts) every module that uses it runs on the same worker, so it is built once per
+# test run; other modules are spread file by file. The Ray cluster (ray_cluster) is session-scoped
+# too but not grouped: a cluster starts in ~15 s, and its three modules (~100-180 s each) on one
+# worker were the suite's critical path (measured with -n 3: 515 s of a 590 s run), so each worker
+# that runs a Ray module starts its own.
+SHARED_FIXTURES = ("e2e_run", "e2e_study")
+_SHARED_SCOPE = {"e2e_run": "e2e_run", "e2e_study": "e2e_run"}
 # Longest first, so the long ones start at once, on different workers, and the short modules fill
-# in at the end (measured alone: the cluster's Ray tests ~250 s, the shared study and its analysis
-# ~160 s, the slow worker-group start ~105 s of waiting, then modules of 20-65 s).
-_FIRST = ("ray_cluster", "e2e_run", "tests/test_worker_group_start.py", "tests/test_orchestrator_local.py",
-          "tests/test_generalization.py", "tests/test_variance_guidance.py", "tests/test_stacked_local.py",
-          "tests/test_interrupt_resume.py", "tests/test_fast_path.py", "tests/test_metrics.py",
+# in at the end (measured under -n 3: the cluster's faults ~180 s, the shared study and its analysis
+# ~180 s, the stacked group under Ray ~100-230 s, the slow worker-group start ~120 s of mostly waiting,
+# ASHA ~105 s, then modules of 20-85 s).
+_FIRST = ("tests/test_orchestrator_cluster.py", "e2e_run", "tests/test_ray_stacked.py",
+          "tests/test_worker_group_start.py", "tests/test_orchestrator_asha.py", "tests/test_orchestrator_local.py",
+          "tests/test_variance_guidance.py", "tests/test_generalization.py", "tests/test_interrupt_resume.py",
+          "tests/test_stacked_local.py", "tests/test_fast_path.py", "tests/test_metrics.py",
           "tests/test_ground_truth_analysis.py")
 
 
