@@ -60,9 +60,10 @@ def e2e_study(e2e_run):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """The test run's one Ray cluster: two nodes of one CPU each (ray.cluster_utils), started once
-    and joined by every Ray test's `studyctl launch --address` (a local Ray per launch cost each
-    test its own start-up). One CPU a node: a trial's two DDP workers must use both nodes."""
+    """This test process's Ray cluster: two nodes of one CPU each (ray.cluster_utils), started once
+    per xdist worker that needs it and joined by its Ray tests' `studyctl launch --address` (a local
+    Ray per launch cost each test its own start-up). One CPU a node: a trial's two DDP workers must
+    use both nodes."""
     from ray.cluster_utils import Cluster
 
     from orchestrator.ray_runner import PREEMPTION_WATCHER_ENV
