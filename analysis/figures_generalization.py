@@ -17,11 +17,10 @@ from scipy import stats  # noqa: E402
 
 from records.layout import generalization_dir  # noqa: E402
 
-from .figures import CAPTIONS  # noqa: E402
 from .style import STYLE  # noqa: E402
 from .generalization import load_tables  # noqa: E402
 
-CAPTIONS.update({
+CAPTIONS = {  # report: captions.caption
     "generalization_transition_vs_n": "Same-noise cosine similarity of two models trained on disjoint subsets "
         "(solid) and the memorized fraction d1 < d2/3 (dashed, mean of both models) against the training-set "
         "size N, at each pair's last evaluation; one colour per width; grey: held-out real images.",
@@ -31,7 +30,7 @@ CAPTIONS.update({
         "one curve per N: the memorization onset.",
     "generalization_distance_to_memorization": "Distance E||eps_theta - f*_D||^2/d to the exact empirical optimal "
         "denoiser of the model's own subset, on its training points, per t (0 = memorized exactly).",
-})
+}
 
 
 def _interval(g: pd.DataFrame, col: str) -> tuple[float, float, float]:

@@ -13,9 +13,9 @@ from records.layout import figures_dir, report_file
 from records.layout import study_file as study_file_of
 from records.parquet import latest_per_trial
 
-from .figures import CAPTIONS, TRIAL_FIGURES
+from .captions import caption
+from .figures import TRIAL_FIGURES
 from .style import save, styled
-from .figures_ground_truth import CAPTIONS as GROUND_TRUTH_CAPTIONS
 from .figures_ground_truth import ground_truth_figures
 from .figures_study import study_overlays
 from .tables import Study, final_evals, load_study
@@ -59,14 +59,6 @@ def write_figures(study: Study, out: Path | None = None) -> FigureSet:
             result.skipped[name] = "needs `studyctl decompose` tables (bias2 and sample quality: a molrg study)"
     return result
 
-
-
-def _caption(name: str) -> str:
-    base = name.split("/")[-1]
-    for key, text in {**CAPTIONS, **GROUND_TRUTH_CAPTIONS}.items():
-        if base.startswith(key):
-            return text
-    return ""
 
 
 def missing_trials(study: Study) -> list[tuple[str, str, str]]:
@@ -117,13 +109,13 @@ def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
     if study_figs:
         parts.append("<h2>Study-level figures</h2>")
         for name, png in study_figs.items():
-            parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(_caption(name))}</p>"
+            parts.append(f"<h3>{html.escape(name)}</h3><p>{html.escape(caption(name))}</p>"
                          f"<img src='{html.escape(os.path.relpath(png, out))}'>")
     for trial in study.trial_ids():
         items = {k: v for k, v in figs.written.items() if k.startswith(trial + "/")}
         parts.append(f"<h2>Trial {html.escape(trial)} ({html.escape(study.status(trial))})</h2>")
         for name, png in items.items():
-            parts.append(f"<h3>{html.escape(name.split('/')[-1])}</h3><p>{html.escape(_caption(name))}</p>"
+            parts.append(f"<h3>{html.escape(name.split('/')[-1])}</h3><p>{html.escape(caption(name))}</p>"
                          f"<img src='{html.escape(os.path.relpath(png, out))}'>")
         skipped = [k.split("/")[-1] for k in figs.skipped if k.startswith(trial + "/")]
         if skipped:

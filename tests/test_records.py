@@ -224,6 +224,15 @@ def test_no_import_cycles(tmp_path):
     assert import_cycles(sorted(pkg.glob("*.py")), tmp_path) == [["analysis.a", "analysis.b"]]
 
 
+MAX_MODULE_LINES = 400  # one concern per file (issue 23): a module past this is two concerns
+
+
+def test_no_module_over_400_lines():
+    long = {f.relative_to(REPO).as_posix(): n for p in PACKAGES for f in sorted((REPO / p).rglob("*.py"))
+            if (n := len(f.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+
+
 # Every path of a study folder is built by records/layout.py. Outside it, a path joined with a string
 # literal (`out / "mlflow.db"`, `d / f"{tid}.pt"`) or a literal naming a study file is a second place
 # that knows the layout. These joins are not into a study folder:

@@ -220,3 +220,17 @@ def test_bands_stay_inside_the_quantitys_range(tmp_path, data_root):
     assert band[:, 1].min() == 0.0 and band[:, 1].max() == pytest.approx(105.0 + half)
     assert "(cut to the possible values [0, ∞))" in ax.get_title()
     plt.close("all")
+
+
+def test_each_figure_family_finds_its_caption():
+    """The report's captions come from four modules (captions.py and the figure modules of the other papers'
+    axes, the generalization study and the ground truth); a trial figure is named <trial>/<figure>, a study
+    overlay carries its swept field after the key."""
+    from analysis.captions import caption
+
+    assert caption("t000-bf21a9/fig26b_first_1000_iterations").startswith("Training loss of every iteration")
+    assert caption("study_val_loss_by_base_width").startswith("Validation loss (EMA weights")
+    assert caption("t001-0a1b2c/fig_progressive_generation").startswith("Progressive generation")
+    assert caption("generalization_vs_step").startswith("Same-noise similarity")
+    assert caption("ground_truth_tradeoff").startswith("The bias–variance trade-off")
+    assert caption("no_such_figure") == ""
