@@ -77,12 +77,14 @@ CAPTIONS = {
                                 "al. 2024; Gu et al. 2023) — not bias²; EMA solid, raw dashed; bands: 95% intervals.",
 }
 
+_EVERY_CAPTION = {**CAPTIONS, **AXES, **GENERALIZATION, **GROUND_TRUTH}  # looked up in this order
+
 
 def caption(name: str) -> str:
     """The caption of figure `name` (a trial's figures are named `<trial>/<figure>`; a figure may carry a
     suffix after its key, e.g. `study_val_loss_by_base_width`), or "" for a figure without one."""
     base = name.split("/")[-1]
-    for key, text in {**CAPTIONS, **AXES, **GENERALIZATION, **GROUND_TRUTH}.items():
+    for key, text in _EVERY_CAPTION.items():
         if base.startswith(key):
             return text
     return ""

@@ -3,7 +3,8 @@
 Each `fig_*` function takes the loaded `Study` (and a trial id for per-trial figures)
 and returns a matplotlib Figure, or None when the data it needs does not exist yet
 (a half-finished study still gets every figure it can). The study-level figures are in
-figures_study.py, every caption in captions.py; report.write_figures saves PNG and PDF of all under <study>/figures/.
+figures_study.py, the captions in captions.py; report.write_figures saves PNG and PDF of all
+under <study>/figures/.
 The style and the helpers every figure module shares are in style.py.
 """
 from __future__ import annotations
@@ -21,7 +22,6 @@ from diffusion_core.training.ema import init_share_crossing
 from . import figures_axes
 from .style import STYLE, epoch_axis, legend_below, subplots
 from .tables import Study, load_grid
-
 
 
 # ------------------------------------------------------------------ per-trial figures
