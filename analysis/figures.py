@@ -3,7 +3,7 @@
 Each `fig_*` function takes the loaded `Study` (and a trial id for per-trial figures)
 and returns a matplotlib Figure, or None when the data it needs does not exist yet
 (a half-finished study still gets every figure it can). The study-level figures are in
-figures_study.py, the captions in captions.py; report.write_figures saves PNG and PDF of all
+figures_study.py, the captions in captions.py; report.write_figures saves all of them (PNG, PDF by default)
 under <study>/figures/.
 The style and the helpers every figure module shares are in style.py.
 """

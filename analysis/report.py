@@ -15,7 +15,7 @@ from records.parquet import latest_per_trial
 
 from .captions import caption
 from .figures import TRIAL_FIGURES
-from .style import save, styled
+from .style import FIGURE_FORMATS, save, styled
 from .figures_ground_truth import ground_truth_figures
 from .figures_study import study_overlays
 from .tables import Study, final_evals, load_study
@@ -25,11 +25,11 @@ FINAL_COLUMNS = ["fid", "fid_mean_term", "fid_cov_term", "inception_score", "h_y
 
 @dataclass
 class FigureSet:
-    written: dict[str, Path] = field(default_factory=dict)   # name -> PNG path (PDF beside it)
+    written: dict[str, Path] = field(default_factory=dict)   # name -> PNG path (the other formats beside it)
     skipped: dict[str, str] = field(default_factory=dict)    # name -> why
 
 
-def write_figures(study: Study, out: Path | None = None) -> FigureSet:
+def write_figures(study: Study, out: Path | None = None, formats=FIGURE_FORMATS) -> FigureSet:
     out = out or figures_dir(study.dir)
     result = FigureSet()
     for trial in study.trial_ids():
@@ -38,14 +38,14 @@ def write_figures(study: Study, out: Path | None = None) -> FigureSet:
             with styled():
                 fig = fn(study, trial)
                 if fig is not None:
-                    result.written[key] = save(fig, out / trial / name)
+                    result.written[key] = save(fig, out / trial / name, formats)
             if fig is None:
                 result.skipped[key] = f"no data yet (trial status {study.status(trial)})"
     with styled():
         overlays = study_overlays(study)
         for name, fig in overlays.items():
             if fig is not None:
-                result.written[name] = save(fig, out / name)
+                result.written[name] = save(fig, out / name, formats)
     for name, fig in overlays.items():
         if fig is None:
             result.skipped[name] = "needs a swept field with >= 2 values and records for it"
@@ -53,7 +53,7 @@ def write_figures(study: Study, out: Path | None = None) -> FigureSet:
         truth = ground_truth_figures(study)
         for name, fig in truth.items():
             if fig is not None:
-                result.written[name] = save(fig, out / name)
+                result.written[name] = save(fig, out / name, formats)
     for name, fig in truth.items():
         if fig is None:
             result.skipped[name] = "needs `studyctl decompose` tables (bias2 and sample quality: a molrg study)"
@@ -128,10 +128,11 @@ def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
     return path
 
 
-def make_figures(study_dir: str | os.PathLike) -> tuple[FigureSet, Path, list]:
-    """Write every figure and the report; returns (figures, report path, incomplete trials)."""
+def make_figures(study_dir: str | os.PathLike, formats=FIGURE_FORMATS) -> tuple[FigureSet, Path, list]:
+    """Write every figure (as each of `formats`) and the report; returns (figures, report path,
+    incomplete trials)."""
     study = load_study(study_dir)
     out = figures_dir(study.dir)
-    figs = write_figures(study, out)
+    figs = write_figures(study, out, formats)
     report = write_report(study, figs, out)
     return figs, report, missing_trials(study)

@@ -1,4 +1,4 @@
-"""What every figure module shares: the rc style, a styled subplots call, saving (PNG + PDF, atomic),
+"""What every figure module shares: the rc style, a styled subplots call, saving (PNG, PDF, SVG; atomic),
 legends outside the axes, the epoch and U-Net-width axes, a spread of timesteps. A leaf module: the figure modules import
 it and nothing here imports them, so none of them imports another to borrow a helper."""
 from __future__ import annotations
@@ -64,13 +64,16 @@ def pick_ts(ts, n):
     return [int(ts[i]) for i in idx]
 
 
-def save(fig, path_stem: Path) -> Path:
+FIGURE_FORMATS = ("png", "pdf")  # the study file's default (orchestrator/spec.py: analysis.figure_formats)
+
+
+def save(fig, path_stem: Path, formats=FIGURE_FORMATS) -> Path:
+    """`fig` as path_stem.<format> for each format (PNG among them: the report shows it); returns the PNG."""
     path_stem.parent.mkdir(parents=True, exist_ok=True)
-    png = path_stem.with_suffix(".png")
-    for suffix in (".png", ".pdf"):
+    for fmt in formats:
         # dpi and bbox explicitly: outside STYLE's rc context savefig would crop at the figure's
         # edge (labels, titles and outside legends cut) at the figure's own dpi.
-        with atomic_write(path_stem.with_suffix(suffix)) as fh:
-            fig.savefig(fh, format=suffix[1:], dpi=STYLE["savefig.dpi"], bbox_inches=STYLE["savefig.bbox"])
+        with atomic_write(path_stem.with_suffix(f".{fmt}")) as fh:
+            fig.savefig(fh, format=fmt, dpi=STYLE["savefig.dpi"], bbox_inches=STYLE["savefig.bbox"])
     plt.close(fig)
-    return png
+    return path_stem.with_suffix(".png")

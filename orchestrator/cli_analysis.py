@@ -10,7 +10,7 @@ import typer
 
 from records.layout import (FIGURES, GROUND_TRUTH, MLFLOW_ARTIFACTS, MLFLOW_DB, RAY, STUDY_FILE, TRIAL_FILES, TRIAL_KINDS,
                             analysis_table, figures_dir, generalization_dir, generalization_table, kind_dir,
-                            report_file, study_file)
+                            read_study_file, report_file, study_file)
 
 EXIT_BAD_STUDY = 2   # a bad study file or folder: every command exits with it
 
@@ -84,7 +84,7 @@ def decompose_step(spec, out: Path) -> None:
 
 ANALYSIS_RUN = {"decompose": decompose_step,
                  "generalization": lambda spec, out: run_generalization(out),
-                 "figures": lambda spec, out: write_figures(out)}
+                 "figures": lambda spec, out: write_figures(out, formats=spec.analysis.figure_formats)}
 
 
 def up_to_date(out: Path, outputs: tuple[Path, ...], inputs: tuple[str, ...]) -> bool:
@@ -111,27 +111,54 @@ def study_dir(directory: str) -> Path:
 
 
 def figures(directory: str = typer.Argument(..., help="A study folder (written by `studyctl launch`)."),
-            mlflow: bool = typer.Option(True, help="Also attach the figures to the study's MLflow parent run.")
+            mlflow: bool = typer.Option(True, help="Also attach the figures to the study's MLflow parent run."),
+            formats: str = typer.Option(None, "--formats", help="The files of each figure, a comma list from "
+                                        "png, pdf, svg that includes png (default: the study file's "
+                                        "analysis.figure_formats, png,pdf)."),
             ) -> None:
-    """Regenerate every figure (PNG + PDF) and an index.html report into DIR/figures/.
+    """Regenerate every figure (PNG, and PDF unless the study file says otherwise) and an
+    index.html report into DIR/figures/.
 
     Reads the Parquet tables only: the thesis's figures 26-30 per trial and the
     study-level overlays by capacity, schedule and training-set size. A half-finished
     study gets the figures of what exists; the report names what is missing.
     """
+    from pydantic import ValidationError
+
+    from .spec import AnalysisSpec
+
     try:
-        write_figures(directory, mlflow)
+        chosen = None if formats is None else AnalysisSpec(
+            figure_formats=[f.strip() for f in formats.split(",") if f.strip()]).figure_formats
+    except ValidationError as e:
+        err = e.errors()[0]
+        why = str(err["ctx"]["error"]) if err["type"] == "value_error" else (
+            f"bad value {formats!r}: {err['msg']}; allowed: a comma list of distinct formats from png, pdf, svg "
+            f"that includes png")
+        typer.echo(f"error: option '--formats': {why}", err=True)
+        raise typer.Exit(EXIT_BAD_STUDY)
+    try:
+        write_figures(directory, mlflow, chosen)
     except FileNotFoundError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(EXIT_BAD_STUDY)
 
 
-def write_figures(directory, mlflow: bool = True) -> None:
-    """Figures + report from the Parquet records, attached to the study's MLflow parent run."""
+def study_figure_formats(directory) -> list[str]:
+    """The formats the study file in `directory` asks for (analysis.figure_formats, or its default)."""
+    from .spec import AnalysisSpec
+
+    return AnalysisSpec.model_validate((read_study_file(directory) or {}).get("analysis") or {}).figure_formats
+
+
+def write_figures(directory, mlflow: bool = True, formats: list[str] | None = None) -> None:
+    """Figures + report from the Parquet records (as `formats`, default the study file's), attached
+    to the study's MLflow parent run."""
     from analysis.report import make_figures
 
-    figs, report, missing = make_figures(directory)
-    typer.echo(f"wrote {len(figs.written)} figures (PNG + PDF) and the report {report}")
+    formats = formats or study_figure_formats(directory)
+    figs, report, missing = make_figures(directory, formats)
+    typer.echo(f"wrote {len(figs.written)} figures ({' + '.join(f.upper() for f in formats)}) and the report {report}")
     for tid, state, err in missing:
         typer.echo(f"  missing/incomplete trial {tid}: {state}{' - ' + str(err) if err else ''}")
     if mlflow:

@@ -17,7 +17,7 @@ not run 30 trials of the wrong thing.
     sweep:      {grid: {dotted.field: [values]}, arms: [{...}], seeds: [..], random: {..}, num_samples, asha}
     resources:  {workers_per_trial, cpus_per_worker, gpus_per_worker, max_concurrent_trials, max_failures, stack, ...}
     tracking:   {enabled, uri, experiment}
-    analysis:   {figures, decompose, decompose_points, generalization}
+    analysis:   {figures, figure_formats, decompose, decompose_points, generalization}
 
 model.in_channels, model.image_size and model.learn_sigma are not written in the file: each
 trial sets them from data.dataset, data.image_size and diffusion.reverse_variance (DERIVED).
@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import pydantic.dataclasses
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, PlainValidator, PositiveFloat, Strict,
-                      ValidationError)
+                      ValidationError, field_validator)
 
 from diffusion_core.config import DataConfig, DiffusionConfig, EvalConfig, TrainConfig, UNetConfig
 
@@ -217,6 +217,17 @@ class AnalysisSpec(_Strict):
     decompose: StrictBool = False             # `studyctl decompose` after the sweep (needs sweep.seeds)
     decompose_points: PositiveInt = 256       # fixed validation points per timestep
     generalization: StrictBool = False        # `studyctl generalization` after the sweep (needs data.subset_index pairs)
+    # The files each figure is saved as: PNG always (the report shows it), PDF and SVG (vector, for a
+    # paper) on request. PDF costs ~0.2 s a figure on a CPU (a study draws 20-40 figures).
+    figure_formats: list[Literal["png", "pdf", "svg"]] = ["png", "pdf"]
+
+    @field_validator("figure_formats")
+    @classmethod
+    def _png_once(cls, v: list[str]) -> list[str]:
+        if "png" not in v or len(set(v)) != len(v):
+            raise ValueError(f"bad value {v}: the report shows the PNG of each figure; allowed: a list of distinct "
+                             f"formats from png, pdf, svg that includes png (e.g. [png] or [png, pdf])")
+        return v
 
 
 class StudySpec(_Strict):

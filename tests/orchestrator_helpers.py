@@ -23,7 +23,7 @@ NAN_LR = 1e30  # Adam moves every weight by ~lr per step: activations overflow f
 
 
 def tiny_study(data_root, name: str = "tiny", **sections) -> dict:
-    """A study that trains in seconds: tiny U-Net, 256 MNIST images, T=200, DDIM 5 steps."""
+    """A study that trains in seconds: tiny U-Net, 256 MNIST images, T=200, DDIM 5 steps, PNG figures."""
     d = {
         "name": name,
         "data": {"root": str(data_root), "subset_size": 256, "val_size": 128},
@@ -35,6 +35,9 @@ def tiny_study(data_root, name: str = "tiny", **sections) -> dict:
                        "steps": 5, "t_grid": 6, "residual_images": 32, "is_splits": 2,
                        "interval_halves": 4},  # 4 random halves: the interval columns, at 1/12 of the 50 halves' cost
         "resources": {"workers_per_trial": 2, "cpus_per_worker": 1},
+        # PNG only: a PDF of each figure cost the shared study ~9 s of its 26 s of drawing on an idle
+        # 2-core CPU (PNG + PDF are written and checked in tests/test_study_figures.py)
+        "analysis": {"figure_formats": ["png"]},
     }
     for k, v in sections.items():
         d[k] = {**d.get(k, {}), **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v

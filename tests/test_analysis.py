@@ -54,13 +54,13 @@ def _completed(study):
 
 
 def test_figures_command_writes_every_named_figure(study_dir, figures_run, study):
-    assert "figures (PNG + PDF) and the report" in figures_run.stdout, figures_run.stdout[-3000:]
+    assert "figures (PNG) and the report" in figures_run.stdout, figures_run.stdout[-3000:]
     out = study_dir / "figures"
     for tid in _completed(study):
         for name in TRIAL_FIGS:
-            for ext in (".png", ".pdf"):
-                f = out / tid / (name + ext)
-                assert f.exists() and f.stat().st_size > 1000, f
+            f = out / tid / (name + ".png")
+            assert f.exists() and f.stat().st_size > 1000, f
+    assert not list(out.rglob("*.pdf"))  # the study file's analysis.figure_formats: [png]
     for name in STUDY_FIGS:
         assert (out / (name + ".png")).stat().st_size > 1000, name
     html = (out / "index.html").read_text()
@@ -240,7 +240,7 @@ def test_figures_refuse_a_folder_without_records(tmp_path):
 
 def test_launch_draws_the_figures_at_the_end(e2e_study):
     _, out, r = e2e_study   # r: the resume that finished the study; it ends as launch does
-    assert "figures (PNG + PDF)" in r.stdout and (out / "figures" / "index.html").exists(), r.stdout[-2000:]
+    assert "figures (PNG)" in r.stdout and (out / "figures" / "index.html").exists(), r.stdout[-2000:]
 
 
 def test_figures_are_attached_to_the_mlflow_parent_run(study_dir, figures_run):
@@ -279,7 +279,7 @@ def test_a_run_stopped_in_its_first_epoch_still_gets_its_other_figures(study_dir
     r = subprocess.run([sys.executable, "-m", "orchestrator.cli", "figures", str(d), "--no-mlflow"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "figures (PNG + PDF)" in r.stdout and "index.html" in r.stdout
+    assert "figures (PNG)" in r.stdout and "index.html" in r.stdout
     assert set(load_study(d).trials["trial_id"]) == keep
     tid = _completed(load_study(d))[0]
     assert not (d / "figures" / tid / "fig26a_loss_per_epoch.png").exists()

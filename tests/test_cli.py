@@ -260,8 +260,9 @@ def test_launch_analysis_says_what_runs_skips_what_is_done_and_stops_on_ctrl_c(t
             pd.DataFrame({"group_id": ["g"]}).to_parquet(out / kind / f"{kind}.parquet")
         return pd.DataFrame({"group_id": ["g"]})
 
-    def make_figures(d):
+    def make_figures(d, formats):
         calls.append("figures")
+        assert list(formats) == ["png", "pdf"]  # the study file's default
         (d / "figures").mkdir(exist_ok=True)
         (d / "figures" / "index.html").write_text("report")
         return types.SimpleNamespace(written=[]), d / "figures" / "index.html", []
@@ -320,7 +321,7 @@ def test_decompose_command_passes_its_options_and_redraws_the_figures(tmp_path, 
         calls.append("decompose")
         return pd.DataFrame({"group_id": ["g", "g", "h"]})
 
-    def make_figures(d):
+    def make_figures(d, formats):
         calls.append("figures")
         return types.SimpleNamespace(written=[]), tmp_path / "index.html", []
 

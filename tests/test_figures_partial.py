@@ -50,13 +50,27 @@ def test_figures_of_a_study_with_a_running_trial(study_dir, tmp_path):
     from orchestrator.cli import app
 
     d, tid = _as_running(study_dir, tmp_path)
-    r = CliRunner().invoke(app, ["figures", str(d), "--no-mlflow"])
+    # the study file asks for PNG + PDF (the default); --formats png overrides it
+    r = CliRunner().invoke(app, ["figures", str(d), "--no-mlflow", "--formats", "png"])
     assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "figures (PNG) and the report" in r.output and not list((d / "figures").rglob("*.pdf"))
     assert f"missing/incomplete trial {tid}: RUNNING\n" in r.output
     assert "t999-pending: PENDING\n" in r.output
     html = (d / "figures" / "index.html").read_text()
     assert "nan" not in html.lower().replace("nanoseconds", "")
     assert (d / "figures" / tid / "fig27_residual_vs_t.png").exists()
+
+
+@pytest.mark.parametrize("formats,needle", [("pdf", "includes png"), ("png,jpg", "'png,jpg'"), ("png,png", "distinct")])
+def test_figures_refuse_formats_they_cannot_write_before_drawing(study_dir, tmp_path, formats, needle):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    d, _ = _as_running(study_dir, tmp_path)
+    r = CliRunner().invoke(app, ["figures", str(d), "--no-mlflow", "--formats", formats])
+    assert r.exit_code == 2 and "option '--formats'" in r.output and needle in r.output, r.output
+    assert not (d / "figures").exists()
 
 
 # ---------------------------------------------------------------------------- layout

@@ -183,8 +183,9 @@ def test_figures_of_the_synthetic_study_are_written(synthetic, overlays, tmp_pat
                  "study_pr_memorization_vs_size", "study_val_loss_by_capacity"):
         assert figs[name] is not None, name
     for name in ("study_val_loss_by_capacity", "study_pr_memorization_vs_size"):   # PNG + PDF of two
-        style.save(figs[name], tmp_path / name)
+        assert style.save(figs[name], tmp_path / name) == tmp_path / f"{name}.png"
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+        assert (tmp_path / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
     assert pd.read_parquet(study.dir / "evals")["ema_init_share"].notna().all()
 
 
