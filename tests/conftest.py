@@ -8,6 +8,14 @@ from pathlib import Path
 # Two threads on a 2-core machine that other processes share: OpenMP's default spin-waiting
 # then costs 10-100x on small ops. Must be set before torch (and its OpenMP runtime) loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist the workers share the cores: one torch thread each with 2-3 workers on 2 cores
+# (measured with two workers: the whole suite 654 s so, 690 s with two threads each). The same for
+# the processes the tests start (`studyctl launch --local`, the Ray cluster's workers), through the
+# environment they inherit.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 2) // _WORKERS))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,10 +27,7 @@ from diffusion_core.config import DATA_ROOT_ENV, resolve_data_root
 
 os.environ[DATA_ROOT_ENV] = str(resolve_data_root().resolve())
 
-# Under pytest-xdist the workers share the cores: one torch thread each with 2-3 workers on 2 cores
-# (measured with two workers: the whole suite 654 s so, 690 s with two threads each).
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // _WORKERS)))
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")
