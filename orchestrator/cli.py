@@ -247,7 +247,9 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
                    f"study's UI) answers there. Stop it, or pick a free port: --port {_free_port(host)}", err=True)
         raise typer.Exit(1)
     # One server process: one person browses a study, and MLflow's default of 4 workers, each
-    # importing MLflow, took minutes to start on a loaded 2-core machine.
+    # importing MLflow, took minutes to start on a loaded 2-core machine. Nor MLflow 3's job runner
+    # (GenAI evaluation jobs: 8 more processes, ~5 s of CPU each to start); a user's own value wins.
+    os.environ.setdefault(MLFLOW_JOBS_ENV, "false")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--default-artifact-root", mlflow_artifacts(d).as_uri(), "--host", host, "--port", str(port),
            "--workers", "1"]
@@ -259,6 +261,9 @@ def ui(directory: str = typer.Argument(..., help="A study folder (written by `st
     sys.stdout.flush()
     # Become the MLflow UI (exec): signals sent to `studyctl ui` reach MLflow directly.
     os.execv(sys.executable, cmd)
+
+
+MLFLOW_JOBS_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 
 
 def _port_in_use(host: str, port: int) -> str | None:

@@ -141,6 +141,19 @@ def expected_steps(n_train: int, batch: int, world: int, epochs: int, first: int
     return logged, ends, evals
 
 
+def group_commands(pgid: int) -> list[str]:
+    """The command lines of the live processes in process group `pgid` (Linux /proc)."""
+    cmds = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:  # state, ppid, pgrp, ...
+                cmds.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, IndexError, ValueError):
+            pass
+    return cmds
+
+
 @contextlib.contextmanager
 def running_server(cmd: list[str], health_url: str, log_path: Path, timeout: float = 90, env_vars=None):
     """Start a server in its own process group, wait until `health_url` answers 200, stop it after."""

@@ -140,9 +140,9 @@ def test_ui_serves_the_study_store(tmp_path, data_root):
     """`studyctl ui DIR` starts the MLflow UI on 127.0.0.1 against DIR/mlflow.db (then we stop it):
     its REST API answers with the study's own experiment and run."""
     try:
-        from .orchestrator_helpers import running_server
+        from .orchestrator_helpers import group_commands, running_server
     except ImportError:
-        from orchestrator_helpers import running_server
+        from orchestrator_helpers import group_commands, running_server
     import json
     import socket
     import sys
@@ -162,7 +162,9 @@ def test_ui_serves_the_study_store(tmp_path, data_root):
     cmd = [sys.executable, "-m", "orchestrator.cli", "ui", str(study), "--port", str(port)]
     api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     # One MLflow worker process; its start (importing MLflow) took over 90 s on a loaded 2-core machine.
-    with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log", timeout=300):
+    with running_server(cmd, f"http://127.0.0.1:{port}/health", tmp_path / "ui.log", timeout=300) as server:
+        # one server process, no MLflow job runner (cli.MLFLOW_JOBS_ENV)
+        assert not [c for c in group_commands(server.pid) if "jobs" in c or "huey" in c], group_commands(server.pid)
         with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=cli", timeout=30) as r:
             assert json.load(r)["experiment"]["experiment_id"] == exp_id
         with urllib.request.urlopen(f"{api}/runs/get?run_id={run_id}", timeout=30) as r:

@@ -28,6 +28,7 @@ import pandas as pd
 import pytest
 
 from diffusion_core.data import steps_per_epoch
+from orchestrator.cli import MLFLOW_JOBS_ENV
 
 try:
     from .orchestrator_helpers import (checkpoint_steps, env, expected_steps, kill_group, running_server, start,
@@ -56,7 +57,8 @@ def mlflow_server(tmp_path_factory):
            "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "art"),
            "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
-    with running_server(cmd, url + "/health", tmp / "server.log", env_vars=env()):
+    # without MLflow 3's job runner (8 processes the test never uses, ~40 s of CPU): as `studyctl ui` starts it
+    with running_server(cmd, url + "/health", tmp / "server.log", env_vars={**env(), MLFLOW_JOBS_ENV: "false"}):
         yield url
 
 
