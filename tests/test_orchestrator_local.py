@@ -85,8 +85,14 @@ def test_local_refuses_what_it_cannot_do_before_writing(tmp_path, data_root, cha
 
     if "gpus_per_worker" in str(change) and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
     study = tiny_study(data_root, name="refuse", **change)
     out = tmp_path / "out"
-    r = studyctl("launch", write_study(tmp_path / "refuse.yaml", study), "--local", "--output", out, timeout=120)
-    assert r.returncode == 1 and message in r.stdout, r.stdout[-2000:]
+    # in this process: a refusal needs no new one
+    r = CliRunner().invoke(app, ["launch", str(write_study(tmp_path / "refuse.yaml", study)), "--local", "--output",
+                                 str(out)])
+    assert r.exit_code == 1 and message in r.output, r.output[-2000:]
     assert not out.exists()
