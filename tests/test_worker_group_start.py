@@ -26,7 +26,7 @@ HOLD_S = 65.0  # longer than Ray Train's own default start timeout (60 s), which
 
 
 def _cpu_placement_groups() -> dict[str, str]:
-    """{id: state} of the placement groups that ask for CPUs: trials' worker groups (a Tune
+    """{id: state} of the placement groups that ask for CPUs: a trial's worker groups (a Tune
     trial's own group asks for memory only: its driver takes no CPU)."""
     import ray.util
 
@@ -34,8 +34,7 @@ def _cpu_placement_groups() -> dict[str, str]:
             if any(b.get("CPU", 0) > 0 for b in pg["bundles"].values())}
 
 
-def test_a_slow_worker_group_start_neither_fails_nor_restarts_the_trial(tmp_path, data_root, monkeypatch,
-                                                                        ray_cluster):
+def test_a_slow_worker_group_start_neither_fails_nor_restarts_the_trial(tmp_path, data_root, monkeypatch):
     import ray
 
     from orchestrator import ray_runner, sweep
@@ -49,31 +48,28 @@ def test_a_slow_worker_group_start_neither_fails_nor_restarts_the_trial(tmp_path
                        tracking={"enabled": False}, analysis={"figures": False, "decompose": False})
     plan = build_plan(StudySpec.model_validate(study))
     out = tmp_path / "out"
-    ray.init(address=ray_cluster.address)  # launch joins it (and leaves it at the end)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # launch joins it (and shuts it down at the end)
     try:
-        before = set(_cpu_placement_groups())  # earlier tests' groups on this cluster
-
-        @ray.remote(num_cpus=1)
-        class Hog:  # a node's CPU, as other work on a loaded machine would hold it
+        @ray.remote(num_cpus=2)
+        class Hog:  # every CPU, as other work on a loaded machine would hold them
             def ready(self):
                 return True
 
-        hogs = [Hog.remote() for _ in ray_cluster.list_all_nodes()]
-        ray.get([h.ready.remote() for h in hogs])
+        hog = Hog.remote()
+        ray.get(hog.ready.remote())
         seen: dict[str, str] = {}
         waited = {}
 
         def hold_then_release():
             t0 = None
             while t0 is None or time.time() - t0 < HOLD_S:
-                pgs = {k: v for k, v in _cpu_placement_groups().items() if k not in before}
+                pgs = _cpu_placement_groups()
                 seen.update(pgs)
                 if t0 is None and pgs:
                     t0 = time.time()  # the worker group asked for its resources
                 time.sleep(0.5)
             waited["s"] = time.time() - t0
-            for h in hogs:
-                ray.kill(h)
+            ray.kill(hog)
 
         watcher = threading.Thread(target=hold_then_release, daemon=True)
         watcher.start()
