@@ -76,17 +76,22 @@ def fit_trainer(study: StudyRun, loop: Callable[[dict], None], loop_config: dict
     try:
         trainer.fit()
     except ActorDiedError as e:
-        if owner_died_here(str(e), ray.get_runtime_context().get_worker_id()):
+        if ended_by_tune(str(e), ray.get_runtime_context().get_worker_id()):
             raise TrialStopped(f"{name}: the scheduler ended this trial's driver") from e
         raise
 
 
-def owner_died_here(actor_died_message: str, worker_id: str) -> bool:
-    """Whether an ActorDiedError says the actor died because its owner, this process
-    (`worker_id`), is exiting: the TorchTrainer's controller then dies because Tune is ending this
-    driver (ASHA stopped the trial), not because training failed. Ray's message names the owner
-    ("The actor is dead because its owner has died. Owner Id: <worker id> ...")."""
-    return "owner has died" in actor_died_message and f"Owner Id: {worker_id}" in actor_died_message
+def ended_by_tune(actor_died_message: str, worker_id: str) -> bool:
+    """Whether an ActorDiedError says the TorchTrainer's controller died because Tune is ending
+    this trial (ASHA stopped it), not because training failed. Ray says so in one of two ways:
+    - its owner, this driver process (`worker_id`), is exiting: "The actor is dead because its owner
+      has died. Owner Id: <worker id> ...";
+    - the trial's placement group, which the controller runs in, was removed: "... Destroying worker
+      since its placement group was removed." Tune removes it only when it ends the trial.
+    Either way the driver must record nothing: were it to record FAILED after the launch reconciled
+    the stopped trials (reconcile_asha), the row would stay FAILED (seen once on an idle machine)."""
+    return ("owner has died" in actor_died_message and f"Owner Id: {worker_id}" in actor_died_message) or \
+        "its placement group was removed" in actor_died_message
 
 
 def concurrency(study_resources, n_todo: int, workers: int | None = None) -> int:

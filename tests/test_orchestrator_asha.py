@@ -13,7 +13,7 @@ except ImportError:
 from orchestrator import sweep, tracking
 from orchestrator.driver import TrialStopped, drive_group
 from orchestrator.plan import build_plan
-from orchestrator.ray_runner import owner_died_here, reconcile_asha
+from orchestrator.ray_runner import ended_by_tune, reconcile_asha
 from orchestrator.spec import StudySpec
 from orchestrator.status import statuses
 from records.atomic import write_json
@@ -85,14 +85,23 @@ def test_reconcile_follows_tunes_verdict_not_the_race(tmp_path, data_root):
 def test_a_driver_ended_by_its_scheduler_records_nothing(tmp_path, data_root):
     """The CI race behind a FAILED 'stopped' trial: Tune ends the driver of a trial ASHA stopped,
     the TorchTrainer it owns dies, and fit raises ActorDiedError naming this process as the dead
-    owner. That is TrialStopped: the row stays RUNNING for reconcile_asha, the MLflow run open."""
+    owner, or saying the trial's placement group was removed. That is TrialStopped: the row stays
+    RUNNING for reconcile_asha, the MLflow run open."""
     me = "d9a97d50e1916e1b4ab1e743e814f0d53e5d084b501ac40d5de82e62"
     died = ("The actor died unexpectedly before finishing this task.\n\tclass_name: TrainController\n"
             "The actor is dead because its owner has died. Owner Id: {} Owner Ip address: 192.0.2.2 "
             "Owner worker exit type: INTENDED_SYSTEM_EXIT Worker exit detail: Owner's worker process has crashed.")
-    assert owner_died_here(died.format(me), me)
-    assert not owner_died_here(died.format("0" * 56), me)  # another process's trainer
-    assert not owner_died_here("The actor died unexpectedly before finishing this task.", me)
+    assert ended_by_tune(died.format(me), me)
+    assert not ended_by_tune(died.format("0" * 56), me)  # another process's trainer
+    assert not ended_by_tune("The actor died unexpectedly before finishing this task.", me)
+    # Tune removed the trial's placement group, the controller's: the row stayed FAILED when the driver
+    # recorded it after the launch had reconciled (seen once: this message, pids and ids shortened)
+    removed = ("The actor died unexpectedly before finishing this task.\n\tclass_name: TrainController\n"
+               "The actor is dead because its worker process has died. Worker exit type: INTENDED_SYSTEM_EXIT "
+               "Worker exit detail: Destroying worker since its placement group was removed. Placement group id: "
+               "7dcc89a0cc77ca47fa21bd06a13502000000, bundle index: -1")
+    assert ended_by_tune(removed, me)
+    assert not ended_by_tune(removed.replace("placement group was removed", "node was preempted"), me)
 
     study = tiny_study(data_root, name="stop", evaluation={"metrics": False},
                        sweep={"grid": {"training.lr": [1e-3]}, "asha": {"metric": "val_loss", "max_t": 4}})
