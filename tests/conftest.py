@@ -1,5 +1,5 @@
 """Shared fixtures: real MNIST (found as `studyctl` finds it), two CPU threads, session-scoped splits,
-the shared study (--local) and a Ray cluster per xdist worker that runs a Ray module."""
+the shared study (--local) and a Ray cluster per Ray test module."""
 from __future__ import annotations
 
 import os
@@ -64,12 +64,15 @@ def e2e_study(e2e_run):
     return e2e_run["study"], e2e_run["out"], e2e_run["resume"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """This test process's Ray cluster: two nodes of one CPU each (ray.cluster_utils), started once
-    per xdist worker that needs it and joined by its Ray tests' `studyctl launch --address` (a local
-    Ray per launch cost each test its own start-up). One CPU a node: a trial's two DDP workers must
-    use both nodes."""
+    """A Ray module's own Ray cluster: two nodes of one CPU each (ray.cluster_utils), joined by its
+    tests' `studyctl launch --address` (a local Ray per launch cost each test its own start-up), shut
+    down with the module. One CPU a node: a trial's two DDP workers must use both nodes. Not shared
+    across modules: on a cluster where the stacked-group test (worker SIGKILLed) had run, the next
+    module's ASHA launch waited ~60 s in each of its first actors' start (measured twice) or had its
+    Tune trials cancelled (once); and a module's cluster would live on, its idle processes polling,
+    until the xdist worker ends."""
     from ray.cluster_utils import Cluster
 
     from orchestrator.ray_runner import PREEMPTION_WATCHER_ENV
@@ -89,10 +92,9 @@ def ray_cluster():
 
 # The session fixture that costs minutes and that several test modules share: under pytest-xdist
 # (pyproject's addopts) every module that uses it runs on the same worker, so it is built once per
-# test run; other modules are spread file by file. The Ray cluster (ray_cluster) is session-scoped
-# too but not grouped: a cluster starts in ~15 s, and its three modules (~100-180 s each) on one
-# worker were the suite's critical path (measured with -n 3: 515 s of a 590 s run), so each worker
-# that runs a Ray module starts its own.
+# test run; other modules are spread file by file. The Ray modules are not grouped: a cluster
+# starts in ~15 s, and the three modules (~100-180 s each) on one worker were the suite's critical
+# path (measured with -n 3: 515 s of a 590 s run); each starts its own (ray_cluster).
 SHARED_FIXTURES = ("e2e_run", "e2e_study")
 _SHARED_SCOPE = {"e2e_run": "e2e_run", "e2e_study": "e2e_run"}
 # Longest first, so the long ones start at once, on different workers, and the short modules fill
