@@ -69,10 +69,9 @@ def ray_cluster():
     """A Ray module's own Ray cluster: two nodes of one CPU each (ray.cluster_utils), joined by its
     tests' `studyctl launch --address` (a local Ray per launch cost each test its own start-up), shut
     down with the module. One CPU a node: a trial's two DDP workers must use both nodes. Not shared
-    across modules: on a cluster where the stacked-group test (worker SIGKILLed) had run, the next
-    module's ASHA launch waited ~60 s in each of its first actors' start (measured twice) or had its
-    Tune trials cancelled (once); and a module's cluster would live on, its idle processes polling,
-    until the xdist worker ends."""
+    across modules: each starts from a clean cluster (no actors, placement groups or detached
+    PlacementGroupCleaners of another module's killed trials), and a finished module's cluster does
+    not idle on until its xdist worker ends."""
     from ray.cluster_utils import Cluster
 
     from orchestrator.ray_runner import PREEMPTION_WATCHER_ENV
@@ -98,11 +97,13 @@ def ray_cluster():
 SHARED_FIXTURES = ("e2e_run", "e2e_study")
 _SHARED_SCOPE = {"e2e_run": "e2e_run", "e2e_study": "e2e_run"}
 # Longest first, so the long ones start at once, on different workers, and the short modules fill
-# in at the end (measured under -n 3: the cluster's faults ~180 s, the shared study and its analysis
-# ~180 s, the stacked group under Ray ~100-230 s, the slow worker-group start ~120 s of mostly waiting,
-# ASHA ~105 s, then modules of 20-85 s).
-_FIRST = ("tests/test_orchestrator_cluster.py", "e2e_run", "tests/test_ray_stacked.py",
-          "tests/test_worker_group_start.py", "tests/test_orchestrator_asha.py", "tests/test_orchestrator_local.py",
+# in at the end (measured under -n 3: the cluster's faults ~140-180 s, the shared study and its
+# analysis ~180 s, the stacked group under Ray ~130 s, the slow worker-group start ~110 s of mostly
+# waiting, ASHA ~100 s, then modules of 20-85 s). ASHA among the first: run after the stacked-group and
+# slow-start modules in the same xdist worker, its launch stalled ~60 s at each of its first actors'
+# start (3 runs of 3, 216-245 s, on a shared or its own cluster; cause not found), never when first.
+_FIRST = ("tests/test_orchestrator_cluster.py", "e2e_run", "tests/test_orchestrator_asha.py",
+          "tests/test_ray_stacked.py", "tests/test_worker_group_start.py", "tests/test_orchestrator_local.py",
           "tests/test_variance_guidance.py", "tests/test_generalization.py", "tests/test_interrupt_resume.py",
           "tests/test_stacked_local.py", "tests/test_fast_path.py", "tests/test_metrics.py",
           "tests/test_ground_truth_analysis.py")
