@@ -97,13 +97,14 @@ def ray_cluster():
 SHARED_FIXTURES = ("e2e_run", "e2e_study")
 _SHARED_SCOPE = {"e2e_run": "e2e_run", "e2e_study": "e2e_run"}
 # Longest first, so the long ones start at once, on different workers, and the short modules fill
-# in at the end (measured under -n 3: the cluster's faults ~140-180 s, the shared study and its
-# analysis ~180 s, the stacked group under Ray ~130 s, the slow worker-group start ~110 s of mostly
-# waiting, ASHA ~100 s, then modules of 20-85 s). ASHA among the first: run after the stacked-group and
-# slow-start modules in the same xdist worker, its launch stalled ~60 s at each of its first actors'
-# start (3 runs of 3, 216-245 s, on a shared or its own cluster; cause not found), never when first.
+# in at the end (measured under -n 3: the cluster's faults ~140-190 s, the shared study and its
+# analysis ~180 s, ASHA ~100-130 s, the slow worker-group start ~110 s of mostly waiting, the stacked
+# group under Ray ~100-130 s, then modules of 20-85 s). The stacked group last of the Ray modules: a
+# Ray module that ran after it in the same xdist worker stalled under load, ~60 s at each of its first
+# actors' start (ASHA 216-245 s in 3 runs of 3, on a shared or its own cluster; the slow-start test
+# 244 s, once; cause not found), and no Ray module stalled that ran before it or on another worker.
 _FIRST = ("tests/test_orchestrator_cluster.py", "e2e_run", "tests/test_orchestrator_asha.py",
-          "tests/test_ray_stacked.py", "tests/test_worker_group_start.py", "tests/test_orchestrator_local.py",
+          "tests/test_worker_group_start.py", "tests/test_ray_stacked.py", "tests/test_orchestrator_local.py",
           "tests/test_variance_guidance.py", "tests/test_generalization.py", "tests/test_interrupt_resume.py",
           "tests/test_stacked_local.py", "tests/test_fast_path.py", "tests/test_metrics.py",
           "tests/test_ground_truth_analysis.py")
