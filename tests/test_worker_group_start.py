@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -35,17 +34,20 @@ def _cpu_placement_groups() -> dict[str, str]:
             if any(b.get("CPU", 0) > 0 for b in pg["bundles"].values())}
 
 
-def _launch_on_a_held_ray(study: dict, out: str) -> dict:
-    """In a process of its own: a local Ray whose every CPU another actor holds until the trial's
-    worker group has waited HOLD_S, then the launch. Returns the launch's exit code, how long the
-    group waited and every CPU placement group seen."""
+def test_a_slow_worker_group_start_neither_fails_nor_restarts_the_trial(tmp_path, data_root, monkeypatch):
     import ray
 
-    from orchestrator import sweep
+    from orchestrator import ray_runner, sweep
     from orchestrator.plan import build_plan
     from orchestrator.spec import StudySpec
+    from orchestrator.status import statuses
 
+    monkeypatch.delenv(ray_runner.WORKER_GROUP_START_TIMEOUT_ENV, raising=False)  # the default under test
+    study = tiny_study(data_root, name="slowstart", training={"epochs": 1},
+                       evaluation={"metrics": False}, resources={"workers_per_trial": 1, "cpus_per_worker": 1},
+                       tracking={"enabled": False}, analysis={"figures": False, "decompose": False})
     plan = build_plan(StudySpec.model_validate(study))
+    out = tmp_path / "out"
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # launch joins it (and shuts it down at the end)
     try:
         @ray.remote(num_cpus=2)
@@ -71,35 +73,14 @@ def _launch_on_a_held_ray(study: dict, out: str) -> dict:
 
         watcher = threading.Thread(target=hold_then_release, daemon=True)
         watcher.start()
-        code = sweep.launch(plan, Path(out), echo=lambda _: None)
+        code = sweep.launch(plan, out, echo=lambda _: None)
         watcher.join(timeout=5)
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    return {"code": code, "waited": waited, "seen": seen}
-
-
-def test_a_slow_worker_group_start_neither_fails_nor_restarts_the_trial(tmp_path, data_root, monkeypatch):
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    from orchestrator import ray_runner
-    from orchestrator.status import statuses
-
-    monkeypatch.delenv(ray_runner.WORKER_GROUP_START_TIMEOUT_ENV, raising=False)  # the default under test
-    study = tiny_study(data_root, name="slowstart", training={"epochs": 1},
-                       evaluation={"metrics": False}, resources={"workers_per_trial": 1, "cpus_per_worker": 1},
-                       tracking={"enabled": False}, analysis={"figures": False, "decompose": False})
-    out = tmp_path / "out"
-    # A Ray of its own, started and shut down in a process of its own: in this test process, where
-    # the session's Ray cluster may live (conftest.ray_cluster), the next ASHA launch on that cluster
-    # then stalled 87 s for its first worker group once and had its Tune trials cancelled another time.
-    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        got = pool.submit(_launch_on_a_held_ray, study, str(out)).result(timeout=600)
-    waited, seen = got["waited"], got["seen"]
-    tid = next(iter(statuses(out)))
+    tid = plan.trials[0].trial_id
     assert waited.get("s", 0) >= HOLD_S, waited
     assert len(seen) == 1, f"the worker group was started {len(seen)} times: {seen}"
-    assert got["code"] == 0 and statuses(out)[tid] == "COMPLETED"
+    assert code == 0 and statuses(out)[tid] == "COMPLETED"
     summary = json.loads((out / "trial_files" / tid / "summary.json").read_text())
     assert summary["restarts"] == 0 and summary["step"] == summary["total_steps"]
