@@ -15,7 +15,7 @@ from records.parquet import latest_per_trial
 
 from .captions import caption
 from .figures import TRIAL_FIGURES
-from .style import FIGURE_FORMATS, save, styled
+from .style import save, styled
 from .figures_ground_truth import ground_truth_figures
 from .figures_study import study_overlays
 from .tables import Study, final_evals, load_study
@@ -29,8 +29,8 @@ class FigureSet:
     skipped: dict[str, str] = field(default_factory=dict)    # name -> why
 
 
-def write_figures(study: Study, out: Path | None = None, formats=FIGURE_FORMATS) -> FigureSet:
-    out = out or figures_dir(study.dir)
+def write_figures(study: Study, out: Path, formats) -> FigureSet:
+    """Every figure of `study` into `out`, each as `formats` (the study file's analysis.figure_formats)."""
     result = FigureSet()
     for trial in study.trial_ids():
         for name, fn in TRIAL_FIGURES.items():
@@ -128,7 +128,7 @@ def write_report(study: Study, figs: FigureSet, out: Path) -> Path:
     return path
 
 
-def make_figures(study_dir: str | os.PathLike, formats=FIGURE_FORMATS) -> tuple[FigureSet, Path, list]:
+def make_figures(study_dir: str | os.PathLike, formats) -> tuple[FigureSet, Path, list]:
     """Write every figure (as each of `formats`) and the report; returns (figures, report path,
     incomplete trials)."""
     study = load_study(study_dir)
